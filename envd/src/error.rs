@@ -1,0 +1,213 @@
+//! The API's error type: every failure a handler reports, with its HTTP
+//! status, a stable snake_case code and a message that tells the caller what
+//! to do about it. Serialised as `{"error":{"code":..,"message":..}}`.
+
+use std::fmt;
+use std::io;
+
+use serde_json::{json, Value};
+
+/// Stable, machine-readable error codes. Each one maps to one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    InvalidJson,
+    InvalidArgument,
+    Unauthorized,
+    PermissionDenied,
+    NotFound,
+    MethodNotAllowed,
+    Conflict,
+    PayloadTooLarge,
+    Internal,
+    Unavailable,
+    InsufficientStorage,
+}
+
+impl ErrorCode {
+    /// The HTTP status code sent with this error.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::BadRequest | Self::InvalidJson | Self::InvalidArgument => 400,
+            Self::Unauthorized => 401,
+            Self::PermissionDenied => 403,
+            Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::Conflict => 409,
+            Self::PayloadTooLarge => 413,
+            Self::Internal => 500,
+            Self::Unavailable => 503,
+            Self::InsufficientStorage => 507,
+        }
+    }
+
+    /// The snake_case code that appears in the JSON body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidArgument => "invalid_argument",
+            Self::Unauthorized => "unauthorized",
+            Self::PermissionDenied => "permission_denied",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Conflict => "conflict",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::Internal => "internal",
+            Self::Unavailable => "unavailable",
+            Self::InsufficientStorage => "insufficient_storage",
+        }
+    }
+}
+
+/// An error answered to the client instead of the normal response.
+#[derive(Debug)]
+pub struct ApiError {
+    code: ErrorCode,
+    message: String,
+    allow: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            allow: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+
+    pub fn invalid_json(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidJson, message)
+    }
+
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidArgument, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unauthorized, message)
+    }
+
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::PermissionDenied, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Conflict, message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::PayloadTooLarge, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unavailable, message)
+    }
+
+    /// 405 for a known path; `allow` lists the methods the path accepts.
+    pub fn method_not_allowed(method: &str, path: &str, allow: &'static str) -> Self {
+        Self {
+            code: ErrorCode::MethodNotAllowed,
+            message: format!("{method} is not supported on {path}; use {allow}"),
+            allow: Some(allow),
+        }
+    }
+
+    /// Maps an OS error to the closest API error. `context` says what envd was
+    /// doing, e.g. "cannot open /etc/shadow"; the OS reason is appended.
+    pub fn from_io(err: &io::Error, context: impl fmt::Display) -> Self {
+        let code = match err.raw_os_error() {
+            Some(libc::ENOENT) => ErrorCode::NotFound,
+            Some(libc::EACCES | libc::EPERM | libc::EROFS) => ErrorCode::PermissionDenied,
+            Some(libc::EEXIST | libc::ENOTEMPTY | libc::EBUSY | libc::ETXTBSY) => {
+                ErrorCode::Conflict
+            }
+            Some(
+                libc::ENOTDIR | libc::EISDIR | libc::ENAMETOOLONG | libc::ELOOP | libc::EINVAL,
+            ) => ErrorCode::InvalidArgument,
+            Some(libc::ENOSPC | libc::EDQUOT) => ErrorCode::InsufficientStorage,
+            _ => ErrorCode::Internal,
+        };
+        Self::new(code, format!("{context}: {}", describe_io(err)))
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    pub fn status(&self) -> u16 {
+        self.code.status()
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The `Allow` header value for 405 answers.
+    pub fn allow(&self) -> Option<&'static str> {
+        self.allow
+    }
+
+    /// The JSON body sent to the client.
+    pub fn to_json(&self) -> Value {
+        json!({"error": {"code": self.code.as_str(), "message": self.message}})
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// A lower-case, human reason for an OS error, without Rust's "(os error N)".
+pub fn describe_io(err: &io::Error) -> String {
+    match err.raw_os_error() {
+        Some(errno) => nix::errno::Errno::from_raw(errno).desc().to_lowercase(),
+        None => err.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_map_to_status_codes() {
+        let cases = [
+            (libc::ENOENT, 404),
+            (libc::EACCES, 403),
+            (libc::EEXIST, 409),
+            (libc::ENOTDIR, 400),
+            (libc::ENOSPC, 507),
+            (libc::EIO, 500),
+        ];
+        for (errno, status) in cases {
+            let err = ApiError::from_io(&io::Error::from_raw_os_error(errno), "cannot open /x");
+            assert_eq!(err.status(), status, "errno {errno}");
+            assert!(err.message().starts_with("cannot open /x: "));
+        }
+    }
+
+    #[test]
+    fn json_shape_has_code_and_message() {
+        let body = ApiError::not_found("no such process 7").to_json();
+        assert_eq!(body["error"]["code"], "not_found");
+        assert_eq!(body["error"]["message"], "no such process 7");
+    }
+}
