@@ -105,8 +105,16 @@ mirror=$(debian_mirror)
 
 # --- inputs -----------------------------------------------------------------
 step "resolving inputs"
-kernel_pkg=$(apt-cache depends "$KERNEL_META" 2>/dev/null | awk '/Depends: linux-image-/ { print $2; exit }')
-[ -n "$kernel_pkg" ] || die "apt knows no '$KERNEL_META': run 'apt-get update' first"
+kernel_package() {
+    apt-cache depends "$KERNEL_META" 2>/dev/null | awk '/Depends: linux-image-/ { print $2; exit }'
+}
+kernel_pkg=$(kernel_package)
+if [ -z "$kernel_pkg" ]; then
+    echo "    apt knows no $KERNEL_META yet: running apt-get update"
+    apt-get update -q >/dev/null || die "apt-get update failed: check the network and apt's sources"
+    kernel_pkg=$(kernel_package)
+fi
+[ -n "$kernel_pkg" ] || die "apt knows no '$KERNEL_META': is bookworm main in apt's sources?"
 kernel_ver=$(apt-cache policy "$kernel_pkg" | awk '/Candidate:/ { print $2 }')
 kver=${kernel_pkg#linux-image-}
 envd_sha=$(sha "$envd_bin")
