@@ -1,8 +1,7 @@
 //! Access-token checks: after `/init` set a token, every request except
 //! `/health` must carry it in `X-Access-Token` or `Authorization: Bearer`.
 
-use crate::error::ApiError;
-use crate::http::Exchange;
+use wrenn_http::{ApiError, Exchange};
 
 /// Fails with 401 unless the request carries `expected` (or none is set).
 pub fn check(expected: Option<&str>, exchange: &Exchange) -> Result<(), ApiError> {

@@ -1,18 +1,14 @@
 //! envd, the Wrenn guest agent: parses flags, sets up logging and serves the
 //! HTTP API (processes, PTYs, files, watches) inside a sandbox VM.
 
-mod alloc;
 mod app;
 mod auth;
-mod error;
 mod fs;
-mod http;
 mod metrics;
 mod process;
 mod router;
 mod server;
 mod settings;
-mod stream;
 mod system;
 mod timefmt;
 mod users;
@@ -21,8 +17,10 @@ use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
+/// tiny_http allocates the unread rest of a dropped request's body; this
+/// allocator keeps a huge one from aborting envd (see `wrenn_http::alloc`).
 #[global_allocator]
-static GLOBAL: alloc::EnvdAllocator = alloc::EnvdAllocator;
+static GLOBAL: wrenn_http::ServerAllocator = wrenn_http::ServerAllocator;
 
 /// Address served when neither --listen nor ENVD_LISTEN is given.
 const DEFAULT_LISTEN: &str = "0.0.0.0:49983";

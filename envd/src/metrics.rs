@@ -8,8 +8,8 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
+use wrenn_http::ApiError;
 
-use crate::error::ApiError;
 use crate::timefmt::unix_millis;
 
 /// A previous sample younger than this is too close to measure against.

@@ -1,10 +1,7 @@
 //! Maps a method and URL path to a route: 404 for unknown paths, 405 (with
 //! the allowed methods) for known paths with the wrong method.
 
-use tiny_http::Method;
-
-use crate::error::ApiError;
-use crate::http::percent_decode;
+use wrenn_http::{percent_decode, ApiError, Method};
 
 /// Every endpoint of the API. Process routes carry the pid-or-tag selector.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,9 +8,8 @@ use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
 use serde::Deserialize;
 use serde_json::json;
+use wrenn_http::{ApiError, Exchange, Reply};
 
-use crate::error::ApiError;
-use crate::http::{Exchange, Reply};
 use crate::metrics::{self, CpuSampler};
 use crate::settings::SharedSettings;
 use crate::users;

@@ -6,8 +6,7 @@ use std::ffi::CString;
 use std::path::PathBuf;
 
 use nix::unistd::{Gid, Group, Uid, User};
-
-use crate::error::ApiError;
+use wrenn_http::ApiError;
 
 /// A user a process or file operation runs as.
 #[derive(Debug, Clone)]

@@ -19,6 +19,8 @@ pub const GUEST_IP: &str = "169.254.0.21";
 /// A named network namespace holding `tap0`, deleted on drop.
 pub struct NetNs {
     name: String,
+    /// Whether dropping this handle deletes the namespace.
+    owned: bool,
 }
 
 impl NetNs {
@@ -32,12 +34,20 @@ impl NetNs {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         ip(&["netns", "add", &name])?;
-        let ns = NetNs { name };
+        let ns = NetNs { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         ns.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"])?;
         ns.ip(&["addr", "add", GATEWAY_CIDR, "dev", "tap0"])?;
         ns.ip(&["link", "set", "tap0", "up"])?;
         Ok(ns)
+    }
+
+    /// A handle on a namespace that someone else owns and deletes.
+    pub fn existing(name: &str) -> NetNs {
+        NetNs {
+            name: name.to_owned(),
+            owned: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -79,6 +89,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         if let Err(e) = ip(&["netns", "delete", &self.name]) {
             eprintln!("warning: could not delete netns {}: {e}", self.name);
         }

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::json;
+use wrenn_http::stream::NdjsonStream;
+use wrenn_http::{ApiError, Exchange, Reply};
 
 use super::files;
 use super::identity::FsIdentity;
@@ -13,10 +15,7 @@ use super::meta;
 use super::ops::{self, Created};
 use super::paths::{self, display};
 use super::watch::Watcher;
-use crate::error::ApiError;
-use crate::http::{Exchange, Reply};
 use crate::settings::SharedSettings;
-use crate::stream::NdjsonStream;
 use crate::users::{self, Account};
 
 /// The acting user and the `path` query parameter.
@@ -142,7 +141,7 @@ pub fn watch(settings: &SharedSettings, ex: &mut Exchange) -> Result<Reply, ApiE
     Ok(Reply::Streamed)
 }
 
-fn stream_watch(watcher: Watcher, request: tiny_http::Request, path: &Path) {
+fn stream_watch(watcher: Watcher, request: wrenn_http::Request, path: &Path) {
     let result = NdjsonStream::open(request).and_then(|mut stream| {
         watcher.run(&mut stream)?;
         stream.finish()

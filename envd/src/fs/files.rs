@@ -7,8 +7,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::error::ApiError;
-use crate::http::Reply;
+use wrenn_http::{ApiError, Reply};
 
 /// Buffer used to copy an upload to disk.
 const COPY_BUFFER: usize = 256 * 1024;

@@ -9,8 +9,8 @@
 //! never spawn threads under one.
 
 use nix::unistd::{geteuid, getgroups};
+use wrenn_http::ApiError;
 
-use crate::error::ApiError;
 use crate::users::Account;
 
 /// While alive, the current thread's file operations run as an account.

@@ -6,9 +6,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use serde::Serialize;
+use wrenn_http::ApiError;
 
 use super::paths::display;
-use crate::error::ApiError;
 use crate::timefmt::rfc3339;
 use crate::users::NameCache;
 

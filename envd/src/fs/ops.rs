@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 
-use crate::error::ApiError;
+use wrenn_http::ApiError;
 
 /// Whether `make_dirs` created the directory or found it already there.
 #[derive(Debug, PartialEq, Eq)]

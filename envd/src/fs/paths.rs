@@ -4,7 +4,8 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::error::ApiError;
+use wrenn_http::ApiError;
+
 use crate::process::expand_home;
 
 /// Checks `raw` and expands `~`; `what` names the parameter in errors.

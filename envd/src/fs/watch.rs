@@ -17,10 +17,10 @@ use std::time::Duration;
 use inotify::{Event, EventMask, Inotify, WatchDescriptor, WatchMask};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde::Serialize;
+use wrenn_http::stream::{NdjsonStream, KEEPALIVE_INTERVAL};
+use wrenn_http::ApiError;
 
 use super::paths::display;
-use crate::error::ApiError;
-use crate::stream::{NdjsonStream, KEEPALIVE_INTERVAL};
 
 /// How long an unpaired MOVED_FROM waits for its MOVED_TO.
 const MOVE_PAIRING_WINDOW: Duration = Duration::from_millis(20);

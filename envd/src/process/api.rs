@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tiny_http::Request;
+use wrenn_http::stream::{NdjsonStream, KEEPALIVE_INTERVAL};
+use wrenn_http::{describe_io, ApiError, Exchange, Reply, Request};
 
 use super::events::{signal_name, Event};
 use super::launch::{self, SignalError};
@@ -17,10 +18,7 @@ use super::registry::{Input, Process, Registry};
 use super::signal as signals;
 use super::spec::{self, StartRequest};
 use super::stdin::{self, StdinError};
-use crate::error::{describe_io, ApiError};
-use crate::http::{Exchange, Reply};
 use crate::settings::SharedSettings;
-use crate::stream::{NdjsonStream, KEEPALIVE_INTERVAL};
 use crate::timefmt::rfc3339;
 
 /// Output bytes sent in one HTTP chunk at most.

@@ -18,6 +18,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::Pid;
+use wrenn_http::{describe_io, ApiError};
 
 use super::events::complete_utf8_prefix;
 use super::output::{ExitInfo, Output, StreamKind, RING_CAPACITY};
@@ -25,7 +26,6 @@ use super::pty;
 use super::registry::{Input, Process, Registry};
 use super::spawn::{self, ChildIo};
 use super::spec::LaunchPlan;
-use crate::error::{describe_io, ApiError};
 
 /// After the child exits, how long to wait for its output pipes to close
 /// (a background grandchild may hold them open).

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
+use wrenn_http::ApiError;
+
 use super::output::Output;
-use crate::error::ApiError;
 
 /// Finished processes kept for listing and replay.
 pub const MAX_FINISHED: usize = 256;

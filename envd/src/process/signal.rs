@@ -4,8 +4,7 @@ use std::str::FromStr;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-
-use crate::error::ApiError;
+use wrenn_http::ApiError;
 
 /// Accepts "SIGTERM", "TERM", "term", "15" or the JSON number 15.
 pub fn parse(value: &Value) -> Result<Signal, ApiError> {

@@ -13,9 +13,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 
+use wrenn_http::{describe_io, ApiError};
+
 use super::pty;
 use super::spec::LaunchPlan;
-use crate::error::{describe_io, ApiError};
 
 /// The child's end of envd's I/O.
 pub enum ChildIo {

@@ -8,9 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use wrenn_http::ApiError;
 
 use super::pty::PtySize;
-use crate::error::ApiError;
 use crate::settings::Settings;
 use crate::users::{self, Account};
 

@@ -6,6 +6,11 @@
 //! headers themselves and frame every batch of events as one HTTP chunk,
 //! flushed right away. Streamed responses say `Connection: close`: the end of
 //! the stream is the zero-length chunk, and the connection is not reused.
+//!
+//! A handler streams by taking the request (`Exchange::take_request`),
+//! opening an `NdjsonStream` on it and answering `Reply::Streamed`. Its route
+//! should be long-running (`Handler::is_long_running`), so the stream gets a
+//! thread of its own instead of holding a pool worker.
 
 use std::io::{self, Write};
 use std::time::Duration;

@@ -1,6 +1,9 @@
 //! The API's error type: every failure a handler reports, with its HTTP
 //! status, a stable snake_case code and a message that tells the caller what
 //! to do about it. Serialised as `{"error":{"code":..,"message":..}}`.
+//!
+//! Every Wrenn API answers errors in this shape, so clients handle them
+//! alike. New codes are added here, for all servers at once.
 
 use std::fmt;
 use std::io;
@@ -8,7 +11,9 @@ use std::io;
 use serde_json::{json, Value};
 
 /// Stable, machine-readable error codes. Each one maps to one HTTP status.
+/// More may be added: match with a wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ErrorCode {
     BadRequest,
     InvalidJson,
@@ -19,7 +24,9 @@ pub enum ErrorCode {
     MethodNotAllowed,
     Conflict,
     PayloadTooLarge,
+    TooManyRequests,
     Internal,
+    NotImplemented,
     Unavailable,
     InsufficientStorage,
 }
@@ -35,7 +42,9 @@ impl ErrorCode {
             Self::MethodNotAllowed => 405,
             Self::Conflict => 409,
             Self::PayloadTooLarge => 413,
+            Self::TooManyRequests => 429,
             Self::Internal => 500,
+            Self::NotImplemented => 501,
             Self::Unavailable => 503,
             Self::InsufficientStorage => 507,
         }
@@ -53,7 +62,9 @@ impl ErrorCode {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Conflict => "conflict",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::TooManyRequests => "too_many_requests",
             Self::Internal => "internal",
+            Self::NotImplemented => "not_implemented",
             Self::Unavailable => "unavailable",
             Self::InsufficientStorage => "insufficient_storage",
         }
@@ -109,8 +120,16 @@ impl ApiError {
         Self::new(ErrorCode::PayloadTooLarge, message)
     }
 
+    pub fn too_many_requests(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::TooManyRequests, message)
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
+    }
+
+    pub fn not_implemented(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotImplemented, message)
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
@@ -126,8 +145,9 @@ impl ApiError {
         }
     }
 
-    /// Maps an OS error to the closest API error. `context` says what envd was
-    /// doing, e.g. "cannot open /etc/shadow"; the OS reason is appended.
+    /// Maps an OS error to the closest API error. `context` says what the
+    /// server was doing, e.g. "cannot open /etc/shadow"; the OS reason is
+    /// appended.
     pub fn from_io(err: &io::Error, context: impl fmt::Display) -> Self {
         let code = match err.raw_os_error() {
             Some(libc::ENOENT) => ErrorCode::NotFound,
@@ -201,6 +221,22 @@ mod tests {
             let err = ApiError::from_io(&io::Error::from_raw_os_error(errno), "cannot open /x");
             assert_eq!(err.status(), status, "errno {errno}");
             assert!(err.message().starts_with("cannot open /x: "));
+        }
+    }
+
+    #[test]
+    fn every_code_has_its_status_and_name() {
+        let cases = [
+            (ErrorCode::Conflict, 409, "conflict"),
+            (ErrorCode::PayloadTooLarge, 413, "payload_too_large"),
+            (ErrorCode::TooManyRequests, 429, "too_many_requests"),
+            (ErrorCode::Internal, 500, "internal"),
+            (ErrorCode::NotImplemented, 501, "not_implemented"),
+            (ErrorCode::Unavailable, 503, "unavailable"),
+            (ErrorCode::InsufficientStorage, 507, "insufficient_storage"),
+        ];
+        for (code, status, name) in cases {
+            assert_eq!((code.status(), code.as_str()), (status, name));
         }
     }
 

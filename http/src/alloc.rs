@@ -1,5 +1,6 @@
-//! Global allocator: the system allocator, plus one fallback for huge zeroed
-//! allocations that the kernel's overcommit heuristic refuses.
+//! Global allocator for servers built on tiny_http: the system allocator,
+//! plus one fallback for huge zeroed allocations that the kernel's overcommit
+//! heuristic refuses.
 //!
 //! Why it exists: tiny_http 0.12 discards an unread request body, when the
 //! request is dropped, by allocating one zeroed buffer as large as the part of
@@ -9,6 +10,18 @@
 //! written cost nothing, so such an allocation is instead mapped with
 //! `MAP_NORESERVE`, which the heuristic does not count. Every other allocation
 //! goes to the system allocator unchanged.
+//!
+//! A library cannot install a global allocator for the program that uses it,
+//! so every server binary installs this one itself, in its `main.rs`:
+//!
+//! ```
+//! #[global_allocator]
+//! static GLOBAL: wrenn_http::ServerAllocator = wrenn_http::ServerAllocator;
+//! # fn main() {}
+//! ```
+//!
+//! Without it, a client that announces a huge body and hangs up can abort
+//! the server.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr;
@@ -24,13 +37,14 @@ const SLOTS: usize = 64;
 /// Addresses of live fallback mappings; 0 marks a free slot.
 static MAPPED: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 
-/// The process-wide allocator (installed in `main.rs`).
-pub struct EnvdAllocator;
+/// The process-wide allocator; each server binary installs it with
+/// `#[global_allocator]` (see the module documentation for why).
+pub struct ServerAllocator;
 
 // SAFETY: every method either forwards to `System` with the caller's
 // arguments, or hands out / releases a private anonymous mapping that is
 // tracked in `MAPPED` and is only ever released once.
-unsafe impl GlobalAlloc for EnvdAllocator {
+unsafe impl GlobalAlloc for ServerAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded with the caller's (valid, non-zero) layout.
         unsafe { System.alloc(layout) }

@@ -1,19 +1,17 @@
 //! HTTP plumbing shared by all handlers: the `Exchange` (one request and the
-//! state of its answer), query-string and body parsing, and turning a handler's
-//! `Reply` or `ApiError` into a tiny_http response.
+//! state of its answer), body parsing, and turning a handler's `Reply` or
+//! `ApiError` into a tiny_http response.
 
 use std::fs::File;
 use std::io::{self, Cursor, Read};
-use std::path::PathBuf;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tiny_http::{Header, Method, Request, Response, StatusCode};
 
+use crate::config::ServerConfig;
 use crate::error::ApiError;
-
-/// Largest JSON request body accepted (1 MiB).
-pub const MAX_JSON_BODY: usize = 1 << 20;
+use crate::query::Query;
 
 /// What a handler answers when it has not streamed the response itself.
 pub enum Reply {
@@ -34,10 +32,16 @@ pub struct Exchange {
     method: Method,
     path: String,
     query: Query,
+    /// The server's name, for the message of a bug.
+    server: &'static str,
+    /// Largest JSON body `json` reads.
+    max_json_body: usize,
 }
 
 impl Exchange {
-    pub fn new(request: Request) -> Self {
+    /// Wraps `request`, served under `config` (its name and JSON body cap).
+    /// The server makes these; a unit test can wrap a `tiny_http::TestRequest`.
+    pub fn new(request: Request, config: &ServerConfig) -> Self {
         let url = request.url().to_owned();
         let (path, query) = match url.split_once('?') {
             Some((path, query)) => (path.to_owned(), Query::parse(query)),
@@ -48,6 +52,8 @@ impl Exchange {
             request: Some(request),
             path,
             query,
+            server: config.name,
+            max_json_body: config.max_json_body,
         }
     }
 
@@ -81,29 +87,32 @@ impl Exchange {
 
     /// The request body. The first call answers `Expect: 100-continue`.
     pub fn body(&mut self) -> Result<&mut dyn Read, ApiError> {
-        let request = self.request.as_mut().ok_or_else(taken)?;
+        let server = self.server;
+        let request = self.request.as_mut().ok_or_else(|| taken(server))?;
         Ok(request.as_reader())
     }
 
-    /// Reads the body as a JSON document of type `T` (at most 1 MiB).
+    /// Reads the body as a JSON document of type `T` (at most the server's
+    /// `max_json_body`, 1 MiB by default).
     pub fn json<T: DeserializeOwned>(&mut self) -> Result<T, ApiError> {
-        if self.body_length().is_some_and(|n| n > MAX_JSON_BODY) {
-            return Err(too_large_json());
+        let max = self.max_json_body;
+        if self.body_length().is_some_and(|n| n > max) {
+            return Err(too_large_json(max));
         }
         let mut raw = Vec::new();
         self.body()?
-            .take(MAX_JSON_BODY as u64 + 1)
+            .take(max as u64 + 1)
             .read_to_end(&mut raw)
             .map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
-        if raw.len() > MAX_JSON_BODY {
-            return Err(too_large_json());
+        if raw.len() > max {
+            return Err(too_large_json(max));
         }
         parse_json(&raw)
     }
 
     /// Takes the request out, to stream the answer on its connection.
     pub fn take_request(&mut self) -> Result<Request, ApiError> {
-        self.request.take().ok_or_else(taken)
+        self.request.take().ok_or_else(|| taken(self.server))
     }
 
     /// Sends the reply (or the error) unless the handler already streamed
@@ -148,13 +157,15 @@ fn log_error(err: &ApiError) {
     }
 }
 
-fn taken() -> ApiError {
-    ApiError::internal("the request was already taken by a stream; this is a bug in envd")
+fn taken(server: &str) -> ApiError {
+    ApiError::internal(format!(
+        "the request was already taken by a stream; this is a bug in {server}"
+    ))
 }
 
-fn too_large_json() -> ApiError {
+fn too_large_json(max: usize) -> ApiError {
     ApiError::too_large(format!(
-        "the JSON body is larger than {MAX_JSON_BODY} bytes; send a smaller document"
+        "the JSON body is larger than {max} bytes; send a smaller document"
     ))
 }
 
@@ -216,133 +227,40 @@ pub fn with_header<R: Read>(response: Response<R>, name: &str, value: &str) -> R
     }
 }
 
-/// A parsed query string: percent-decoded key/value pairs, in order.
-#[derive(Debug, Default)]
-pub struct Query {
-    pairs: Vec<(String, Vec<u8>)>,
-}
-
-impl Query {
-    pub fn parse(raw: &str) -> Self {
-        let pairs = raw
-            .split('&')
-            .filter(|part| !part.is_empty())
-            .map(|part| {
-                let (key, value) = part.split_once('=').unwrap_or((part, ""));
-                let key = String::from_utf8_lossy(&percent_decode(key, true)).into_owned();
-                (key, percent_decode(value, true))
-            })
-            .collect();
-        Self { pairs }
-    }
-
-    /// The raw bytes of the first value for `name`.
-    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
-        self.pairs
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
-    }
-
-    /// The first value for `name` as UTF-8 text.
-    pub fn text(&self, name: &str) -> Result<Option<&str>, ApiError> {
-        self.bytes(name)
-            .map(|v| {
-                std::str::from_utf8(v).map_err(|_| {
-                    ApiError::invalid_argument(format!("query parameter '{name}' is not UTF-8"))
-                })
-            })
-            .transpose()
-    }
-
-    /// The first value for `name` as a path (any bytes allowed).
-    pub fn path(&self, name: &str) -> Option<PathBuf> {
-        use std::os::unix::ffi::OsStrExt;
-        self.bytes(name)
-            .map(|v| PathBuf::from(std::ffi::OsStr::from_bytes(v)))
-    }
-
-    /// A boolean flag: `true`/`1`/`yes` or `false`/`0`/`no`; absent = `default`.
-    pub fn flag(&self, name: &str, default: bool) -> Result<bool, ApiError> {
-        match self.text(name)? {
-            None | Some("") => Ok(default),
-            Some("true" | "1" | "yes") => Ok(true),
-            Some("false" | "0" | "no") => Ok(false),
-            Some(other) => Err(ApiError::invalid_argument(format!(
-                "query parameter '{name}' must be true or false, got '{other}'"
-            ))),
-        }
-    }
-
-    /// An unsigned number; absent = `default`.
-    pub fn number(&self, name: &str, default: u64) -> Result<u64, ApiError> {
-        match self.text(name)? {
-            None | Some("") => Ok(default),
-            Some(text) => text.parse().map_err(|_| {
-                ApiError::invalid_argument(format!(
-                    "query parameter '{name}' must be a non-negative integer, got '{text}'"
-                ))
-            }),
-        }
-    }
-}
-
-/// Decodes `%XX` escapes (and `+` as space when `plus_is_space`). Malformed
-/// escapes are kept as they are.
-pub fn percent_decode(input: &str, plus_is_space: bool) -> Vec<u8> {
-    let bytes = input.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match (hex_value(bytes[i + 1]), hex_value(bytes[i + 2])) {
-                    (Some(hi), Some(lo)) => {
-                        out.push(hi << 4 | lo);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b'+' if plus_is_space => out.push(b' '),
-            other => out.push(other),
-        }
-        i += 1;
-    }
-    out
-}
-
-fn hex_value(byte: u8) -> Option<u8> {
-    match byte {
-        b'0'..=b'9' => Some(byte - b'0'),
-        b'a'..=b'f' => Some(byte - b'a' + 10),
-        b'A'..=b'F' => Some(byte - b'A' + 10),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use tiny_http::TestRequest;
 
-    #[test]
-    fn percent_decoding_handles_escapes_plus_and_garbage() {
-        assert_eq!(percent_decode("a%20b+c", true), b"a b c");
-        assert_eq!(percent_decode("a+b", false), b"a+b");
-        assert_eq!(percent_decode("%ff%FE", false), vec![0xff, 0xfe]);
-        assert_eq!(percent_decode("100%", false), b"100%");
-        assert_eq!(percent_decode("%zz%4", false), b"%zz%4");
+    use super::*;
+    use crate::config::Listen;
+
+    fn exchange(request: TestRequest) -> Exchange {
+        let config = ServerConfig {
+            max_json_body: 8,
+            ..ServerConfig::new("test", "0", Listen::Tcp("127.0.0.1:0".into()))
+        };
+        Exchange::new(request.into(), &config)
     }
 
     #[test]
-    fn query_reads_first_value_and_flags() {
-        let q = Query::parse("path=%2Ftmp%2Fa+b&depth=3&recursive=true&path=/other");
-        assert_eq!(q.path("path"), Some(PathBuf::from("/tmp/a b")));
-        assert_eq!(q.number("depth", 1).ok(), Some(3));
-        assert_eq!(q.flag("recursive", false).ok(), Some(true));
-        assert!(q.flag("depth", false).is_err());
-        assert_eq!(q.number("missing", 7).ok(), Some(7));
+    fn json_body_is_capped_by_the_config() {
+        let mut fits = exchange(TestRequest::new().with_body("[1,2,3]"));
+        assert_eq!(fits.json::<Vec<u8>>().ok(), Some(vec![1, 2, 3]));
+        let mut big = exchange(TestRequest::new().with_body("[1,2,3,4]"));
+        let err = big.json::<Vec<u8>>().unwrap_err();
+        assert_eq!(err.status(), 413);
+        assert!(err.message().contains("larger than 8 bytes"));
+    }
+
+    #[test]
+    fn path_and_query_are_split_and_a_second_take_is_a_bug() {
+        let mut ex = exchange(TestRequest::new().with_path("/a%20b?x=1&y"));
+        assert_eq!(ex.path(), "/a%20b");
+        assert_eq!(ex.query().number("x", 0).ok(), Some(1));
+        assert!(ex.take_request().is_ok());
+        let err = ex.take_request().unwrap_err();
+        assert_eq!(err.status(), 500);
+        assert!(err.message().ends_with("this is a bug in test"));
     }
 
     #[test]

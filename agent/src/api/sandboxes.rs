@@ -1,0 +1,236 @@
+//! Handlers for `/v1/sandboxes`: create, list, get, destroy, timeout, logs
+//! and exec.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, UNIX_EPOCH};
+
+use lmdb_schema::{SandboxId, SandboxRecord};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use wrenn_http::{ApiError, Exchange, NdjsonStream, Reply};
+
+use super::Api;
+use crate::sandbox::CreateRequest;
+
+/// Largest console log returned by `/logs`.
+const LOG_LIMIT: u64 = 1 << 20;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    #[serde(default = "default_template")]
+    template: String,
+    #[serde(default = "default_vcpus")]
+    vcpus: u32,
+    #[serde(default = "default_memory")]
+    memory_mb: u32,
+    timeout_s: Option<u64>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default = "default_internet")]
+    internet: bool,
+}
+
+fn default_template() -> String {
+    "base".into()
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_memory() -> u32 {
+    512
+}
+fn default_internet() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TimeoutBody {
+    timeout_s: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecBody {
+    cmd: String,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+    user: Option<String>,
+    #[serde(default = "default_exec_timeout")]
+    timeout_s: u64,
+    stdin: Option<String>,
+}
+
+fn default_exec_timeout() -> u64 {
+    60
+}
+
+/// The JSON shape of a sandbox.
+pub fn sandbox_json(record: &SandboxRecord) -> Value {
+    json!({
+        "id": record.id.as_str(),
+        "status": record.status.as_str(),
+        "template": record.template.as_str(),
+        "vcpus": record.vcpus,
+        "memory_mb": record.memory_mb,
+        "metadata": record.metadata,
+        "internet": record.internet,
+        "address": record
+            .slot
+            .and_then(|slot| crate::network::addr::SlotAddrs::new(slot.0).ok())
+            .map(|addrs| addrs.host_ip.to_string()),
+        "created_at": timestamp(record.created_at_ms),
+        "expires_at": record.expires_at_ms.map(timestamp),
+        "error": record.error,
+    })
+}
+
+fn timestamp(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn parse_id(id: &str) -> Result<SandboxId, ApiError> {
+    SandboxId::parse(id).map_err(|_| {
+        ApiError::not_found(format!(
+            "sandbox {id} does not exist: list sandboxes with GET /v1/sandboxes"
+        ))
+    })
+}
+
+pub fn create(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {
+    let body: CreateBody = ex.json()?;
+    let record = api.manager.create(CreateRequest {
+        template: body.template,
+        vcpus: body.vcpus,
+        memory_mb: body.memory_mb,
+        timeout_s: body.timeout_s.unwrap_or(api.default_timeout_s),
+        metadata: body.metadata,
+        env: body.env,
+        internet: body.internet,
+    })?;
+    Ok(Reply::Json(201, sandbox_json(&record)))
+}
+
+pub fn list(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {
+    let status = ex.query().text("status")?.map(str::to_owned);
+    let mut wanted_metadata = Vec::new();
+    for key in ex.query().names() {
+        if let Some(name) = key.strip_prefix("metadata.") {
+            let value = ex.query().text(key)?.unwrap_or_default().to_owned();
+            wanted_metadata.push((name.to_owned(), value));
+        }
+    }
+    let sandboxes: Vec<Value> = api
+        .manager
+        .list()?
+        .iter()
+        .filter(|r| status.as_deref().is_none_or(|s| r.status.as_str() == s))
+        .filter(|r| {
+            wanted_metadata
+                .iter()
+                .all(|(k, v)| r.metadata.get(k) == Some(v))
+        })
+        .map(sandbox_json)
+        .collect();
+    Ok(Reply::Json(200, json!({ "sandboxes": sandboxes })))
+}
+
+pub fn get(api: &Api, id: &str) -> Result<Reply, ApiError> {
+    let record = api.manager.get(&parse_id(id)?)?;
+    Ok(Reply::Json(200, sandbox_json(&record)))
+}
+
+pub fn destroy(api: &Api, id: &str) -> Result<Reply, ApiError> {
+    api.manager.destroy(&parse_id(id)?)?;
+    Ok(Reply::NoContent)
+}
+
+pub fn set_timeout(api: &Api, ex: &mut Exchange, id: &str) -> Result<Reply, ApiError> {
+    let id = parse_id(id)?;
+    let body: TimeoutBody = ex.json()?;
+    let record = api.manager.set_timeout(&id, body.timeout_s)?;
+    Ok(Reply::Json(200, sandbox_json(&record)))
+}
+
+pub fn logs(api: &Api, ex: &mut Exchange, id: &str) -> Result<Reply, ApiError> {
+    let log = api.manager.console_log(&parse_id(id)?, LOG_LIMIT)?;
+    let request = ex.take_request()?;
+    let response = wrenn_http::tiny_http::Response::from_data(log);
+    let response = wrenn_http::with_header(response, "Content-Type", "text/plain; charset=utf-8");
+    let _ = request.respond(response);
+    Ok(Reply::Streamed)
+}
+
+pub fn exec(api: &Api, ex: &mut Exchange, id: &str) -> Result<Reply, ApiError> {
+    let id = parse_id(id)?;
+    let stream = ex.query().flag("stream", false)?;
+    let body: ExecBody = ex.json()?;
+    if body.cmd.trim().is_empty() {
+        return Err(ApiError::invalid_argument(
+            "cmd is empty: name the program to run, e.g. \"python3\"",
+        ));
+    }
+    if body.timeout_s == 0 || body.timeout_s > 24 * 3600 {
+        return Err(ApiError::invalid_argument(
+            "timeout_s must be between 1 and 86400 seconds",
+        ));
+    }
+    let mut process = json!({ "cmd": body.cmd, "args": body.args, "env": body.env });
+    if let Some(cwd) = body.cwd {
+        process["cwd"] = Value::String(cwd);
+    }
+    if let Some(user) = body.user {
+        process["user"] = Value::String(user);
+    }
+    if stream {
+        return exec_stream(api, ex, &id, process);
+    }
+    let stdin = body.stdin.map(String::into_bytes);
+    let result = api
+        .manager
+        .exec(&id, process, stdin, Duration::from_secs(body.timeout_s))?;
+    Ok(Reply::Json(200, json!(result)))
+}
+
+/// Passes envd's event stream through, event by event.
+fn exec_stream(
+    api: &Api,
+    ex: &mut Exchange,
+    id: &SandboxId,
+    process: Value,
+) -> Result<Reply, ApiError> {
+    let envd = api.manager.envd(id)?;
+    let body = process.to_string();
+    let mut reader = body.as_bytes();
+    let response = envd
+        .forward(
+            "POST",
+            "/processes",
+            Some("application/json"),
+            Some(&mut reader),
+        )
+        .map_err(crate::sandbox::SandboxError::from)?;
+    if response.status() >= 300 {
+        return Err(super::proxy::envd_error(response));
+    }
+    let mut stream = NdjsonStream::open(ex.take_request()?)
+        .map_err(|e| ApiError::internal(format!("cannot start the stream: {e}")))?;
+    for line in BufReader::new(response.into_reader()).lines() {
+        let Ok(line) = line else { break };
+        let Ok(event) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if stream.send(&event).is_err() {
+            break;
+        }
+    }
+    let _ = stream.finish();
+    Ok(Reply::Streamed)
+}

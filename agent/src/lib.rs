@@ -1,0 +1,13 @@
+//! The Wrenn node agent.
+//!
+//! - [`api`]: the HTTP API (`docs/api.md`).
+//! - [`config`]: embedded default, TOML file, environment, flags.
+//! - [`network`]: per-sandbox network namespaces, links, addresses, NAT.
+//! - [`sandbox`]: sandbox lifecycle and the client for the guest's envd.
+//! - [`runtime`]: the programs that run sandbox VMs (QEMU today).
+
+pub mod api;
+pub mod config;
+pub mod network;
+pub mod runtime;
+pub mod sandbox;

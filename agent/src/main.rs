@@ -1,0 +1,155 @@
+//! `wrenn-agent`: the node daemon. Loads the configuration, picks the
+//! runtime, opens the node's state, finishes what a previous run left half
+//! done, then serves the API until it is killed. Sandbox VMs are not its
+//! children: killing the agent leaves them running, and the next start
+//! finds them again.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use wrenn_agent::api::Api;
+use wrenn_agent::config::{Config, Overrides};
+use wrenn_agent::runtime::probe::{probe_host, Accel};
+use wrenn_agent::runtime::qemu::QemuRuntime;
+use wrenn_agent::sandbox::templates::Templates;
+use wrenn_agent::sandbox::{HostCapacity, Manager};
+use wrenn_http::{Listen, Server, ServerAllocator, ServerConfig};
+
+#[global_allocator]
+static GLOBAL: ServerAllocator = ServerAllocator;
+
+/// The Wrenn node agent: runs sandboxes as microVMs behind an HTTP API.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Flags {
+    /// TOML config file; without one the embedded default is used.
+    #[arg(long, env = "WRENN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the HTTP API (IP:PORT).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Folder for the node's state, sandboxes and images.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Folder of base images (one folder per template).
+    #[arg(long)]
+    images_dir: Option<PathBuf>,
+    /// Name of this node.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Runtime: auto, qemu or native.
+    #[arg(long)]
+    runtime: Option<String>,
+    /// QEMU acceleration: auto, kvm or tcg.
+    #[arg(long)]
+    accel: Option<String>,
+    /// An API key to accept (needed to listen beyond loopback).
+    #[arg(long)]
+    api_key: Option<String>,
+}
+
+impl Flags {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen.clone(),
+            state_dir: self.state_dir.clone(),
+            images_dir: self.images_dir.clone(),
+            node_name: self.node_name.clone(),
+            runtime: self.runtime.clone(),
+            accel: self.accel.clone(),
+            api_key: self.api_key.clone(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WRENN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Flags::parse()) {
+        Ok(never) => match never {},
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("wrenn-agent: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
+    let env = std::env::vars().collect();
+    let overrides = Overrides::from_env(&env).then(flags.overrides());
+    let config = Config::load(flags.config.as_deref(), &overrides).map_err(|e| e.to_string())?;
+    let mut probe = probe_host();
+    match config.runtime.accel.as_str() {
+        "kvm" => {
+            probe.accel = Accel::Kvm;
+            probe.reason = "QEMU with KVM, as configured (runtime.accel = kvm)".into();
+        }
+        "tcg" => {
+            probe.accel = Accel::Tcg;
+            probe.reason = "QEMU with TCG emulation, as configured (runtime.accel = tcg)".into();
+        }
+        _ => {}
+    }
+    if config.runtime.kind == "native" {
+        return Err(
+            "runtime \"native\" (wrenn-vmm) is not part of this build yet: \
+                    use runtime = \"qemu\" or \"auto\""
+                .into(),
+        );
+    }
+    tracing::info!(runtime = "qemu", accel = probe.accel.as_str(), reason = %probe.reason, "runtime chosen");
+    let store = lmdb_schema::Store::open(&config.node.state_dir, lmdb_schema::StoreOptions::new())
+        .map_err(|e| format!("cannot open the node's state: {e}"))?;
+    let manager = Arc::new(Manager::new(
+        Arc::new(store),
+        Arc::new(QemuRuntime::new(probe.accel)),
+        config.clone(),
+        Templates::new(config.images_dir()),
+        HostCapacity::probe(),
+    ));
+    manager
+        .reconcile()
+        .map_err(|e| format!("cannot reconcile the node's state: {e}"))?;
+    start_reaper(Arc::clone(&manager));
+    let api = Api {
+        manager,
+        node_name: config.node_name(),
+        probe,
+        key_hashes: config.api.key_hashes.clone(),
+        default_timeout_s: config.sandbox.default_timeout_s,
+    };
+    let server_config = ServerConfig {
+        workers: config.api.workers,
+        max_json_body: config.api.max_json_body,
+        bind_hint: Some("choose another address with --listen or WRENN_LISTEN"),
+        ..ServerConfig::new(
+            "wrenn-agent",
+            env!("CARGO_PKG_VERSION"),
+            Listen::Tcp(config.api.listen.to_string()),
+        )
+    };
+    let server = Server::bind(server_config, api).map_err(|e| e.to_string())?;
+    tracing::info!(listen = %config.api.listen, "wrenn-agent ready");
+    server.run()
+}
+
+/// Destroys sandboxes whose timeout passed, once a second.
+fn start_reaper(manager: Arc<Manager>) {
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            manager.reap_expired();
+        })
+        .map(drop)
+        .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the timeout reaper"));
+}

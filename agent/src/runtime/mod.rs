@@ -1,0 +1,103 @@
+//! Runtimes: the programs that run a sandbox's VM.
+//!
+//! A [`Runtime`] boots a VM from a [`VmSpec`], finds it again after the agent
+//! restarts ([`Runtime::attach`]), and stops it. It knows nothing of LMDB, the
+//! API or networking: the sandbox layer hands it a ready network namespace
+//! and a folder, and records the [`VmHandle`] it gets back.
+//!
+//! - [`qemu`]: `qemu-system-x86_64 -M microvm`, KVM where the host has
+//!   hardware virtualization, TCG elsewhere.
+//! - [`probe`]: what this host offers and which runtime to use.
+
+pub mod probe;
+pub mod process;
+pub mod qemu;
+pub mod qmp;
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Everything a runtime needs to boot one sandbox VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// The sandbox this VM belongs to; used in logs and the VM's name.
+    pub sandbox_id: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// The template's root file system; never written.
+    pub base_rootfs: PathBuf,
+    /// The sandbox's own folder: disk overlay, sockets, console log.
+    pub dir: PathBuf,
+    /// Network namespace holding `tap0`, entered before the VM starts.
+    pub netns: String,
+    /// Appended to the kernel command line.
+    pub extra_cmdline: String,
+}
+
+/// How to find a running VM again: its process and its control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmHandle {
+    pub pid: u32,
+    /// The process's start time in clock ticks since boot, from
+    /// `/proc/PID/stat`: a recycled PID has another.
+    pub start_time_ticks: u64,
+    pub control_socket: PathBuf,
+}
+
+/// What a VM is doing, as far as its runtime can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    Running,
+    Paused,
+    /// The process is gone (or is another process now).
+    Gone,
+}
+
+/// Resource use of one VM process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmStats {
+    pub rss_bytes: u64,
+    pub cpu_time_ms: u64,
+}
+
+/// A runtime failure, with what to do about it.
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    #[error("cannot prepare {path}: {source}")]
+    Prepare {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("qemu-img failed: {0}")]
+    QemuImg(String),
+    #[error("cannot start QEMU: {0}; is qemu-system-x86 installed? (`make deps`)")]
+    Spawn(std::io::Error),
+    #[error("QEMU refused to start the VM: {0}")]
+    Start(String),
+    #[error("QMP: {0}")]
+    Qmp(String),
+    #[error("VM process {pid} did not exit after SIGKILL")]
+    Unkillable { pid: u32 },
+}
+
+/// A way of running sandbox VMs.
+pub trait Runtime: Send + Sync {
+    /// Short name, as reported by `GET /v1/node`.
+    fn name(&self) -> &'static str;
+
+    /// Boots a VM; it is starting (not yet serving) when this returns.
+    fn boot(&self, spec: &VmSpec) -> Result<VmHandle, RuntimeError>;
+
+    /// Finds a VM started earlier, possibly by a previous agent process.
+    fn attach(&self, handle: &VmHandle) -> VmState;
+
+    /// Stops the VM and waits until its process is gone. Stopping a VM
+    /// that is already gone succeeds.
+    fn stop(&self, handle: &VmHandle) -> Result<(), RuntimeError>;
+
+    /// CPU and memory use of the VM's process.
+    fn stats(&self, handle: &VmHandle) -> Option<VmStats>;
+}

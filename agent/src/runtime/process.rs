@@ -1,0 +1,95 @@
+//! Facts about host processes from `/proc`: whether a PID is still the
+//! process we started (PIDs are recycled), its memory and CPU time, and
+//! ending it by PID.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::VmStats;
+
+/// The fields of `/proc/PID/stat` after the command name, which may itself
+/// contain spaces and parentheses.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 2..];
+    Some(after_comm.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Start time of `pid` in clock ticks since boot (field 22 of stat).
+pub fn start_time_ticks(pid: u32) -> Option<u64> {
+    // Field 22 overall is index 19 after pid (1) and comm (2) are removed.
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// Whether `pid` is alive and is the process that started at `ticks`.
+/// A zombie counts as gone.
+pub fn is_same_process(pid: u32, ticks: u64) -> bool {
+    match stat_fields(pid) {
+        Some(fields) => {
+            fields.first().map(String::as_str) != Some("Z")
+                && fields.get(19).and_then(|t| t.parse().ok()) == Some(ticks)
+        }
+        None => false,
+    }
+}
+
+/// Memory and CPU time of `pid`.
+pub fn stats(pid: u32) -> Option<VmStats> {
+    let fields = stat_fields(pid)?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let rss_pages: u64 = fields.get(21)?.parse().ok()?;
+    Some(VmStats {
+        rss_bytes: rss_pages * page,
+        cpu_time_ms: (utime + stime) * 1000 / ticks_per_s,
+    })
+}
+
+/// Waits until the process is gone; false if it is still there at `timeout`.
+pub fn wait_gone(pid: u32, ticks: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !is_same_process(pid, ticks) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `signal` to `pid` if it is still the process that started at `ticks`.
+pub fn signal(pid: u32, ticks: u64, signal: Signal) {
+    if is_same_process(pid, ticks) {
+        if let Ok(raw) = i32::try_from(pid) {
+            let _ = kill(Pid::from_raw(raw), signal);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_recognised_and_a_wrong_start_time_is_not() {
+        let pid = std::process::id();
+        let ticks = start_time_ticks(pid).expect("own start time");
+        assert!(is_same_process(pid, ticks));
+        assert!(!is_same_process(pid, ticks + 1));
+        assert!(stats(pid).expect("own stats").rss_bytes > 0);
+    }
+
+    #[test]
+    fn a_missing_pid_is_gone() {
+        assert!(!is_same_process(u32::MAX - 1, 0));
+        assert!(wait_gone(u32::MAX - 1, 0, Duration::from_millis(1)));
+    }
+}

@@ -1,0 +1,241 @@
+//! The QEMU runtime: `qemu-system-x86_64 -M microvm,acpi=on`, one daemonized
+//! process per sandbox, driven over QMP.
+//!
+//! QEMU daemonizes itself (`-daemonize`), so a VM is never the agent's child
+//! and survives an agent crash; the agent finds it again from the PID file and
+//! the QMP socket in the sandbox's folder. The root disk is a qcow2 overlay on
+//! the template's base image, so sandboxes share the base and write only
+//! their own blocks. The VM is started inside the sandbox's network namespace,
+//! where `tap0` waits for it.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use super::probe::Accel;
+use super::process;
+use super::qmp::Qmp;
+use super::{Runtime, RuntimeError, VmHandle, VmSpec, VmState, VmStats};
+
+/// Files of a VM inside its sandbox folder.
+pub const OVERLAY: &str = "rootfs.qcow2";
+pub const QMP_SOCKET: &str = "qmp.sock";
+pub const PID_FILE: &str = "qemu.pid";
+pub const CONSOLE_LOG: &str = "console.log";
+
+/// Kernel arguments every guest gets. `tsc_early_khz` and `lpj` skip a TSC
+/// calibration that hangs TCG boots under load.
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw \
+                            tsc_early_khz=2000000 lpj=8000000";
+/// CPU model for TCG: `max` hung boots now and then; this one did not.
+const TCG_CPU: &str = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt";
+const QUIT_GRACE: Duration = Duration::from_secs(5);
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs VMs with QEMU, accelerated as the host allows.
+pub struct QemuRuntime {
+    binary: PathBuf,
+    accel: Accel,
+}
+
+impl QemuRuntime {
+    pub fn new(accel: Accel) -> QemuRuntime {
+        QemuRuntime {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel,
+        }
+    }
+
+    /// Arguments for `spec`, without the binary.
+    pub fn arguments(&self, spec: &VmSpec) -> Vec<String> {
+        let dir = &spec.dir;
+        let (accel, cpu) = match self.accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg", TCG_CPU),
+        };
+        let name = format!("wrenn-{}", spec.sandbox_id);
+        let mut cmdline = String::from(BASE_CMDLINE);
+        if !spec.extra_cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&spec.extra_cmdline);
+        }
+        let args = [
+            "-name",
+            &format!("{name},process={name}"),
+            "-M",
+            "microvm,x-option-roms=off,rtc=off,acpi=on",
+            "-accel",
+            accel,
+            "-cpu",
+            cpu,
+            "-smp",
+            &spec.vcpus.to_string(),
+            "-m",
+            &format!("{}M", spec.memory_mb),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-daemonize",
+            "-pidfile",
+            &path(&dir.join(PID_FILE)),
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", path(&dir.join(QMP_SOCKET))),
+            "-chardev",
+            &format!("file,id=con0,path={}", path(&dir.join(CONSOLE_LOG))),
+            "-serial",
+            "chardev:con0",
+            "-kernel",
+            &path(&spec.kernel),
+            "-initrd",
+            &path(&spec.initramfs),
+            "-append",
+            &cmdline,
+            "-drive",
+            &format!(
+                "id=root,file={},format=qcow2,if=none,discard=unmap",
+                path(&dir.join(OVERLAY))
+            ),
+            "-device",
+            "virtio-blk-device,drive=root",
+            "-netdev",
+            "tap,id=net0,ifname=tap0,script=no,downscript=no",
+            "-device",
+            "virtio-net-device,netdev=net0",
+        ];
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn create_overlay(&self, spec: &VmSpec) -> Result<(), RuntimeError> {
+        let overlay = spec.dir.join(OVERLAY);
+        let _ = std::fs::remove_file(&overlay);
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&spec.base_rootfs)
+            .arg(&overlay)
+            .output()
+            .map_err(|e| RuntimeError::QemuImg(format!("cannot run qemu-img: {e}")))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(RuntimeError::QemuImg(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ))
+        }
+    }
+
+    fn read_pid(dir: &Path) -> Result<u32, RuntimeError> {
+        let file = dir.join(PID_FILE);
+        let text = std::fs::read_to_string(&file).map_err(prepare(&file))?;
+        text.trim()
+            .parse()
+            .map_err(|_| RuntimeError::Start(format!("{} holds no PID: {text:?}", file.display())))
+    }
+}
+
+impl Runtime for QemuRuntime {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn boot(&self, spec: &VmSpec) -> Result<VmHandle, RuntimeError> {
+        std::fs::create_dir_all(&spec.dir).map_err(prepare(&spec.dir))?;
+        for stale in [PID_FILE, QMP_SOCKET] {
+            let _ = std::fs::remove_file(spec.dir.join(stale));
+        }
+        self.create_overlay(spec)?;
+        let netns_path = PathBuf::from(format!("/run/netns/{}", spec.netns));
+        let netns = File::open(&netns_path).map_err(prepare(&netns_path))?;
+        let netns_fd = netns.as_raw_fd();
+        let mut command = Command::new(&self.binary);
+        command
+            .args(self.arguments(spec))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure only makes async-signal-safe system calls
+        // (setns, setsid) on a descriptor that stays open until spawn returns.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::setsid();
+                Ok(())
+            });
+        }
+        // With -daemonize, the process we start exits once the VM runs (or
+        // failed to start), leaving the VM process detached from the agent.
+        let out = command.output().map_err(RuntimeError::Spawn)?;
+        drop(netns);
+        if !out.status.success() {
+            return Err(RuntimeError::Start(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ));
+        }
+        let pid = Self::read_pid(&spec.dir)?;
+        let start_time_ticks = process::start_time_ticks(pid)
+            .ok_or_else(|| RuntimeError::Start(format!("QEMU (pid {pid}) exited right away")))?;
+        Ok(VmHandle {
+            pid,
+            start_time_ticks,
+            control_socket: spec.dir.join(QMP_SOCKET),
+        })
+    }
+
+    fn attach(&self, handle: &VmHandle) -> VmState {
+        if !process::is_same_process(handle.pid, handle.start_time_ticks) {
+            return VmState::Gone;
+        }
+        match Qmp::connect(&handle.control_socket).and_then(|mut q| q.status()) {
+            Ok(status) if status == "paused" || status == "prelaunch" => VmState::Paused,
+            Ok(status) if status == "shutdown" => VmState::Gone,
+            _ => VmState::Running,
+        }
+    }
+
+    fn stop(&self, handle: &VmHandle) -> Result<(), RuntimeError> {
+        let (pid, ticks) = (handle.pid, handle.start_time_ticks);
+        if !process::is_same_process(pid, ticks) {
+            return Ok(());
+        }
+        if let Ok(mut qmp) = Qmp::connect(&handle.control_socket) {
+            let _ = qmp.execute("quit", serde_json::Value::Null);
+        }
+        if process::wait_gone(pid, ticks, QUIT_GRACE) {
+            return Ok(());
+        }
+        process::signal(pid, ticks, Signal::SIGKILL);
+        if process::wait_gone(pid, ticks, KILL_GRACE) {
+            Ok(())
+        } else {
+            Err(RuntimeError::Unkillable { pid })
+        }
+    }
+
+    fn stats(&self, handle: &VmHandle) -> Option<VmStats> {
+        if process::is_same_process(handle.pid, handle.start_time_ticks) {
+            process::stats(handle.pid)
+        } else {
+            None
+        }
+    }
+}
+
+/// Maps an I/O error on `path` to a [`RuntimeError::Prepare`].
+fn prepare(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
+    move |source| RuntimeError::Prepare {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}

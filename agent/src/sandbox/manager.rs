@@ -1,0 +1,596 @@
+//! The sandbox state machine: the only code that moves a sandbox between
+//! states. Every step writes the sandbox's LMDB record before its side effect
+//! starts and again after it ends, so [`Manager::reconcile`] can finish or
+//! roll back whatever a crashed agent left half done.
+//!
+//! `creating → running → destroyed`, or `error` when the VM died under us.
+//! A destroyed sandbox's record is deleted; its events remain in the log.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lmdb_schema::{
+    EventRecord, SandboxId, SandboxRecord, SandboxStatus, SlotId, SlotRecord, Store, TemplateName,
+    TimeoutAction, VmmProcess, WriteTxn,
+};
+use serde_json::Value;
+
+use super::envd::{EnvdClient, ExecResult, ENVD_PORT};
+use super::error::SandboxError;
+use super::templates::Templates;
+use crate::config::Config;
+use crate::network;
+use crate::runtime::{Runtime, VmHandle, VmSpec, VmState};
+
+/// How long a new VM may take to have envd answer (TCG boots take seconds).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// What a caller asks for when creating a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateRequest {
+    pub template: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub timeout_s: u64,
+    pub metadata: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    pub internet: bool,
+}
+
+/// Host resources that requests are checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostCapacity {
+    pub vcpus: u32,
+    pub memory_mb: u64,
+}
+
+impl HostCapacity {
+    pub fn probe() -> HostCapacity {
+        let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_kb = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        HostCapacity {
+            vcpus,
+            memory_mb: memory_kb / 1024,
+        }
+    }
+}
+
+/// Owns every sandbox of this node.
+pub struct Manager {
+    store: Arc<Store>,
+    runtime: Arc<dyn Runtime>,
+    config: Config,
+    templates: Templates,
+    capacity: HostCapacity,
+    sandboxes_dir: PathBuf,
+    /// Sandboxes with an operation in flight; a second one is refused.
+    busy: Mutex<HashSet<SandboxId>>,
+}
+
+/// Marks a sandbox busy for as long as it lives.
+struct BusyGuard<'a> {
+    manager: &'a Manager,
+    id: SandboxId,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.manager
+            .busy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Manager {
+    pub fn new(
+        store: Arc<Store>,
+        runtime: Arc<dyn Runtime>,
+        config: Config,
+        templates: Templates,
+        capacity: HostCapacity,
+    ) -> Manager {
+        let sandboxes_dir = config.node.state_dir.join("sandboxes");
+        Manager {
+            store,
+            runtime,
+            config,
+            templates,
+            capacity,
+            sandboxes_dir,
+            busy: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn runtime(&self) -> &dyn Runtime {
+        self.runtime.as_ref()
+    }
+
+    pub fn capacity(&self) -> HostCapacity {
+        self.capacity
+    }
+
+    pub fn templates(&self) -> &Templates {
+        &self.templates
+    }
+
+    fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
+        self.sandboxes_dir.join(id.as_str())
+    }
+
+    /// The network slots this node may use.
+    fn slot_range(&self) -> std::ops::Range<u32> {
+        let net = &self.config.network;
+        net.first_slot..net.first_slot + net.slots
+    }
+
+    fn claim(&self, id: &SandboxId) -> Result<BusyGuard<'_>, SandboxError> {
+        let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        if !busy.insert(id.clone()) {
+            return Err(SandboxError::Busy(id.to_string()));
+        }
+        Ok(BusyGuard {
+            manager: self,
+            id: id.clone(),
+        })
+    }
+
+    fn validate(&self, request: &CreateRequest) -> Result<TemplateName, SandboxError> {
+        let limits = &self.config.sandbox;
+        let max_vcpus = limits.max_vcpus.min(self.capacity.vcpus);
+        if request.vcpus == 0 || request.vcpus > max_vcpus {
+            return Err(SandboxError::Invalid(format!(
+                "vcpus is {}: it must be between 1 and {max_vcpus} (the CPUs of this host)",
+                request.vcpus
+            )));
+        }
+        let max_memory = self
+            .capacity
+            .memory_mb
+            .saturating_sub(limits.host_reserved_memory_mb);
+        if request.memory_mb < 128 || u64::from(request.memory_mb) > max_memory {
+            return Err(SandboxError::Invalid(format!(
+                "memory_mb is {}: it must be between 128 and {max_memory} (this host's memory \
+                 less {} MiB kept for the host)",
+                request.memory_mb, limits.host_reserved_memory_mb
+            )));
+        }
+        if request.timeout_s == 0 || request.timeout_s > limits.max_timeout_s {
+            return Err(SandboxError::Invalid(format!(
+                "timeout_s is {}: it must be between 1 and {}",
+                request.timeout_s, limits.max_timeout_s
+            )));
+        }
+        let name = TemplateName::parse(&request.template)
+            .map_err(|e| SandboxError::Invalid(format!("template: {e}")))?;
+        if !self.templates.exists(&name) {
+            return Err(SandboxError::TemplateNotFound(name.to_string()));
+        }
+        Ok(name)
+    }
+
+    /// Creates a sandbox and returns it once its envd answers.
+    pub fn create(&self, request: CreateRequest) -> Result<SandboxRecord, SandboxError> {
+        let template = self.validate(&request)?;
+        let id = SandboxId::generate()?;
+        let _busy = self.claim(&id)?;
+        let now = now_ms();
+        let mut record = SandboxRecord {
+            id: id.clone(),
+            status: SandboxStatus::Creating,
+            template,
+            vcpus: request.vcpus,
+            memory_mb: request.memory_mb,
+            metadata: request.metadata,
+            env: request.env,
+            internet: request.internet,
+            created_at_ms: now,
+            expires_at_ms: Some(now + request.timeout_s * 1000),
+            timeout_action: TimeoutAction::Kill,
+            slot: None,
+            runtime: self.runtime.name().to_owned(),
+            vmm: None,
+            envd_token: Some(random_token()?),
+            error: None,
+            updated_at_ms: now,
+        };
+        let slots = self.slot_range();
+        record.slot = Some(self.store.write_with(|txn| {
+            let slot = txn.slots().first_free(slots.clone())?.ok_or_else(|| {
+                SandboxError::Capacity(format!(
+                    "all {} network slots are in use: destroy a sandbox or raise network.slots",
+                    slots.len()
+                ))
+            })?;
+            txn.slots().put(
+                &slot,
+                &SlotRecord {
+                    sandbox: id.clone(),
+                    allocated_at_ms: now,
+                },
+            )?;
+            let mut r = record.clone();
+            r.slot = Some(slot);
+            txn.sandboxes().put(&id, &r)?;
+            log_event(txn, &id, "create", "")?;
+            Ok::<_, SandboxError>(slot)
+        })?);
+        tracing::info!(sandbox = %id, slot = ?record.slot, template = %record.template, "creating sandbox");
+        match self.bring_up(&mut record) {
+            Ok(()) => Ok(record),
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "create failed; rolling back");
+                self.tear_down(&record);
+                self.forget(&record, "create_failed", &e.to_string())?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Network, VM, envd: the side effects of a create, each recorded.
+    fn bring_up(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
+        let slot = record.slot.map(|s| s.0).ok_or_else(|| {
+            SandboxError::Internal(format!("sandbox {} has no network slot", record.id))
+        })?;
+        let net = network::setup(slot, record.internet)?;
+        let paths = self.templates.files(&record.template)?;
+        let spec = VmSpec {
+            sandbox_id: record.id.to_string(),
+            vcpus: record.vcpus,
+            memory_mb: record.memory_mb,
+            kernel: paths.kernel,
+            initramfs: paths.initramfs,
+            base_rootfs: paths.rootfs,
+            dir: self.sandbox_dir(&record.id),
+            netns: net.netns.clone(),
+            extra_cmdline: String::new(),
+        };
+        let handle = self.runtime.boot(&spec)?;
+        record.vmm = Some(VmmProcess {
+            pid: handle.pid,
+            start_time_ticks: handle.start_time_ticks,
+            control_socket: handle.control_socket.to_string_lossy().into_owned(),
+        });
+        self.save(record)?;
+        self.finish_boot(record)
+    }
+
+    /// Waits for envd, hands it the token and environment, marks running.
+    fn finish_boot(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
+        let envd = EnvdClient::new(self.envd_addr(record)?, record.envd_token.clone());
+        let ready = envd.wait_ready(BOOT_TIMEOUT)?;
+        let token = record.envd_token.clone().unwrap_or_default();
+        envd.init(&token, &record.env)?;
+        record.set_status(SandboxStatus::Running, now_ms());
+        self.save(record)?;
+        tracing::info!(sandbox = %record.id, ready_ms = ready.as_millis() as u64, "sandbox running");
+        Ok(())
+    }
+
+    fn envd_addr(&self, record: &SandboxRecord) -> Result<std::net::SocketAddr, SandboxError> {
+        let slot = record.slot.ok_or_else(|| {
+            SandboxError::Internal(format!("sandbox {} has no network slot", record.id))
+        })?;
+        let addrs = network::addr::SlotAddrs::new(slot.0)?;
+        Ok(std::net::SocketAddr::from((addrs.host_ip, ENVD_PORT)))
+    }
+
+    fn save(&self, record: &SandboxRecord) -> Result<(), SandboxError> {
+        let mut record = record.clone();
+        record.updated_at_ms = now_ms();
+        self.store
+            .write(|txn| txn.sandboxes().put(&record.id, &record))?;
+        Ok(())
+    }
+
+    /// Stops the VM, removes the network and the folder. Best effort: every
+    /// piece is tried, failures are logged.
+    fn tear_down(&self, record: &SandboxRecord) {
+        let dir = self.sandbox_dir(&record.id);
+        if record.vmm.is_none() {
+            // A crash between starting QEMU and recording it leaves only
+            // the PID file to find the VM by.
+            stop_orphan_vm(self.runtime.as_ref(), &dir);
+        }
+        if let Some(vmm) = &record.vmm {
+            let handle = VmHandle {
+                pid: vmm.pid,
+                start_time_ticks: vmm.start_time_ticks,
+                control_socket: PathBuf::from(&vmm.control_socket),
+            };
+            if let Err(e) = self.runtime.stop(&handle) {
+                tracing::error!(sandbox = %record.id, error = %e, "cannot stop VM");
+            }
+        }
+        if let Some(slot) = record.slot {
+            if let Err(e) = network::teardown(slot.0) {
+                tracing::error!(sandbox = %record.id, error = %e, "cannot remove network");
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::error!(sandbox = %record.id, error = %e, dir = %dir.display(), "cannot remove folder");
+            }
+        }
+    }
+
+    /// Deletes the record and frees its slot, logging why.
+    fn forget(&self, record: &SandboxRecord, kind: &str, detail: &str) -> Result<(), SandboxError> {
+        self.store.write_with(|txn| {
+            txn.sandboxes().delete(&record.id)?;
+            if let Some(slot) = record.slot {
+                free_slot(txn, slot, &record.id)?;
+            }
+            log_event(txn, &record.id, kind, detail)?;
+            Ok::<_, SandboxError>(())
+        })
+    }
+
+    pub fn get(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
+        self.store
+            .read(|txn| txn.sandboxes().get(id))?
+            .ok_or_else(|| SandboxError::NotFound(id.to_string()))
+    }
+
+    pub fn list(&self) -> Result<Vec<SandboxRecord>, SandboxError> {
+        Ok(self
+            .store
+            .read(|txn| txn.sandboxes().iter()?.map(|r| r.map(|(_, v)| v)).collect())?)
+    }
+
+    /// Destroys a sandbox: VM, network, files, record.
+    pub fn destroy(&self, id: &SandboxId) -> Result<(), SandboxError> {
+        let _busy = self.claim(id)?;
+        let mut record = self.get(id)?;
+        record.set_status(SandboxStatus::Destroying, now_ms());
+        self.save(&record)?;
+        tracing::info!(sandbox = %id, "destroying sandbox");
+        self.tear_down(&record);
+        self.forget(&record, "destroy", "")
+    }
+
+    /// Sets a new timeout, counted from now.
+    pub fn set_timeout(
+        &self,
+        id: &SandboxId,
+        timeout_s: u64,
+    ) -> Result<SandboxRecord, SandboxError> {
+        let max = self.config.sandbox.max_timeout_s;
+        if timeout_s == 0 || timeout_s > max {
+            return Err(SandboxError::Invalid(format!(
+                "timeout_s is {timeout_s}: it must be between 1 and {max}"
+            )));
+        }
+        self.store.write_with(|txn| {
+            let mut record = txn
+                .sandboxes()
+                .get(id)?
+                .ok_or_else(|| SandboxError::NotFound(id.to_string()))?;
+            let now = now_ms();
+            record.expires_at_ms = Some(now + timeout_s * 1000);
+            record.updated_at_ms = now;
+            txn.sandboxes().put(id, &record)?;
+            Ok(record)
+        })
+    }
+
+    /// A client for the sandbox's envd; the sandbox must be running.
+    pub fn envd(&self, id: &SandboxId) -> Result<EnvdClient, SandboxError> {
+        let record = self.get(id)?;
+        if record.status != SandboxStatus::Running {
+            return Err(SandboxError::NotRunning {
+                id: id.to_string(),
+                status: record.status.as_str(),
+            });
+        }
+        Ok(EnvdClient::new(
+            self.envd_addr(&record)?,
+            record.envd_token.clone(),
+        ))
+    }
+
+    /// Runs a command to completion in the sandbox.
+    pub fn exec(
+        &self,
+        id: &SandboxId,
+        process: Value,
+        stdin: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<ExecResult, SandboxError> {
+        Ok(self.envd(id)?.exec(process, stdin, timeout)?)
+    }
+
+    /// The guest's serial console, at most its last `limit` bytes.
+    pub fn console_log(&self, id: &SandboxId, limit: u64) -> Result<Vec<u8>, SandboxError> {
+        self.get(id)?;
+        let path = self.sandbox_dir(id).join(crate::runtime::qemu::CONSOLE_LOG);
+        read_tail(&path, limit)
+            .map_err(|e| SandboxError::Internal(format!("{}: {e}", path.display())))
+    }
+
+    /// Destroys every running sandbox whose timeout has passed.
+    pub fn reap_expired(&self) {
+        let now = now_ms();
+        let expired: Vec<SandboxId> = match self.list() {
+            Ok(all) => all
+                .into_iter()
+                .filter(|r| r.status == SandboxStatus::Running && r.is_expired(now))
+                .map(|r| r.id)
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "reaper cannot list sandboxes");
+                return;
+            }
+        };
+        for id in expired {
+            tracing::info!(sandbox = %id, "timeout passed; destroying");
+            match self.destroy(&id) {
+                Ok(()) | Err(SandboxError::Busy(_)) | Err(SandboxError::NotFound(_)) => {}
+                Err(e) => tracing::error!(sandbox = %id, error = %e, "reaper cannot destroy"),
+            }
+        }
+    }
+
+    /// After a start: finishes or rolls back what a previous agent left half
+    /// done, re-attaches to running VMs, and removes what belongs to no
+    /// sandbox (namespaces, folders, VM processes).
+    pub fn reconcile(&self) -> Result<(), SandboxError> {
+        network::ensure_host()?;
+        for mut record in self.list()? {
+            self.reconcile_one(&mut record)?;
+        }
+        self.remove_orphans()
+    }
+
+    fn reconcile_one(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
+        let id = record.id.clone();
+        let state = record.vmm.as_ref().map(|vmm| {
+            self.runtime.attach(&VmHandle {
+                pid: vmm.pid,
+                start_time_ticks: vmm.start_time_ticks,
+                control_socket: PathBuf::from(&vmm.control_socket),
+            })
+        });
+        match (record.status, state) {
+            (SandboxStatus::Creating, Some(VmState::Running)) => {
+                tracing::info!(sandbox = %id, "finishing a create interrupted by a restart");
+                if let Err(e) = self.finish_boot(record) {
+                    tracing::warn!(sandbox = %id, error = %e, "cannot finish; rolling back");
+                    self.tear_down(record);
+                    self.forget(record, "create_failed", &e.to_string())?;
+                }
+            }
+            (SandboxStatus::Creating, _) | (SandboxStatus::Destroying, _) => {
+                tracing::info!(sandbox = %id, status = record.status.as_str(), "rolling back an interrupted step");
+                self.tear_down(record);
+                self.forget(record, "rolled_back", record.status.as_str())?;
+            }
+            (SandboxStatus::Running, Some(VmState::Running)) => {
+                tracing::info!(sandbox = %id, "re-attached to running VM");
+            }
+            (SandboxStatus::Running, _) => {
+                tracing::warn!(sandbox = %id, "VM is gone; marking the sandbox as failed");
+                self.tear_down(record);
+                record.vmm = None;
+                record.error = Some("the VM stopped while the agent was not running".into());
+                record.set_status(SandboxStatus::Error, now_ms());
+                self.save(record)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn remove_orphans(&self) -> Result<(), SandboxError> {
+        let records = self.list()?;
+        let held: HashSet<u32> = records
+            .iter()
+            .filter(|r| r.status != SandboxStatus::Error)
+            .filter_map(|r| r.slot.map(|s| s.0))
+            .collect();
+        let mine = self.slot_range();
+        for slot in network::list_existing()? {
+            if mine.contains(&slot) && !held.contains(&slot) {
+                tracing::info!(
+                    slot,
+                    "removing the network of a sandbox that no longer exists"
+                );
+                network::teardown(slot)?;
+            }
+        }
+        let known: HashSet<String> = records.iter().map(|r| r.id.to_string()).collect();
+        let Ok(entries) = std::fs::read_dir(&self.sandboxes_dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if known.contains(&name) {
+                continue;
+            }
+            tracing::info!(dir = %entry.path().display(), "removing the folder of a sandbox that no longer exists");
+            stop_orphan_vm(self.runtime.as_ref(), &entry.path());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+        Ok(())
+    }
+}
+
+/// Stops a VM whose PID file is in `dir`, if that PID is a QEMU of this folder.
+fn stop_orphan_vm(runtime: &dyn Runtime, dir: &Path) {
+    let Ok(pid) = std::fs::read_to_string(dir.join(crate::runtime::qemu::PID_FILE)) else {
+        return;
+    };
+    let Ok(pid) = pid.trim().parse::<u32>() else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let ours = String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy());
+    if let (true, Some(ticks)) = (ours, crate::runtime::process::start_time_ticks(pid)) {
+        let handle = VmHandle {
+            pid,
+            start_time_ticks: ticks,
+            control_socket: dir.join(crate::runtime::qemu::QMP_SOCKET),
+        };
+        if let Err(e) = runtime.stop(&handle) {
+            tracing::error!(pid, error = %e, "cannot stop an orphaned VM");
+        }
+    }
+}
+
+fn free_slot(txn: &mut WriteTxn<'_>, slot: SlotId, id: &SandboxId) -> Result<(), SandboxError> {
+    let holder = txn.slots().get(&slot)?;
+    if holder.is_some_and(|h| &h.sandbox == id) {
+        txn.slots().delete(&slot)?;
+    }
+    Ok(())
+}
+
+fn log_event(
+    txn: &mut WriteTxn<'_>,
+    id: &SandboxId,
+    kind: &str,
+    detail: &str,
+) -> Result<(), SandboxError> {
+    txn.events().append(&EventRecord {
+        at_ms: now_ms(),
+        sandbox: Some(id.clone()),
+        kind: kind.to_owned(),
+        detail: detail.to_owned(),
+    })?;
+    Ok(())
+}
+
+fn random_token() -> Result<String, SandboxError> {
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| SandboxError::Internal(format!("no randomness for a token: {e}")))?;
+    Ok(hex::encode(bytes))
+}
+
+fn read_tail(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(limit)))?;
+    let mut out = Vec::new();
+    file.read_to_end(&mut out)?;
+    Ok(out)
+}

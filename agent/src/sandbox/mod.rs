@@ -1,0 +1,15 @@
+//! Sandboxes: the state machine that moves each sandbox between states,
+//! writing its LMDB record before and after every step.
+//!
+//! - [`manager`]: create, destroy, timeouts, reconcile after a restart.
+//! - [`envd`]: the client for the guest agent inside each sandbox.
+//! - [`templates`]: what a sandbox can start from.
+//! - [`error`]: failures and the HTTP answers they get.
+
+pub mod envd;
+pub mod error;
+pub mod manager;
+pub mod templates;
+
+pub use error::SandboxError;
+pub use manager::{CreateRequest, HostCapacity, Manager};

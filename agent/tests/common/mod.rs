@@ -1,0 +1,336 @@
+//! Harness for the agent's end-to-end tests: a real `wrenn-agent` process
+//! with its own state folder, port and network slot range, driven over HTTP
+//! with a real client. Dropping an [`Agent`] destroys its sandboxes through
+//! the API (restarting the agent first if a test killed it), stops the
+//! process by PID and removes its folder.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Agents alive in this test process; the last one out removes the host's
+/// shared nft table.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static NEXT: AtomicU32 = AtomicU32::new(0);
+/// Slots per test agent; ranges start at 1000 to stay clear of a real node.
+const SLOTS: u32 = 8;
+
+/// The folder of base images, or None (test skipped) outside `make test`.
+pub fn images_dir_or_skip(test: &str) -> Option<PathBuf> {
+    let image = std::env::var("WRENN_IMAGE_DIR")
+        .unwrap_or_else(|_| "/var/lib/wrenn/images/base".to_owned());
+    let image = PathBuf::from(image);
+    if image.join("rootfs.ext4").is_file() {
+        return image.parent().map(Path::to_path_buf);
+    }
+    let message = format!(
+        "{}: the guest image is missing: build it with `make image`",
+        image.display()
+    );
+    if std::env::var_os("WRENN_E2E").is_some() {
+        panic!("{message}");
+    }
+    eprintln!("SKIPPED {test}: {message}");
+    None
+}
+
+/// A running agent.
+pub struct Agent {
+    child: Option<Child>,
+    pub url: String,
+    pub dir: PathBuf,
+    pub first_slot: u32,
+    config: PathBuf,
+    http: ureq::Agent,
+}
+
+/// A status and JSON body.
+pub type Answer = (u16, Value);
+
+impl Agent {
+    /// Starts an agent on a free port with a fresh state folder.
+    pub fn start(images_dir: &Path) -> Agent {
+        Self::start_with(images_dir, "")
+    }
+
+    /// Same, with extra TOML appended to its config file.
+    pub fn start_with(images_dir: &Path, extra_toml: &str) -> Agent {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wrenn-agent-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let port = free_port();
+        let first_slot = 1000 + (std::process::id() % 64) * 64 + n * SLOTS;
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\nstate_dir = {state:?}\nimages_dir = {images:?}\n\
+                 [api]\nlisten = \"127.0.0.1:{port}\"\n\
+                 [network]\nslots = {SLOTS}\nfirst_slot = {first_slot}\n{extra_toml}\n",
+                state = dir.join("state"),
+                images = images_dir,
+            ),
+        )
+        .expect("write config");
+        LIVE.fetch_add(1, Ordering::SeqCst);
+        let mut agent = Agent {
+            child: None,
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+            first_slot,
+            config,
+            http: ureq::AgentBuilder::new()
+                .timeout_connect(Duration::from_secs(2))
+                .timeout_read(Duration::from_secs(300))
+                .build(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_wrenn-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("WRENN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start wrenn-agent");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.get("/v1/health").0 == 200 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "wrenn-agent did not answer within 60 s; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Kills the agent with SIGKILL, by PID.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the agent again on the same state.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> Answer {
+        answer(self.http.get(&format!("{}{path}", self.url)).call())
+    }
+
+    pub fn delete(&self, path: &str) -> Answer {
+        answer(self.http.delete(&format!("{}{path}", self.url)).call())
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> Answer {
+        answer(
+            self.http
+                .post(&format!("{}{path}", self.url))
+                .send_json(body),
+        )
+    }
+
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> Answer {
+        answer(
+            self.http
+                .post(&format!("{}{path}", self.url))
+                .set("Content-Type", "application/json")
+                .send_bytes(body),
+        )
+    }
+
+    pub fn put_bytes(&self, path: &str, body: &[u8]) -> Answer {
+        answer(
+            self.http
+                .put(&format!("{}{path}", self.url))
+                .send_bytes(body),
+        )
+    }
+
+    /// GET returning the raw body.
+    pub fn get_bytes(&self, path: &str) -> (u16, Vec<u8>) {
+        let response = match self.http.get(&format!("{}{path}", self.url)).call() {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("GET {path}: {e}"),
+        };
+        let status = response.status();
+        let mut body = Vec::new();
+        response
+            .into_reader()
+            .read_to_end(&mut body)
+            .expect("read body");
+        (status, body)
+    }
+
+    /// Creates a sandbox and returns its id; panics with the log on failure.
+    pub fn create(&self, body: Value) -> String {
+        let (status, sandbox) = self.post("/v1/sandboxes", body);
+        assert_eq!(
+            status,
+            201,
+            "create failed: {sandbox}\nlog:\n{}",
+            self.log()
+        );
+        sandbox["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Runs `python3 -c CODE` in the sandbox; returns (exit code, stdout).
+    pub fn python(&self, id: &str, code: &str) -> (i64, String) {
+        let (status, result) = self.post(
+            &format!("/v1/sandboxes/{id}/exec"),
+            json!({"cmd": "python3", "args": ["-c", code]}),
+        );
+        assert_eq!(status, 200, "exec failed: {result}");
+        (
+            result["exit_code"].as_i64().unwrap_or(-1),
+            result["stdout"].as_str().unwrap_or_default().to_owned(),
+        )
+    }
+
+    /// Slot numbers this agent may use.
+    pub fn slots(&self) -> std::ops::Range<u32> {
+        self.first_slot..self.first_slot + SLOTS
+    }
+
+    /// Every trace a sandbox of this agent could leave on the host.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for slot in self.slots() {
+            if Path::new(&format!("/run/netns/wrenn-{slot}")).exists() {
+                found.push(format!("netns wrenn-{slot}"));
+            }
+            if Path::new(&format!("/sys/class/net/wrenn-h{slot}")).exists() {
+                found.push(format!("veth wrenn-h{slot}"));
+            }
+        }
+        let sandboxes = self.dir.join("state/sandboxes");
+        if let Ok(entries) = std::fs::read_dir(&sandboxes) {
+            for entry in entries.flatten() {
+                found.push(format!("folder {}", entry.path().display()));
+            }
+        }
+        for pid in qemu_pids_under(&self.dir) {
+            found.push(format!("QEMU process {pid}"));
+        }
+        found
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+        let (_, list) = self.get("/v1/sandboxes");
+        for sandbox in list["sandboxes"].as_array().cloned().unwrap_or_default() {
+            if let Some(id) = sandbox["id"].as_str() {
+                self.delete(&format!("/v1/sandboxes/{id}"));
+            }
+        }
+        self.kill9();
+        for pid in qemu_pids_under(&self.dir) {
+            // Only QEMU processes whose command line names our own folder.
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        if LIVE.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _ = Command::new("nft")
+                .args(["delete", "table", "inet", "wrenn-host"])
+                .stderr(Stdio::null())
+                .status();
+        }
+        if std::env::var_os("WRENN_KEEP_TEST_DIR").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// PIDs of QEMU processes whose command line mentions `dir`.
+pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.starts_with("qemu-system") && cmdline.contains(&needle)
+        })
+        .collect()
+}
+
+fn answer(result: Result<ureq::Response, ureq::Error>) -> Answer {
+    match result {
+        Ok(response) | Err(ureq::Error::Status(_, response)) => {
+            let status = response.status();
+            let text = response.into_string().unwrap_or_default();
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            )
+        }
+        Err(e) => (0, Value::String(e.to_string())),
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Sends raw bytes on a new connection and returns what comes back.
+pub fn raw_exchange(url: &str, request: &[u8]) -> String {
+    let addr = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let _ = stream.write_all(request);
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                response.extend_from_slice(&buf[..n]);
+                if response.windows(4).any(|w| w == b"\r\n\r\n") && response.ends_with(b"}") {
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&response).into_owned()
+}

@@ -1,0 +1,97 @@
+//! The QEMU runtime boots the real guest image in a network namespace,
+//! leaves a VM that is not the agent's child, finds it again by PID and QMP,
+//! and stops it.
+//!
+//! Needs root, QEMU and the guest image (`make image`); under `make test`
+//! (`WRENN_E2E=1`) a missing image fails, elsewhere the test is skipped.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use wrenn_agent::runtime::probe::probe_host;
+use wrenn_agent::runtime::qemu::{QemuRuntime, CONSOLE_LOG};
+use wrenn_agent::runtime::{Runtime, VmHandle, VmSpec, VmState};
+use wrenn_tests::envd::{Envd, ENVD_PORT};
+use wrenn_tests::guest::GuestImage;
+use wrenn_tests::netns::{NetNs, GUEST_IP};
+
+fn image_or_skip() -> Option<GuestImage> {
+    match GuestImage::locate() {
+        Ok(image) => Some(image),
+        Err(e) if std::env::var_os("WRENN_E2E").is_some() => panic!("{e}"),
+        Err(e) => {
+            eprintln!("SKIPPED QEMU runtime test: {e}");
+            None
+        }
+    }
+}
+
+fn parent_pid(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    after
+        .split_whitespace()
+        .nth(1)
+        .expect("ppid")
+        .parse()
+        .expect("ppid")
+}
+
+/// Stops the VM and removes its folder however the test ends.
+struct Cleanup<'a> {
+    runtime: &'a QemuRuntime,
+    handle: VmHandle,
+    dir: PathBuf,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let _ = self.runtime.stop(&self.handle);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn qemu_vm_boots_detached_is_found_again_and_stops() {
+    let Some(image) = image_or_skip() else { return };
+    let netns = NetNs::with_tap().expect("netns");
+    let dir = std::env::temp_dir().join(format!("wrenn-runtime-test-{}", std::process::id()));
+    let spec = VmSpec {
+        sandbox_id: "sb-runtimetest".into(),
+        vcpus: 1,
+        memory_mb: 512,
+        kernel: image.kernel.clone(),
+        initramfs: image.initramfs.clone(),
+        base_rootfs: image.rootfs.clone(),
+        dir: dir.clone(),
+        netns: netns.name().to_owned(),
+        extra_cmdline: String::new(),
+    };
+    let runtime = QemuRuntime::new(probe_host().accel);
+    let handle = runtime.boot(&spec).expect("boot");
+    let _cleanup = Cleanup {
+        runtime: &runtime,
+        handle: handle.clone(),
+        dir: dir.clone(),
+    };
+
+    assert_ne!(
+        parent_pid(handle.pid),
+        std::process::id(),
+        "the VM must not be the agent's child"
+    );
+    let ready = netns.run(|| Envd::new(GUEST_IP, ENVD_PORT).wait_healthy(Duration::from_secs(180)));
+    let console = std::fs::read_to_string(dir.join(CONSOLE_LOG)).unwrap_or_default();
+    assert!(ready, "envd never answered; console:\n{console}");
+    assert!(console.contains("Linux version"), "console log: {console}");
+
+    assert_eq!(runtime.attach(&handle), VmState::Running);
+    let stats = runtime.stats(&handle).expect("stats");
+    assert!(stats.rss_bytes > 32 << 20, "{stats:?}");
+
+    runtime.stop(&handle).expect("stop");
+    assert_eq!(runtime.attach(&handle), VmState::Gone);
+    runtime
+        .stop(&handle)
+        .expect("stopping a stopped VM succeeds");
+}

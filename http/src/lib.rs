@@ -1,0 +1,55 @@
+//! wrenn-http: the HTTP mechanics every Wrenn API server shares (envd in the
+//! guest, the node agent on the host), on tiny_http 0.12 without an async
+//! runtime. An application brings its routes, authentication and state as a
+//! `Handler`; this crate brings the rest. docs/decisions.md (envd) says why
+//! each piece exists.
+//!
+//! ```no_run
+//! use wrenn_http::{ApiError, Exchange, Listen, Reply, Server, ServerConfig};
+//!
+//! fn hello(ex: &mut Exchange) -> Result<Reply, ApiError> {
+//!     match ex.path() {
+//!         "/hello" => Ok(Reply::Json(200, serde_json::json!({"hello": "world"}))),
+//!         path => Err(ApiError::not_found(format!("no endpoint at {path}"))),
+//!     }
+//! }
+//!
+//! let listen = Listen::Tcp("127.0.0.1:8080".into());
+//! let config = ServerConfig::new("hello", "0.1.0", listen);
+//! Server::bind(config, hello)?.run();
+//! # Ok::<(), wrenn_http::StartupError>(())
+//! ```
+
+/// The global allocator each server binary installs (tiny_http allocates
+/// the unread rest of a dropped request's body).
+pub mod alloc;
+/// `ServerConfig` and `Listen`: address, threads, limits, timeouts.
+pub mod config;
+/// `ApiError` and `ErrorCode`: `{"error":{"code","message"}}` with a status.
+pub mod error;
+/// `Exchange` (one request and its answer), `Reply`, JSON bodies, responses.
+pub mod exchange;
+/// Binding TCP or Unix listeners with the socket options connections inherit.
+mod listener;
+/// `Query`: percent-decoded query strings.
+pub mod query;
+/// `Server` and `Handler`: worker pool, long-running threads, accept recovery.
+pub mod server;
+/// `NdjsonStream`: chunked NDJSON, flushed event by event.
+pub mod stream;
+
+pub use alloc::ServerAllocator;
+pub use config::{Listen, ServerConfig};
+pub use error::{describe_io, ApiError, ErrorCode};
+pub use exchange::{error_response, json_response, parse_json, with_header, Exchange, Reply};
+pub use query::{percent_decode, Query};
+pub use server::{Handler, Server, StartupError};
+pub use stream::NdjsonStream;
+/// The tiny_http types handlers see, and the crate itself (e.g. for
+/// `TestRequest` in unit tests), so applications use the same version.
+pub use tiny_http::{self, Method, Request};
+
+/// The lib's own tests run under the allocator, as a server binary would.
+#[cfg(test)]
+#[global_allocator]
+static GLOBAL: ServerAllocator = ServerAllocator;

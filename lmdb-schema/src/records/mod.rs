@@ -1,0 +1,146 @@
+//! Record types: the values of each database, current version.
+//!
+//! One file per database. Each holds the current struct with its
+//! [`Record`](crate::Record) impl and, once a layout has changed, the frozen
+//! older versions and their upgrades. Records are plain data with small
+//! helpers; lifecycle policy belongs to the agent.
+//!
+//! Serde attributes that make postcard's output depend on the value
+//! (`skip_serializing_if`, `flatten`, `untagged`) must not be used here:
+//! postcard is not self-describing.
+
+mod event;
+mod sandbox;
+mod slot;
+mod template;
+
+pub use event::EventRecord;
+pub use sandbox::{SandboxRecord, SandboxStatus, TimeoutAction, VmmProcess};
+pub use slot::SlotRecord;
+pub use template::{TemplateKind, TemplateRecord};
+
+#[cfg(test)]
+pub(crate) mod samples {
+    //! One filled-in value of every record, for tests.
+
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::keys::{SandboxId, SlotId, TemplateName};
+
+    pub fn sandbox_id() -> SandboxId {
+        SandboxId::parse("sb-test1").unwrap()
+    }
+
+    pub fn sandbox() -> SandboxRecord {
+        SandboxRecord {
+            id: sandbox_id(),
+            status: SandboxStatus::Running,
+            template: TemplateName::parse("base").unwrap(),
+            vcpus: 2,
+            memory_mb: 512,
+            metadata: BTreeMap::from([("owner".into(), "ci".into())]),
+            env: BTreeMap::from([("LANG".into(), "C.UTF-8".into())]),
+            internet: true,
+            created_at_ms: 1_700_000_000_000,
+            expires_at_ms: Some(1_700_000_300_000),
+            timeout_action: TimeoutAction::Pause,
+            slot: Some(SlotId(3)),
+            runtime: "qemu".into(),
+            vmm: Some(VmmProcess {
+                pid: 4242,
+                start_time_ticks: 123_456,
+                control_socket: "/run/wrenn/sb-test1/qmp.sock".into(),
+            }),
+            envd_token: Some("secret".into()),
+            error: None,
+            updated_at_ms: 1_700_000_000_500,
+        }
+    }
+
+    pub fn template() -> TemplateRecord {
+        TemplateRecord {
+            name: TemplateName::parse("snap-1").unwrap(),
+            kind: TemplateKind::Snapshot,
+            vcpus: Some(2),
+            memory_mb: None,
+            kernel: "vmlinuz".into(),
+            initramfs: "initramfs.cpio.gz".into(),
+            rootfs: "rootfs.ext4".into(),
+            size_bytes: 2 << 30,
+            sha256: Some("ab".repeat(32)),
+            parent_sandbox: Some(sandbox_id()),
+            created_at_ms: 1_700_000_000_000,
+        }
+    }
+
+    pub fn slot() -> SlotRecord {
+        SlotRecord {
+            sandbox: sandbox_id(),
+            allocated_at_ms: 1_700_000_000_000,
+        }
+    }
+
+    pub fn event() -> EventRecord {
+        EventRecord {
+            at_ms: 1_700_000_000_000,
+            sandbox: Some(sandbox_id()),
+            kind: "sandbox.created".into(),
+            detail: "template base".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod golden {
+    //! Version 1 of every record is frozen. If a test here fails, a record's
+    //! layout changed without a new record version: see docs/state.md,
+    //! "Changing a record".
+
+    use super::samples;
+    use crate::codec::{decode, encode, Record};
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn check<R: Record + PartialEq + std::fmt::Debug>(record: R, golden: &str) {
+        assert_eq!(
+            R::CURRENT_VERSION,
+            1,
+            "pin the new version and keep this one"
+        );
+        let bytes = encode(&record).unwrap();
+        assert_eq!(hex(&bytes), golden, "{} layout changed", R::DATABASE);
+        assert_eq!(decode::<R>(&"golden", &bytes).unwrap(), record);
+    }
+
+    #[test]
+    fn sandbox_v1() {
+        check(
+            samples::sandbox(),
+            "010873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc310101030471656d75019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc31",
+        );
+    }
+
+    #[test]
+    fn template_v1() {
+        check(
+            samples::template(),
+            "0106736e61702d310101020007766d6c696e757a11696e697472616d66732e6370696f2e677a0b726f6f7466732e657874348080808008014061626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162010873622d746573743180d095ffbc31",
+        );
+    }
+
+    #[test]
+    fn slot_v1() {
+        check(samples::slot(), "010873622d746573743180d095ffbc31");
+    }
+
+    #[test]
+    fn event_v1() {
+        check(
+            samples::event(),
+            "0180d095ffbc31010873622d74657374310f73616e64626f782e637265617465640d74656d706c6174652062617365",
+        );
+    }
+}

@@ -1,0 +1,219 @@
+//! `sandboxes` records: one per sandbox, keyed by [`SandboxId`].
+//!
+//! The agent writes a new status before it starts a side effect (a
+//! transitional status such as `Pausing`) and writes the outcome after the
+//! effect ends, so that after a crash it can finish or roll back the step.
+//! This file only describes the data; the transitions are the agent's.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{sealed::Upgrade, Record};
+use crate::keys::sealed::KeyBytes;
+use crate::keys::{SandboxId, SlotId, TemplateName};
+
+/// Where a sandbox is in its lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SandboxStatus {
+    /// Resources are being set up and the VM booted.
+    Creating,
+    /// The VM runs.
+    Running,
+    /// The VM is being snapshotted and stopped.
+    Pausing,
+    /// The VM is stopped; its snapshot is on disk.
+    Paused,
+    /// The VM is being restored from its snapshot.
+    Resuming,
+    /// The VM and its resources are being removed.
+    Destroying,
+    /// Everything is gone; only this record is left.
+    Destroyed,
+    /// A step failed; see [`SandboxRecord::error`]. Resources may still be
+    /// held, so the sandbox still has to be destroyed.
+    Error,
+}
+
+impl SandboxStatus {
+    /// Whether nothing more can happen to the sandbox (only `Destroyed`).
+    pub fn is_terminal(self) -> bool {
+        self == SandboxStatus::Destroyed
+    }
+
+    /// Whether a step was in flight: `Creating`, `Pausing`, `Resuming` or
+    /// `Destroying`. Found at start-up, such a sandbox needs recovery.
+    pub fn is_transitional(self) -> bool {
+        matches!(
+            self,
+            SandboxStatus::Creating
+                | SandboxStatus::Pausing
+                | SandboxStatus::Resuming
+                | SandboxStatus::Destroying
+        )
+    }
+
+    /// The status in lowercase, as in APIs and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxStatus::Creating => "creating",
+            SandboxStatus::Running => "running",
+            SandboxStatus::Pausing => "pausing",
+            SandboxStatus::Paused => "paused",
+            SandboxStatus::Resuming => "resuming",
+            SandboxStatus::Destroying => "destroying",
+            SandboxStatus::Destroyed => "destroyed",
+            SandboxStatus::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for SandboxStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happens when a sandbox's time is up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TimeoutAction {
+    /// Destroy it.
+    Kill,
+    /// Pause it (snapshot to disk).
+    Pause,
+}
+
+impl TimeoutAction {
+    /// The action in lowercase, as in APIs and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeoutAction::Kill => "kill",
+            TimeoutAction::Pause => "pause",
+        }
+    }
+}
+
+impl fmt::Display for TimeoutAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The VMM process running a sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmProcess {
+    /// Its process id.
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat` when it was started: a process found
+    /// under `pid` with another start time is not ours (the pid was reused).
+    pub start_time_ticks: u64,
+    /// Path of its control socket.
+    pub control_socket: String,
+}
+
+/// One sandbox (record version 1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    /// Its id; the same as the key.
+    pub id: SandboxId,
+    /// Where it is in its lifecycle.
+    pub status: SandboxStatus,
+    /// The template it was made from.
+    pub template: TemplateName,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mb: u32,
+    /// Caller-supplied labels.
+    pub metadata: BTreeMap<String, String>,
+    /// Environment variables for processes in the sandbox.
+    pub env: BTreeMap<String, String>,
+    /// Whether it may reach the internet.
+    pub internet: bool,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// When its time is up, milliseconds since the Unix epoch; `None`: never.
+    pub expires_at_ms: Option<u64>,
+    /// What happens when its time is up.
+    pub timeout_action: TimeoutAction,
+    /// The network slot it holds, if any.
+    pub slot: Option<SlotId>,
+    /// The runtime that runs it, such as `qemu`.
+    pub runtime: String,
+    /// Its VMM process while one exists.
+    pub vmm: Option<VmmProcess>,
+    /// The token for its guest agent (envd).
+    pub envd_token: Option<String>,
+    /// Why the last step failed, with status `Error`.
+    pub error: Option<String>,
+    /// Time of the last change, milliseconds since the Unix epoch.
+    pub updated_at_ms: u64,
+}
+
+impl SandboxRecord {
+    /// Whether its time is up at `now_ms`.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|at| now_ms >= at)
+    }
+
+    /// Sets `status` and `updated_at_ms`.
+    pub fn set_status(&mut self, status: SandboxStatus, now_ms: u64) {
+        self.status = status;
+        self.updated_at_ms = now_ms;
+    }
+}
+
+impl Upgrade for SandboxRecord {
+    fn own_key(&self) -> Option<Cow<'_, [u8]>> {
+        Some(self.id.to_bytes())
+    }
+}
+
+impl Record for SandboxRecord {
+    const DATABASE: &'static str = "sandboxes";
+    const CURRENT_VERSION: u8 = 1;
+    type Key = SandboxId;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+    use crate::records::samples;
+
+    #[test]
+    fn round_trip() {
+        let record = samples::sandbox();
+        let bytes = encode(&record).unwrap();
+        assert_eq!(bytes[0], 1);
+        assert_eq!(decode::<SandboxRecord>(&record.id, &bytes).unwrap(), record);
+    }
+
+    #[test]
+    fn status_helpers() {
+        use SandboxStatus::*;
+        let all = [
+            Creating, Running, Pausing, Paused, Resuming, Destroying, Destroyed, Error,
+        ];
+        let terminal: Vec<_> = all.iter().filter(|s| s.is_terminal()).collect();
+        assert_eq!(terminal, [&Destroyed]);
+        let moving: Vec<_> = all.iter().filter(|s| s.is_transitional()).collect();
+        assert_eq!(moving, [&Creating, &Pausing, &Resuming, &Destroying]);
+        assert_eq!(Paused.to_string(), "paused");
+        assert_eq!(TimeoutAction::Kill.to_string(), "kill");
+    }
+
+    #[test]
+    fn expiry_and_status_change() {
+        let mut record = samples::sandbox();
+        assert!(!record.is_expired(1_700_000_299_999));
+        assert!(record.is_expired(1_700_000_300_000));
+        record.expires_at_ms = None;
+        assert!(!record.is_expired(u64::MAX));
+        record.set_status(SandboxStatus::Pausing, 42);
+        assert_eq!(record.status, SandboxStatus::Pausing);
+        assert_eq!(record.updated_at_ms, 42);
+    }
+}
