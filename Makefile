@@ -1,7 +1,8 @@
 # Wrenn: build, image, test and run. Everything here runs as root on Debian 12.
 #
-#   make run     boot one sandbox guest and run Python in it (the main job)
+#   make run     start a node, create a sandbox, run Python in it (the main job)
 #   make test    install what is missing, build, make the image, run every test
+#   make bench   sandbox lifecycle timings, written to target/bench/*.md
 #   make image   build the base guest image into $(IMAGE_DIR)
 #   make lint    rustfmt and clippy, warnings are errors
 
@@ -16,7 +17,7 @@ INIT_BIN := target/static/$(HOST_TARGET)/release/wrenn-init
 export WRENN_IMAGE_DIR := $(IMAGE_DIR)
 export WRENN_IMAGE_CACHE := $(IMAGE_CACHE)
 
-.PHONY: all deps build image test run lint fmt clean
+.PHONY: all deps build image test bench run lint fmt clean
 
 all: build
 
@@ -35,8 +36,11 @@ image: build
 test: image
 	WRENN_E2E=1 $(CARGO) test --release --workspace
 
+bench: image
+	WRENN_E2E=1 $(CARGO) bench -p wrenn-agent --bench lifecycle
+
 run: image
-	$(CARGO) run --release -q -p wrenn-tests --bin guest-demo
+	WRENN_IMAGES_DIR=$(dir $(IMAGE_DIR)) scripts/run-node.sh target/release/wrenn-agent
 
 lint:
 	$(CARGO) fmt --all -- --check
