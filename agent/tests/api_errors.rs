@@ -134,3 +134,38 @@ fn a_missing_file_in_a_sandbox_is_404_and_bad_exec_is_400() {
         "invalid_argument",
     );
 }
+
+#[test]
+fn the_agent_refuses_to_listen_beyond_loopback_without_an_api_key() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn-agent"))
+        .args(["--listen", "0.0.0.0:0", "--state-dir"])
+        .arg(std::env::temp_dir().join(format!("wrenn-refuse-{}", std::process::id())))
+        .output()
+        .expect("run wrenn-agent");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("without an API key"), "{stderr}");
+    assert!(stderr.contains("--api-key"), "{stderr}");
+}
+
+#[test]
+fn with_api_keys_configured_every_call_but_health_needs_one() {
+    let Some(images) = images_dir_or_skip("api_keys") else {
+        return;
+    };
+    let agent = Agent::start_with_env(&images, &[("WRENN_API_KEY", "letmein")]);
+    assert_eq!(agent.get("/v1/health").0, 200);
+    assert_error(&agent.get("/v1/sandboxes"), 401, "unauthorized");
+    let with = |key: &str| {
+        ureq::get(&format!("{}/v1/sandboxes", agent.url))
+            .set("Authorization", &format!("Bearer {key}"))
+            .call()
+            .map(|r| r.status())
+            .unwrap_or_else(|e| match e {
+                ureq::Error::Status(code, _) => code,
+                _ => 0,
+            })
+    };
+    assert_eq!(with("letmein"), 200);
+    assert_eq!(with("wrong"), 401);
+}

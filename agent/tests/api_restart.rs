@@ -72,3 +72,31 @@ fn a_create_interrupted_by_kill_9_is_finished_or_cleaned_up() {
         }
     }
 }
+
+#[test]
+fn leftovers_of_sandboxes_that_no_longer_exist_are_removed_at_start() {
+    let Some(images) = images_dir_or_skip("leftovers_removed") else {
+        return;
+    };
+    let mut agent = Agent::start(&images);
+    agent.kill9();
+    let slot = agent.slots().end - 1;
+    let netns = format!("wrenn-{slot}");
+    let status = std::process::Command::new("ip")
+        .args(["netns", "add", &netns])
+        .status()
+        .expect("ip");
+    assert!(status.success());
+    let stray = agent.dir.join("state/sandboxes/sb-straystraystraystray");
+    std::fs::create_dir_all(&stray).expect("mkdir");
+    std::fs::write(stray.join("rootfs.qcow2"), b"left behind").expect("write");
+
+    agent.restart();
+    assert!(
+        !std::path::Path::new(&format!("/run/netns/{netns}")).exists(),
+        "{}",
+        agent.log()
+    );
+    assert!(!stray.exists(), "{}", agent.log());
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+}

@@ -48,6 +48,7 @@ pub struct Agent {
     pub dir: PathBuf,
     pub first_slot: u32,
     config: PathBuf,
+    env: Vec<(String, String)>,
     http: ureq::Agent,
 }
 
@@ -57,11 +58,11 @@ pub type Answer = (u16, Value);
 impl Agent {
     /// Starts an agent on a free port with a fresh state folder.
     pub fn start(images_dir: &Path) -> Agent {
-        Self::start_with(images_dir, "")
+        Self::start_with_env(images_dir, &[])
     }
 
-    /// Same, with extra TOML appended to its config file.
-    pub fn start_with(images_dir: &Path, extra_toml: &str) -> Agent {
+    /// Same, with extra environment variables (`WRENN_*` settings).
+    pub fn start_with_env(images_dir: &Path, env: &[(&str, &str)]) -> Agent {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("wrenn-agent-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -74,7 +75,7 @@ impl Agent {
             format!(
                 "[node]\nstate_dir = {state:?}\nimages_dir = {images:?}\n\
                  [api]\nlisten = \"127.0.0.1:{port}\"\n\
-                 [network]\nslots = {SLOTS}\nfirst_slot = {first_slot}\n{extra_toml}\n",
+                 [network]\nslots = {SLOTS}\nfirst_slot = {first_slot}\n",
                 state = dir.join("state"),
                 images = images_dir,
             ),
@@ -87,6 +88,10 @@ impl Agent {
             dir,
             first_slot,
             config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             http: ureq::AgentBuilder::new()
                 .timeout_connect(Duration::from_secs(2))
                 .timeout_read(Duration::from_secs(300))
@@ -106,6 +111,7 @@ impl Agent {
             .arg("--config")
             .arg(&self.config)
             .env("WRENN_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -116,6 +122,13 @@ impl Agent {
         while Instant::now() < deadline {
             if self.get("/v1/health").0 == 200 {
                 return;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!("wrenn-agent exited with {status}; log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
