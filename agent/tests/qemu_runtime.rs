@@ -12,19 +12,8 @@ use wrenn_agent::runtime::probe::probe_host;
 use wrenn_agent::runtime::qemu::{QemuRuntime, CONSOLE_LOG};
 use wrenn_agent::runtime::{Runtime, VmHandle, VmSpec, VmState};
 use wrenn_tests::envd::{Envd, ENVD_PORT};
-use wrenn_tests::guest::GuestImage;
+use wrenn_tests::guest::image_or_skip;
 use wrenn_tests::netns::{NetNs, GUEST_IP};
-
-fn image_or_skip() -> Option<GuestImage> {
-    match GuestImage::locate() {
-        Ok(image) => Some(image),
-        Err(e) if std::env::var_os("WRENN_E2E").is_some() => panic!("{e}"),
-        Err(e) => {
-            eprintln!("SKIPPED QEMU runtime test: {e}");
-            None
-        }
-    }
-}
 
 fn parent_pid(pid: u32) -> u32 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
@@ -53,7 +42,9 @@ impl Drop for Cleanup<'_> {
 
 #[test]
 fn qemu_vm_boots_detached_is_found_again_and_stops() {
-    let Some(image) = image_or_skip() else { return };
+    let Some(image) = image_or_skip("QEMU runtime test") else {
+        return;
+    };
     let netns = NetNs::with_tap().expect("netns");
     let dir = std::env::temp_dir().join(format!("wrenn-runtime-test-{}", std::process::id()));
     let spec = VmSpec {

@@ -46,6 +46,20 @@ impl GuestImage {
     }
 }
 
+/// The image for an end-to-end test, or None when the test should be
+/// skipped. Under `make test` (`WRENN_E2E=1`) a missing image fails the test
+/// instead: CI must never pass by skipping.
+pub fn image_or_skip(test: &str) -> Option<GuestImage> {
+    match GuestImage::locate() {
+        Ok(image) => Some(image),
+        Err(e) if std::env::var_os("WRENN_E2E").is_some() => panic!("{e}"),
+        Err(e) => {
+            eprintln!("SKIPPED {test}: {e}");
+            None
+        }
+    }
+}
+
 /// How to boot a guest.
 #[derive(Debug, Clone)]
 pub struct BootSpec {

@@ -10,22 +10,11 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use wrenn_tests::envd::{Envd, ENVD_PORT};
-use wrenn_tests::guest::{hardware_kvm, BootSpec, GuestImage, GuestVm};
+use wrenn_tests::guest::{hardware_kvm, image_or_skip, BootSpec, GuestImage, GuestVm};
 use wrenn_tests::netns::GUEST_IP;
 
 /// Boot watchdog: TCG boots in seconds; a hung boot must not hang the suite.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-
-fn image_or_skip() -> Option<GuestImage> {
-    match GuestImage::locate() {
-        Ok(image) => Some(image),
-        Err(e) if std::env::var_os("WRENN_E2E").is_some() => panic!("{e}"),
-        Err(e) => {
-            eprintln!("SKIPPED guest boot test: {e}");
-            None
-        }
-    }
-}
 
 fn boot_until_envd_ready(image: &GuestImage) -> (GuestVm, Duration) {
     let vm = GuestVm::boot(image, &BootSpec::default()).expect("boot guest");
@@ -43,7 +32,9 @@ fn boot_until_envd_ready(image: &GuestImage) -> (GuestVm, Duration) {
 
 #[test]
 fn guest_boots_to_envd_and_runs_python() {
-    let Some(image) = image_or_skip() else { return };
+    let Some(image) = image_or_skip("guest boot test") else {
+        return;
+    };
     let (vm, ready_after) = boot_until_envd_ready(&image);
     // Written past the test harness's capture so that `make test` shows it.
     let _ = writeln!(
@@ -91,7 +82,9 @@ fn guest_boots_to_envd_and_runs_python() {
 
 #[test]
 fn guest_init_restarts_envd_and_powers_off_cleanly() {
-    let Some(image) = image_or_skip() else { return };
+    let Some(image) = image_or_skip("guest boot test") else {
+        return;
+    };
     let (mut vm, _) = boot_until_envd_ready(&image);
 
     // Kill envd from inside: wrenn-init must start it again.

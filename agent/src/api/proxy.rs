@@ -93,7 +93,7 @@ fn pass_response(request: wrenn_http::Request, response: ureq::Response) {
 }
 
 /// Passes an NDJSON event stream through, flushing each event.
-fn pass_stream(request: wrenn_http::Request, response: ureq::Response) {
+pub fn pass_stream(request: wrenn_http::Request, response: ureq::Response) {
     let Ok(mut stream) = NdjsonStream::open(request) else {
         return;
     };

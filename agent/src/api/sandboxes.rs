@@ -2,13 +2,12 @@
 //! and exec.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::time::{Duration, UNIX_EPOCH};
 
 use lmdb_schema::{SandboxId, SandboxRecord};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use wrenn_http::{ApiError, Exchange, NdjsonStream, Reply};
+use wrenn_http::{ApiError, Exchange, Reply};
 
 use super::Api;
 use crate::sandbox::CreateRequest;
@@ -220,17 +219,6 @@ fn exec_stream(
     if response.status() >= 300 {
         return Err(super::proxy::envd_error(response));
     }
-    let mut stream = NdjsonStream::open(ex.take_request()?)
-        .map_err(|e| ApiError::internal(format!("cannot start the stream: {e}")))?;
-    for line in BufReader::new(response.into_reader()).lines() {
-        let Ok(line) = line else { break };
-        let Ok(event) = serde_json::from_str::<Value>(&line) else {
-            continue;
-        };
-        if stream.send(&event).is_err() {
-            break;
-        }
-    }
-    let _ = stream.finish();
+    super::proxy::pass_stream(ex.take_request()?, response);
     Ok(Reply::Streamed)
 }

@@ -22,23 +22,11 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// Slots per test agent; ranges start at 1000 to stay clear of a real node.
 const SLOTS: u32 = 8;
 
-/// The folder of base images, or None (test skipped) outside `make test`.
+/// The folder of base images (the parent of the `base` image), or None when
+/// the test is skipped (see `wrenn_tests::guest::image_or_skip`).
 pub fn images_dir_or_skip(test: &str) -> Option<PathBuf> {
-    let image = std::env::var("WRENN_IMAGE_DIR")
-        .unwrap_or_else(|_| "/var/lib/wrenn/images/base".to_owned());
-    let image = PathBuf::from(image);
-    if image.join("rootfs.ext4").is_file() {
-        return image.parent().map(Path::to_path_buf);
-    }
-    let message = format!(
-        "{}: the guest image is missing: build it with `make image`",
-        image.display()
-    );
-    if std::env::var_os("WRENN_E2E").is_some() {
-        panic!("{message}");
-    }
-    eprintln!("SKIPPED {test}: {message}");
-    None
+    let image = wrenn_tests::guest::image_or_skip(test)?;
+    image.rootfs.parent()?.parent().map(Path::to_path_buf)
 }
 
 /// A running agent.
