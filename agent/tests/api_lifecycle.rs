@@ -65,6 +65,8 @@ fn sandbox_runs_python_moves_files_and_leaves_nothing_after_destroy() {
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&logs).contains("Linux version"));
 
+    background_processes_take_stdin_and_signals(&agent, &base);
+
     assert_eq!(agent.delete(&base).0, 204);
     assert_eq!(agent.get(&base).0, 404);
     assert_eq!(
@@ -73,6 +75,49 @@ fn sandbox_runs_python_moves_files_and_leaves_nothing_after_destroy() {
         "log:\n{}",
         agent.log()
     );
+}
+
+/// Background processes, stdin, signals and exec timeouts pass through to
+/// the sandbox's envd.
+fn background_processes_take_stdin_and_signals(agent: &Agent, base: &str) {
+    let (status, started) = agent.post(
+        &format!("{base}/processes"),
+        json!({"cmd": "cat", "tag": "echo", "stdin": true, "background": true}),
+    );
+    assert_eq!(status, 201, "{started}");
+    let (status, _) = agent.put_bytes(&format!("{base}/processes/echo/stdin"), b"");
+    assert_eq!(status, 405, "stdin takes POST");
+    let http = ureq::post(&format!("{}{base}/processes/echo/stdin", agent.url));
+    let written = http.send_bytes(b"hello through the agent\n");
+    assert_eq!(written.map(|r| r.status()).ok(), Some(200));
+    let (status, _) = agent.post(&format!("{base}/processes/echo/stdin/close"), json!({}));
+    assert_eq!(status, 200);
+    let (status, events) = agent.get_bytes(&format!("{base}/processes/echo/events"));
+    assert_eq!(status, 200);
+    let events = String::from_utf8_lossy(&events);
+    assert!(events.contains("hello through the agent"), "{events}");
+    assert!(events.contains(r#""exit_code":0"#), "{events}");
+
+    let (status, _) = agent.post(
+        &format!("{base}/processes"),
+        json!({"cmd": "sleep", "args": ["1000"], "tag": "sleeper", "background": true}),
+    );
+    assert_eq!(status, 201);
+    let (status, _) = agent.post(
+        &format!("{base}/processes/sleeper/signal"),
+        json!({"signal": "SIGKILL"}),
+    );
+    assert_eq!(status, 200);
+    let (_, events) = agent.get_bytes(&format!("{base}/processes/sleeper/events"));
+    assert!(String::from_utf8_lossy(&events).contains("SIGKILL"));
+
+    let (status, result) = agent.post(
+        &format!("{base}/exec"),
+        json!({"cmd": "sleep", "args": ["30"], "timeout_s": 1}),
+    );
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(result["timed_out"], true, "{result}");
+    assert_eq!(result["signal"], "SIGKILL", "{result}");
 }
 
 #[test]
