@@ -86,3 +86,78 @@ fn qemu_vm_boots_detached_is_found_again_and_stops() {
         .stop(&handle)
         .expect("stopping a stopped VM succeeds");
 }
+
+#[test]
+fn qemu_vm_paused_to_a_file_restores_with_memory_and_processes_intact() {
+    let Some(image) = image_or_skip("QEMU pause/restore test") else {
+        return;
+    };
+    let netns = NetNs::with_tap().expect("netns");
+    let dir = std::env::temp_dir().join(format!("wrenn-pause-test-{}", std::process::id()));
+    let spec = VmSpec {
+        sandbox_id: "sb-pausetest".into(),
+        vcpus: 1,
+        memory_mb: 512,
+        kernel: image.kernel.clone(),
+        initramfs: image.initramfs.clone(),
+        base_rootfs: image.rootfs.clone(),
+        dir: dir.clone(),
+        netns: netns.name().to_owned(),
+        extra_cmdline: String::new(),
+    };
+    let runtime = QemuRuntime::new(probe_host().accel);
+    let handle = runtime.boot(&spec).expect("boot");
+    let mut cleanup = Cleanup {
+        runtime: &runtime,
+        handle: handle.clone(),
+        dir: dir.clone(),
+    };
+    let envd = || Envd::new(GUEST_IP, ENVD_PORT);
+    assert!(netns.run(|| envd().wait_healthy(Duration::from_secs(180))));
+    netns.run(|| {
+        let out = envd()
+            .exec(
+                "/bin/sh",
+                &[
+                    "-c",
+                    "head -c 16000000 /dev/urandom > /tmp/blob; sha256sum /tmp/blob",
+                ],
+            )
+            .expect("write blob");
+        assert_eq!(out.exit_code, Some(0));
+        envd()
+            .spawn_background("sleep", &["1000"])
+            .expect("background sleep");
+        out.stdout_text()
+    });
+    let before = netns
+        .run(|| envd().exec("sha256sum", &["/tmp/blob"]))
+        .expect("hash")
+        .stdout_text();
+
+    let state = dir.join("vmstate");
+    runtime.pause_to(&handle, &state).expect("pause");
+    assert_eq!(
+        runtime.attach(&handle),
+        VmState::Gone,
+        "QEMU must be gone after a pause"
+    );
+    assert!(state.is_file());
+
+    let restored = runtime.restore(&spec, &state).expect("restore");
+    cleanup.handle = restored.clone();
+    assert!(netns.run(|| envd().wait_healthy(Duration::from_secs(60))));
+    let after = netns
+        .run(|| envd().exec("sha256sum", &["/tmp/blob"]))
+        .expect("hash after")
+        .stdout_text();
+    assert_eq!(before, after, "tmpfs content changed across pause/restore");
+    let ps = netns
+        .run(|| envd().exec("pgrep", &["-x", "sleep"]))
+        .expect("pgrep");
+    assert_eq!(
+        ps.exit_code,
+        Some(0),
+        "the background sleep did not survive"
+    );
+}

@@ -14,7 +14,7 @@ pub mod process;
 pub mod qemu;
 pub mod qmp;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
@@ -79,6 +79,8 @@ pub enum RuntimeError {
     Start(String),
     #[error("QMP: {0}")]
     Qmp(String),
+    #[error("saving or loading the VM state failed: {0}")]
+    Migration(String),
     #[error("VM process {pid} did not exit after SIGKILL")]
     Unkillable { pid: u32 },
 }
@@ -97,6 +99,16 @@ pub trait Runtime: Send + Sync {
     /// Stops the VM and waits until its process is gone. Stopping a VM
     /// that is already gone succeeds.
     fn stop(&self, handle: &VmHandle) -> Result<(), RuntimeError>;
+
+    /// Freezes the VM, writes its device and CPU state to `state` and ends
+    /// its process. Guest memory and the disk stay in the sandbox folder
+    /// (the memory file and the overlay), so [`Runtime::restore`] with the
+    /// same spec brings back every process and file as it was.
+    fn pause_to(&self, handle: &VmHandle, state: &Path) -> Result<(), RuntimeError>;
+
+    /// Starts a VM from a state written by [`Runtime::pause_to`] and lets it
+    /// run on from where it stopped.
+    fn restore(&self, spec: &VmSpec, state: &Path) -> Result<VmHandle, RuntimeError>;
 
     /// CPU and memory use of the VM's process.
     fn stats(&self, handle: &VmHandle) -> Option<VmStats>;

@@ -13,9 +13,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use serde_json::{json, Value};
 
 use super::probe::Accel;
 use super::process;
@@ -27,6 +28,9 @@ pub const OVERLAY: &str = "rootfs.qcow2";
 pub const QMP_SOCKET: &str = "qmp.sock";
 pub const PID_FILE: &str = "qemu.pid";
 pub const CONSOLE_LOG: &str = "console.log";
+/// Guest RAM, a file QEMU maps shared: it outlives the QEMU process, so a
+/// pause only has to save device state, and a restore maps it lazily.
+pub const MEMORY_FILE: &str = "memory";
 
 /// Kernel arguments every guest gets. `tsc_early_khz` and `lpj` skip a TSC
 /// calibration that hangs TCG boots under load.
@@ -36,6 +40,8 @@ const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw \
 const TCG_CPU: &str = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt";
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How long saving or loading the device state may take (it is small).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs VMs with QEMU, accelerated as the host allows.
 pub struct QemuRuntime {
@@ -51,8 +57,9 @@ impl QemuRuntime {
         }
     }
 
-    /// Arguments for `spec`, without the binary.
-    pub fn arguments(&self, spec: &VmSpec) -> Vec<String> {
+    /// Arguments for `spec`, without the binary; `incoming` waits for a
+    /// saved state instead of booting.
+    pub fn arguments(&self, spec: &VmSpec, incoming: bool) -> Vec<String> {
         let dir = &spec.dir;
         let (accel, cpu) = match self.accel {
             Accel::Kvm => ("kvm", "host"),
@@ -68,7 +75,13 @@ impl QemuRuntime {
             "-name",
             &format!("{name},process={name}"),
             "-M",
-            "microvm,x-option-roms=off,rtc=off,acpi=on",
+            "microvm,x-option-roms=off,rtc=off,acpi=on,memory-backend=mem0",
+            "-object",
+            &format!(
+                "memory-backend-file,id=mem0,size={}M,mem-path={},share=on",
+                spec.memory_mb,
+                path(&dir.join(MEMORY_FILE))
+            ),
             "-accel",
             accel,
             "-cpu",
@@ -109,53 +122,25 @@ impl QemuRuntime {
             "-device",
             "virtio-net-device,netdev=net0",
         ];
-        args.iter().map(|s| s.to_string()).collect()
-    }
-
-    fn create_overlay(&self, spec: &VmSpec) -> Result<(), RuntimeError> {
-        let overlay = spec.dir.join(OVERLAY);
-        let _ = std::fs::remove_file(&overlay);
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&spec.base_rootfs)
-            .arg(&overlay)
-            .output()
-            .map_err(|e| RuntimeError::QemuImg(format!("cannot run qemu-img: {e}")))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(RuntimeError::QemuImg(
-                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            ))
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if incoming {
+            args.extend(["-incoming".to_owned(), "defer".to_owned()]);
         }
+        args
     }
 
-    fn read_pid(dir: &Path) -> Result<u32, RuntimeError> {
-        let file = dir.join(PID_FILE);
-        let text = std::fs::read_to_string(&file).map_err(prepare(&file))?;
-        text.trim()
-            .parse()
-            .map_err(|_| RuntimeError::Start(format!("{} holds no PID: {text:?}", file.display())))
-    }
-}
-
-impl Runtime for QemuRuntime {
-    fn name(&self) -> &'static str {
-        "qemu"
-    }
-
-    fn boot(&self, spec: &VmSpec) -> Result<VmHandle, RuntimeError> {
-        std::fs::create_dir_all(&spec.dir).map_err(prepare(&spec.dir))?;
+    /// Starts QEMU inside the sandbox's namespace; it daemonizes once the
+    /// VM is set up.
+    fn launch(&self, spec: &VmSpec, incoming: bool) -> Result<VmHandle, RuntimeError> {
         for stale in [PID_FILE, QMP_SOCKET] {
             let _ = std::fs::remove_file(spec.dir.join(stale));
         }
-        self.create_overlay(spec)?;
         let netns_path = PathBuf::from(format!("/run/netns/{}", spec.netns));
         let netns = File::open(&netns_path).map_err(prepare(&netns_path))?;
         let netns_fd = netns.as_raw_fd();
         let mut command = Command::new(&self.binary);
         command
-            .args(self.arguments(spec))
+            .args(self.arguments(spec, incoming))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -187,6 +172,79 @@ impl Runtime for QemuRuntime {
             start_time_ticks,
             control_socket: spec.dir.join(QMP_SOCKET),
         })
+    }
+
+    fn create_overlay(&self, spec: &VmSpec) -> Result<(), RuntimeError> {
+        let overlay = spec.dir.join(OVERLAY);
+        let _ = std::fs::remove_file(&overlay);
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&spec.base_rootfs)
+            .arg(&overlay)
+            .output()
+            .map_err(|e| RuntimeError::QemuImg(format!("cannot run qemu-img: {e}")))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(RuntimeError::QemuImg(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ))
+        }
+    }
+
+    fn read_pid(dir: &Path) -> Result<u32, RuntimeError> {
+        let file = dir.join(PID_FILE);
+        let text = std::fs::read_to_string(&file).map_err(prepare(&file))?;
+        text.trim()
+            .parse()
+            .map_err(|_| RuntimeError::Start(format!("{} holds no PID: {text:?}", file.display())))
+    }
+}
+
+impl Runtime for QemuRuntime {
+    fn boot(&self, spec: &VmSpec) -> Result<VmHandle, RuntimeError> {
+        std::fs::create_dir_all(&spec.dir).map_err(prepare(&spec.dir))?;
+        self.create_overlay(spec)?;
+        let _ = std::fs::remove_file(spec.dir.join(MEMORY_FILE));
+        self.launch(spec, false)
+    }
+
+    fn pause_to(&self, handle: &VmHandle, state: &Path) -> Result<(), RuntimeError> {
+        let mut qmp = Qmp::connect(&handle.control_socket)?;
+        qmp.execute("stop", Value::Null)?;
+        qmp.execute("migrate-set-capabilities", ignore_shared())?;
+        let partial = state.with_extension("partial");
+        let uri = format!("exec:cat > '{}'", partial.display());
+        qmp.execute("migrate", json!({ "uri": uri }))?;
+        wait_migration(&mut qmp)?;
+        File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .map_err(prepare(&partial))?;
+        std::fs::rename(&partial, state).map_err(prepare(state))?;
+        self.stop(handle)
+    }
+
+    fn restore(&self, spec: &VmSpec, state: &Path) -> Result<VmHandle, RuntimeError> {
+        let handle = self.launch(spec, true)?;
+        let resumed = Qmp::connect(&handle.control_socket).and_then(|mut qmp| {
+            qmp.execute("migrate-set-capabilities", ignore_shared())?;
+            let uri = format!("exec:cat '{}'", state.display());
+            qmp.execute("migrate-incoming", json!({ "uri": uri }))?;
+            wait_migration(&mut qmp)?;
+            qmp.execute("cont", Value::Null)?;
+            Ok(())
+        });
+        match resumed {
+            Ok(()) => Ok(handle),
+            Err(e) => {
+                let _ = self.stop(&handle);
+                Err(e)
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "qemu"
     }
 
     fn attach(&self, handle: &VmHandle) -> VmState {
@@ -226,6 +284,38 @@ impl Runtime for QemuRuntime {
             None
         }
     }
+}
+
+/// QMP arguments that keep shared memory (the memory file) out of a saved
+/// state: only devices and CPUs are written.
+fn ignore_shared() -> Value {
+    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+}
+
+/// Polls `query-migrate` until the state is saved or loaded.
+fn wait_migration(qmp: &mut Qmp) -> Result<(), RuntimeError> {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    while Instant::now() < deadline {
+        let info = qmp.execute("query-migrate", Value::Null)?;
+        match info["status"].as_str() {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                let why = info["error-desc"].as_str().unwrap_or("no reason given");
+                return Err(RuntimeError::Migration(why.to_owned()));
+            }
+            // An incoming migration may report nothing at all; the VM
+            // then waits paused once it has loaded.
+            None if info.as_object().is_some_and(|o| o.is_empty()) && qmp.status()? == "paused" => {
+                return Ok(());
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(RuntimeError::Migration(format!(
+        "not finished after {}s",
+        MIGRATION_TIMEOUT.as_secs()
+    )))
 }
 
 /// Maps an I/O error on `path` to a [`RuntimeError::Prepare`].
