@@ -71,6 +71,8 @@ impl Api {
                 sandboxes::set_timeout(self, ex, id)
             }
             (["v1", "sandboxes", id, "logs"], Method::Get) => sandboxes::logs(self, ex, id),
+            (["v1", "sandboxes", id, "pause"], Method::Post) => sandboxes::pause(self, id),
+            (["v1", "sandboxes", id, "resume"], Method::Post) => sandboxes::resume(self, id),
             (["v1", "sandboxes", id, "exec"], Method::Post) => sandboxes::exec(self, ex, id),
             (["v1", "sandboxes", id, "processes" | "files" | "fs", ..], _) => {
                 proxy::forward(self, ex, id)

@@ -151,6 +151,16 @@ pub fn destroy(api: &Api, id: &str) -> Result<Reply, ApiError> {
     Ok(Reply::NoContent)
 }
 
+pub fn pause(api: &Api, id: &str) -> Result<Reply, ApiError> {
+    let record = api.manager.pause(&parse_id(id)?)?;
+    Ok(Reply::Json(200, sandbox_json(&record)))
+}
+
+pub fn resume(api: &Api, id: &str) -> Result<Reply, ApiError> {
+    let record = api.manager.resume(&parse_id(id)?)?;
+    Ok(Reply::Json(200, sandbox_json(&record)))
+}
+
 pub fn set_timeout(api: &Api, ex: &mut Exchange, id: &str) -> Result<Reply, ApiError> {
     let id = parse_id(id)?;
     let body: TimeoutBody = ex.json()?;

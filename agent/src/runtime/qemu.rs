@@ -215,13 +215,23 @@ impl Runtime for QemuRuntime {
         qmp.execute("migrate-set-capabilities", ignore_shared())?;
         let partial = state.with_extension("partial");
         let uri = format!("exec:cat > '{}'", partial.display());
+        let started = Instant::now();
         qmp.execute("migrate", json!({ "uri": uri }))?;
         wait_migration(&mut qmp)?;
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "VM state saved");
+        // QEMU serves one QMP client at a time: `stop` below connects anew.
+        drop(qmp);
         File::open(&partial)
             .and_then(|f| f.sync_all())
             .map_err(prepare(&partial))?;
         std::fs::rename(&partial, state).map_err(prepare(state))?;
-        self.stop(handle)
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "VM state synced");
+        let stopped = self.stop(handle);
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "VM process ended"
+        );
+        stopped
     }
 
     fn restore(&self, spec: &VmSpec, state: &Path) -> Result<VmHandle, RuntimeError> {

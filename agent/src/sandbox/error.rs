@@ -21,6 +21,15 @@ pub enum SandboxError {
     Busy(String),
     #[error("sandbox {id} is {status}, not running")]
     NotRunning { id: String, status: &'static str },
+    #[error(
+        "cannot {action} sandbox {id}: it is {status}; only a {wanted} sandbox can be {action}d"
+    )]
+    WrongState {
+        id: String,
+        status: &'static str,
+        wanted: &'static str,
+        action: &'static str,
+    },
     #[error("{0}")]
     Capacity(String),
     #[error("node state: {0}")]
@@ -43,7 +52,9 @@ impl From<SandboxError> for ApiError {
                 ApiError::not_found(message)
             }
             SandboxError::Invalid(_) => ApiError::invalid_argument(message),
-            SandboxError::Busy(_) | SandboxError::NotRunning { .. } => ApiError::conflict(message),
+            SandboxError::Busy(_)
+            | SandboxError::NotRunning { .. }
+            | SandboxError::WrongState { .. } => ApiError::conflict(message),
             SandboxError::Capacity(_) => ApiError::unavailable(message),
             SandboxError::Envd(EnvdError::Status { status, body }) => envd_refusal(status, &body),
             SandboxError::Envd(_) => ApiError::unavailable(message),

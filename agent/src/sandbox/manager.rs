@@ -24,6 +24,8 @@ use crate::config::Config;
 use crate::network;
 use crate::runtime::{Runtime, VmHandle, VmSpec, VmState};
 
+/// The VM's saved device and CPU state, in the sandbox folder.
+const VM_STATE: &str = "vmstate";
 /// How long a new VM may take to have envd answer (TCG boots take seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -210,19 +212,7 @@ impl Manager {
         };
         let slots = self.slot_range();
         record.slot = Some(self.store.write_with(|txn| {
-            let slot = txn.slots().first_free(slots.clone())?.ok_or_else(|| {
-                SandboxError::Capacity(format!(
-                    "all {} network slots are in use: destroy a sandbox or raise network.slots",
-                    slots.len()
-                ))
-            })?;
-            txn.slots().put(
-                &slot,
-                &SlotRecord {
-                    sandbox: id.clone(),
-                    allocated_at_ms: now,
-                },
-            )?;
+            let slot = allocate_slot(txn, slots.clone(), &id)?;
             let mut r = record.clone();
             r.slot = Some(slot);
             txn.sandboxes().put(&id, &r)?;
@@ -247,8 +237,16 @@ impl Manager {
             SandboxError::Internal(format!("sandbox {} has no network slot", record.id))
         })?;
         let net = network::setup(slot, record.internet)?;
+        let spec = self.vm_spec(record, net.netns)?;
+        let handle = self.runtime.boot(&spec)?;
+        record.vmm = Some(vmm_of(&handle));
+        self.save(record)?;
+        self.finish_boot(record)
+    }
+
+    fn vm_spec(&self, record: &SandboxRecord, netns: String) -> Result<VmSpec, SandboxError> {
         let paths = self.templates.files(&record.template)?;
-        let spec = VmSpec {
+        Ok(VmSpec {
             sandbox_id: record.id.to_string(),
             vcpus: record.vcpus,
             memory_mb: record.memory_mb,
@@ -256,17 +254,126 @@ impl Manager {
             initramfs: paths.initramfs,
             base_rootfs: paths.rootfs,
             dir: self.sandbox_dir(&record.id),
-            netns: net.netns.clone(),
+            netns,
             extra_cmdline: String::new(),
-        };
-        let handle = self.runtime.boot(&spec)?;
-        record.vmm = Some(VmmProcess {
-            pid: handle.pid,
-            start_time_ticks: handle.start_time_ticks,
-            control_socket: handle.control_socket.to_string_lossy().into_owned(),
-        });
+        })
+    }
+
+    fn state_file(&self, id: &SandboxId) -> PathBuf {
+        self.sandbox_dir(id).join(VM_STATE)
+    }
+
+    /// Pauses a running sandbox: its VM state is written to disk, its VM
+    /// process ends, its network slot is freed. Memory and disk stay in its
+    /// folder until it resumes.
+    pub fn pause(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
+        let _busy = self.claim(id)?;
+        let mut record = self.get(id)?;
+        if record.status != SandboxStatus::Running {
+            return Err(SandboxError::WrongState {
+                id: id.to_string(),
+                status: record.status.as_str(),
+                wanted: "running",
+                action: "pause",
+            });
+        }
+        record.set_status(SandboxStatus::Pausing, now_ms());
+        self.save(&record)?;
+        tracing::info!(sandbox = %id, "pausing sandbox");
+        self.finish_pause(&mut record)?;
+        Ok(record)
+    }
+
+    fn finish_pause(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
+        if let Some(vmm) = &record.vmm {
+            self.runtime
+                .pause_to(&handle_of(vmm), &self.state_file(&record.id))?;
+        }
+        if let Some(slot) = record.slot {
+            network::teardown(slot.0)?;
+        }
+        let slot = record.slot.take();
+        record.vmm = None;
+        record.set_status(SandboxStatus::Paused, now_ms());
+        let paused = record.clone();
+        self.store.write_with(|txn| {
+            txn.sandboxes().put(&paused.id, &paused)?;
+            if let Some(slot) = slot {
+                free_slot(txn, slot, &paused.id)?;
+            }
+            log_event(txn, &paused.id, "pause", "")
+        })?;
+        tracing::info!(sandbox = %record.id, "sandbox paused");
+        Ok(())
+    }
+
+    /// Resumes a paused sandbox with every process and file as it was.
+    pub fn resume(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
+        let _busy = self.claim(id)?;
+        let mut record = self.get(id)?;
+        if record.status != SandboxStatus::Paused {
+            return Err(SandboxError::WrongState {
+                id: id.to_string(),
+                status: record.status.as_str(),
+                wanted: "paused",
+                action: "resume",
+            });
+        }
+        let slots = self.slot_range();
+        record.set_status(SandboxStatus::Resuming, now_ms());
+        record.slot = Some(self.store.write_with(|txn| {
+            let slot = allocate_slot(txn, slots.clone(), id)?;
+            let mut resuming = record.clone();
+            resuming.slot = Some(slot);
+            txn.sandboxes().put(id, &resuming)?;
+            Ok::<_, SandboxError>(slot)
+        })?);
+        tracing::info!(sandbox = %id, slot = ?record.slot, "resuming sandbox");
+        match self.bring_back(&mut record) {
+            Ok(()) => Ok(record),
+            Err(e) => {
+                tracing::warn!(sandbox = %id, error = %e, "resume failed; staying paused");
+                self.back_to_paused(&mut record)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn bring_back(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
+        let slot = record.slot.map(|s| s.0).ok_or_else(|| {
+            SandboxError::Internal(format!("sandbox {} has no network slot", record.id))
+        })?;
+        let net = network::setup(slot, record.internet)?;
+        let spec = self.vm_spec(record, net.netns)?;
+        let handle = self.runtime.restore(&spec, &self.state_file(&record.id))?;
+        record.vmm = Some(vmm_of(&handle));
         self.save(record)?;
         self.finish_boot(record)
+    }
+
+    /// Undoes a resume that did not complete: VM stopped, network removed,
+    /// slot freed, status paused. Memory, disk and VM state are untouched.
+    fn back_to_paused(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
+        if let Some(vmm) = record.vmm.take() {
+            if let Err(e) = self.runtime.stop(&handle_of(&vmm)) {
+                tracing::error!(sandbox = %record.id, error = %e, "cannot stop VM");
+            }
+        }
+        let slot = record.slot.take();
+        if let Some(slot) = slot {
+            if let Err(e) = network::teardown(slot.0) {
+                tracing::error!(sandbox = %record.id, error = %e, "cannot remove network");
+            }
+        }
+        record.set_status(SandboxStatus::Paused, now_ms());
+        let paused = record.clone();
+        self.store.write_with(|txn| {
+            txn.sandboxes().put(&paused.id, &paused)?;
+            if let Some(slot) = slot {
+                free_slot(txn, slot, &paused.id)?;
+            }
+            Ok::<_, SandboxError>(())
+        })
     }
 
     /// Waits for envd, hands it the token and environment, marks running.
@@ -307,12 +414,7 @@ impl Manager {
             stop_orphan_vm(self.runtime.as_ref(), &dir);
         }
         if let Some(vmm) = &record.vmm {
-            let handle = VmHandle {
-                pid: vmm.pid,
-                start_time_ticks: vmm.start_time_ticks,
-                control_socket: PathBuf::from(&vmm.control_socket),
-            };
-            if let Err(e) = self.runtime.stop(&handle) {
+            if let Err(e) = self.runtime.stop(&handle_of(vmm)) {
                 tracing::error!(sandbox = %record.id, error = %e, "cannot stop VM");
             }
         }
@@ -389,8 +491,12 @@ impl Manager {
     }
 
     /// A client for the sandbox's envd; the sandbox must be running.
+    /// A paused sandbox is resumed first: any call on it wakes it up.
     pub fn envd(&self, id: &SandboxId) -> Result<EnvdClient, SandboxError> {
-        let record = self.get(id)?;
+        let mut record = self.get(id)?;
+        if record.status == SandboxStatus::Paused {
+            record = self.resume(id)?;
+        }
         if record.status != SandboxStatus::Running {
             return Err(SandboxError::NotRunning {
                 id: id.to_string(),
@@ -458,13 +564,10 @@ impl Manager {
 
     fn reconcile_one(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
         let id = record.id.clone();
-        let state = record.vmm.as_ref().map(|vmm| {
-            self.runtime.attach(&VmHandle {
-                pid: vmm.pid,
-                start_time_ticks: vmm.start_time_ticks,
-                control_socket: PathBuf::from(&vmm.control_socket),
-            })
-        });
+        let state = record
+            .vmm
+            .as_ref()
+            .map(|vmm| self.runtime.attach(&handle_of(vmm)));
         match (record.status, state) {
             (SandboxStatus::Creating, Some(VmState::Running)) => {
                 tracing::info!(sandbox = %id, "finishing a create interrupted by a restart");
@@ -478,6 +581,26 @@ impl Manager {
                 tracing::info!(sandbox = %id, status = record.status.as_str(), "rolling back an interrupted step");
                 self.tear_down(record);
                 self.forget(record, "rolled_back", record.status.as_str())?;
+            }
+            (SandboxStatus::Pausing, Some(VmState::Running | VmState::Paused)) => {
+                tracing::info!(sandbox = %id, "finishing a pause interrupted by a restart");
+                self.finish_pause(record)?;
+            }
+            (SandboxStatus::Pausing, _) if self.state_file(&id).is_file() => {
+                tracing::info!(sandbox = %id, "VM state was saved before the restart; paused");
+                record.vmm = None;
+                self.finish_pause(record)?;
+            }
+            (SandboxStatus::Resuming, Some(VmState::Running)) => {
+                tracing::info!(sandbox = %id, "finishing a resume interrupted by a restart");
+                if let Err(e) = self.finish_boot(record) {
+                    tracing::warn!(sandbox = %id, error = %e, "cannot finish; back to paused");
+                    self.back_to_paused(record)?;
+                }
+            }
+            (SandboxStatus::Resuming, _) => {
+                tracing::info!(sandbox = %id, "a resume was interrupted; back to paused");
+                self.back_to_paused(record)?;
             }
             (SandboxStatus::Running, Some(VmState::Running)) => {
                 tracing::info!(sandbox = %id, "re-attached to running VM");
@@ -548,6 +671,45 @@ fn stop_orphan_vm(runtime: &dyn Runtime, dir: &Path) {
         if let Err(e) = runtime.stop(&handle) {
             tracing::error!(pid, error = %e, "cannot stop an orphaned VM");
         }
+    }
+}
+
+/// Takes the lowest free slot of `range` for `id`.
+fn allocate_slot(
+    txn: &mut WriteTxn<'_>,
+    range: std::ops::Range<u32>,
+    id: &SandboxId,
+) -> Result<SlotId, SandboxError> {
+    let slot = txn.slots().first_free(range.clone())?.ok_or_else(|| {
+        SandboxError::Capacity(format!(
+            "all {} network slots are in use: destroy or pause a sandbox, or raise network.slots",
+            range.len()
+        ))
+    })?;
+    txn.slots().put(
+        &slot,
+        &SlotRecord {
+            sandbox: id.clone(),
+            allocated_at_ms: now_ms(),
+        },
+    )?;
+    Ok(slot)
+}
+
+/// How to reach the VM a record names.
+fn handle_of(vmm: &VmmProcess) -> VmHandle {
+    VmHandle {
+        pid: vmm.pid,
+        start_time_ticks: vmm.start_time_ticks,
+        control_socket: PathBuf::from(&vmm.control_socket),
+    }
+}
+
+fn vmm_of(handle: &VmHandle) -> VmmProcess {
+    VmmProcess {
+        pid: handle.pid,
+        start_time_ticks: handle.start_time_ticks,
+        control_socket: handle.control_socket.to_string_lossy().into_owned(),
     }
 }
 
