@@ -70,6 +70,9 @@ pub struct SandboxConfig {
     pub max_vcpus: u32,
     /// Memory the host keeps for itself, in MiB, when checking a request.
     pub host_reserved_memory_mb: u64,
+    /// Pause every running sandbox when the agent is asked to stop
+    /// (SIGTERM, SIGINT), and resume them when it starts again.
+    pub pause_on_shutdown: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
 use wrenn_agent::api::Api;
 use wrenn_agent::config::{Config, Overrides};
 use wrenn_agent::runtime::probe::{probe_host, Accel};
@@ -84,6 +85,17 @@ fn main() -> ExitCode {
 }
 
 fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
+    // Blocked here, before any thread exists, so that every thread inherits
+    // the mask and only the shutdown thread receives these signals.
+    let shutdown_signals = {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGTERM);
+        set.add(Signal::SIGINT);
+        set
+    };
+    shutdown_signals
+        .thread_block()
+        .map_err(|e| format!("cannot block shutdown signals: {e}"))?;
     let env = std::env::vars().collect();
     let overrides = Overrides::from_env(&env).then(flags.overrides());
     let config = Config::load(flags.config.as_deref(), &overrides).map_err(|e| e.to_string())?;
@@ -119,7 +131,15 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
     manager
         .reconcile()
         .map_err(|e| format!("cannot reconcile the node's state: {e}"))?;
+    if config.sandbox.pause_on_shutdown {
+        manager.resume_marked();
+    }
     start_reaper(Arc::clone(&manager));
+    start_shutdown_watch(
+        Arc::clone(&manager),
+        shutdown_signals,
+        config.sandbox.pause_on_shutdown,
+    );
     let api = Api {
         manager,
         node_name: config.node_name(),
@@ -140,6 +160,25 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
     let server = Server::bind(server_config, api).map_err(|e| e.to_string())?;
     tracing::info!(listen = %config.api.listen, "wrenn-agent ready");
     server.run()
+}
+
+/// Waits for SIGTERM or SIGINT, pauses every running sandbox if configured
+/// (VMs otherwise keep running without the agent), and exits.
+fn start_shutdown_watch(manager: Arc<Manager>, signals: SigSet, pause: bool) {
+    let spawned = std::thread::Builder::new()
+        .name("shutdown".into())
+        .spawn(move || {
+            let signal = signals.wait();
+            tracing::info!(signal = ?signal, pause, "stopping");
+            if pause {
+                manager.pause_all_for_shutdown();
+            }
+            tracing::info!("wrenn-agent stopped");
+            std::process::exit(0);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot watch for shutdown signals");
+    }
 }
 
 /// Destroys sandboxes whose timeout passed, once a second.

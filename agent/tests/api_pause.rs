@@ -151,3 +151,59 @@ fn pausing_a_paused_and_resuming_a_running_sandbox_are_409() {
     let missing = "/v1/sandboxes/sb-aaaaaaaaaaaaaaaaaaaa/pause";
     assert_eq!(agent.post(missing, json!({})).0, 404);
 }
+
+#[test]
+fn sigterm_pauses_running_sandboxes_and_the_next_start_resumes_them() {
+    let Some(images) = images_dir_or_skip("sigterm_pauses") else {
+        return;
+    };
+    let mut agent = Agent::start(&images);
+    let ids: Vec<String> = (0..2)
+        .map(|_| agent.create(json!({"memory_mb": 256})))
+        .collect();
+    for id in &ids {
+        let (status, _) = agent.post(
+            &format!("/v1/sandboxes/{id}/processes"),
+            json!({"cmd": "sleep", "args": ["1000"], "tag": "survivor", "background": true}),
+        );
+        assert_eq!(status, 201);
+    }
+    let status = agent.terminate();
+    assert!(status.success(), "agent exit: {status}\n{}", agent.log());
+    assert!(
+        common::qemu_pids_under(&agent.dir).is_empty(),
+        "VMs left running"
+    );
+
+    agent.start_again();
+    for id in &ids {
+        let (_, sandbox) = agent.get(&format!("/v1/sandboxes/{id}"));
+        assert_eq!(sandbox["status"], "running", "{sandbox}\n{}", agent.log());
+        let (_, processes) = agent.get(&format!("/v1/sandboxes/{id}/processes"));
+        let survivor = processes["processes"]
+            .as_array()
+            .expect("processes")
+            .iter()
+            .find(|p| p["tag"] == "survivor")
+            .cloned()
+            .expect("the background process is gone");
+        assert_eq!(survivor["running"], true, "{survivor}");
+    }
+}
+
+#[test]
+fn a_timeout_with_action_pause_pauses_instead_of_destroying() {
+    let Some(images) = images_dir_or_skip("timeout_pause") else {
+        return;
+    };
+    let agent = Agent::start(&images);
+    let id = agent.create(json!({"memory_mb": 256, "timeout_s": 2, "timeout_action": "pause"}));
+    let path = format!("/v1/sandboxes/{id}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while agent.get(&path).1["status"] != "paused" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert_eq!(agent.get(&path).1["status"], "paused");
+    assert_eq!(agent.python(&id, "print('woke')"), (0, "woke\n".to_owned()));
+    assert_eq!(agent.get(&path).1["status"], "running");
+}

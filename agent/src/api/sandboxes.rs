@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 
-use lmdb_schema::{SandboxId, SandboxRecord};
+use lmdb_schema::{SandboxId, SandboxRecord, TimeoutAction};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use wrenn_http::{ApiError, Exchange, Reply};
@@ -31,6 +31,17 @@ struct CreateBody {
     env: BTreeMap<String, String>,
     #[serde(default = "default_internet")]
     internet: bool,
+    #[serde(default)]
+    timeout_action: TimeoutActionBody,
+}
+
+/// `kill` (default) destroys a sandbox when its time is up; `pause` pauses it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum TimeoutActionBody {
+    #[default]
+    Kill,
+    Pause,
 }
 
 fn default_template() -> String {
@@ -87,6 +98,7 @@ pub fn sandbox_json(record: &SandboxRecord) -> Value {
             .map(|addrs| addrs.host_ip.to_string()),
         "created_at": timestamp(record.created_at_ms),
         "expires_at": record.expires_at_ms.map(timestamp),
+        "timeout_action": record.timeout_action.as_str(),
         "error": record.error,
     })
 }
@@ -113,6 +125,10 @@ pub fn create(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {
         metadata: body.metadata,
         env: body.env,
         internet: body.internet,
+        timeout_action: match body.timeout_action {
+            TimeoutActionBody::Kill => TimeoutAction::Kill,
+            TimeoutActionBody::Pause => TimeoutAction::Pause,
+        },
     })?;
     Ok(Reply::Json(201, sandbox_json(&record)))
 }

@@ -39,6 +39,7 @@ pub struct CreateRequest {
     pub metadata: BTreeMap<String, String>,
     pub env: BTreeMap<String, String>,
     pub internet: bool,
+    pub timeout_action: TimeoutAction,
 }
 
 /// Host resources that requests are checked against.
@@ -202,7 +203,7 @@ impl Manager {
             internet: request.internet,
             created_at_ms: now,
             expires_at_ms: Some(now + request.timeout_s * 1000),
-            timeout_action: TimeoutAction::Kill,
+            timeout_action: request.timeout_action,
             slot: None,
             runtime: self.runtime.name().to_owned(),
             vmm: None,
@@ -340,6 +341,11 @@ impl Manager {
     }
 
     fn bring_back(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
+        let now = now_ms();
+        if record.is_expired(now) {
+            // Paused by its timeout: a resumed sandbox gets a new lease.
+            record.expires_at_ms = Some(now + self.config.sandbox.default_timeout_s * 1000);
+        }
         let slot = record.slot.map(|s| s.0).ok_or_else(|| {
             SandboxError::Internal(format!("sandbox {} has no network slot", record.id))
         })?;
@@ -531,22 +537,72 @@ impl Manager {
     /// Destroys every running sandbox whose timeout has passed.
     pub fn reap_expired(&self) {
         let now = now_ms();
-        let expired: Vec<SandboxId> = match self.list() {
+        let expired: Vec<(SandboxId, TimeoutAction)> = match self.list() {
             Ok(all) => all
                 .into_iter()
                 .filter(|r| r.status == SandboxStatus::Running && r.is_expired(now))
-                .map(|r| r.id)
+                .map(|r| (r.id, r.timeout_action))
                 .collect(),
             Err(e) => {
                 tracing::error!(error = %e, "reaper cannot list sandboxes");
                 return;
             }
         };
-        for id in expired {
-            tracing::info!(sandbox = %id, "timeout passed; destroying");
-            match self.destroy(&id) {
+        for (id, action) in expired {
+            tracing::info!(sandbox = %id, action = action.as_str(), "timeout passed");
+            let done = match action {
+                TimeoutAction::Kill => self.destroy(&id),
+                TimeoutAction::Pause => self.pause(&id).map(drop),
+            };
+            match done {
                 Ok(()) | Err(SandboxError::Busy(_)) | Err(SandboxError::NotFound(_)) => {}
-                Err(e) => tracing::error!(sandbox = %id, error = %e, "reaper cannot destroy"),
+                Err(e) => tracing::error!(sandbox = %id, error = %e, "timeout action failed"),
+            }
+        }
+    }
+
+    /// Before the agent exits: pauses every running sandbox and remembers
+    /// which, so that [`Manager::resume_marked`] brings them back on the next
+    /// start (a node reboot loses nothing).
+    pub fn pause_all_for_shutdown(&self) {
+        let running: Vec<SandboxId> = match self.list() {
+            Ok(all) => all
+                .into_iter()
+                .filter(|r| r.status == SandboxStatus::Running)
+                .map(|r| r.id)
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list sandboxes to pause them");
+                return;
+            }
+        };
+        for id in running {
+            let marked = self.pause(&id).and_then(|_| {
+                let name = resume_mark(&id);
+                Ok(self.store.write(|txn| txn.meta().set_setting(&name, "1"))?)
+            });
+            if let Err(e) = marked {
+                tracing::error!(sandbox = %id, error = %e, "cannot pause before shutdown");
+            }
+        }
+    }
+
+    /// Resumes the sandboxes that [`Manager::pause_all_for_shutdown`] paused.
+    pub fn resume_marked(&self) {
+        let marks = self
+            .store
+            .read(|txn| txn.meta().settings())
+            .unwrap_or_default();
+        for name in marks.keys().filter(|n| n.starts_with(RESUME_MARK)) {
+            let id = SandboxId::parse(&name[RESUME_MARK.len()..]);
+            if let Ok(id) = &id {
+                tracing::info!(sandbox = %id, "resuming after the agent's restart");
+                if let Err(e) = self.resume(id) {
+                    tracing::error!(sandbox = %id, error = %e, "cannot resume");
+                }
+            }
+            if let Err(e) = self.store.write(|txn| txn.meta().remove_setting(name)) {
+                tracing::error!(error = %e, "cannot clear resume mark {name}");
             }
         }
     }
@@ -711,6 +767,13 @@ fn vmm_of(handle: &VmHandle) -> VmmProcess {
         start_time_ticks: handle.start_time_ticks,
         control_socket: handle.control_socket.to_string_lossy().into_owned(),
     }
+}
+
+/// Prefix of the `meta` settings that mark sandboxes paused by a shutdown.
+const RESUME_MARK: &str = "resume.";
+
+fn resume_mark(id: &SandboxId) -> String {
+    format!("{RESUME_MARK}{id}")
 }
 
 fn free_slot(txn: &mut WriteTxn<'_>, slot: SlotId, id: &SandboxId) -> Result<(), SandboxError> {

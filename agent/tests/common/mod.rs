@@ -134,6 +134,20 @@ impl Agent {
         }
     }
 
+    /// Asks the agent to stop with SIGTERM, by PID, and waits for it.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        child.wait().expect("wait for the agent")
+    }
+
+    /// Starts the agent again on the same state (after a kill or a stop).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the agent still runs");
+        self.spawn();
+    }
+
     /// Starts the agent again on the same state.
     pub fn restart(&mut self) {
         self.kill9();
