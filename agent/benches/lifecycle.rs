@@ -1,5 +1,5 @@
 //! `make bench`: sandbox lifecycle timings on this host, against a real
-//! agent process: create-to-ready, exec round trip, destroy. Prints a
+//! agent process: create-to-ready, exec round trip, pause, resume, destroy. Prints a
 //! Markdown table and writes it to `target/bench/lifecycle.md`.
 
 #[path = "../tests/common/mod.rs"]
@@ -45,6 +45,8 @@ fn main() {
     );
     let (mut create, mut exec_true, mut exec_python, mut destroy) =
         (Stats(vec![]), Stats(vec![]), Stats(vec![]), Stats(vec![]));
+    let (mut pause_idle, mut resume_idle, mut pause_dirty, mut resume_dirty) =
+        (Stats(vec![]), Stats(vec![]), Stats(vec![]), Stats(vec![]));
     for _ in 0..SANDBOXES {
         let start = Instant::now();
         let id = agent.create(json!({"memory_mb": 512}));
@@ -59,6 +61,29 @@ fn main() {
         let start = Instant::now();
         assert_eq!(agent.python(&id, "print(1)").0, 0);
         exec_python.0.push(start.elapsed());
+        let cycle = |pause: &mut Stats, resume: &mut Stats| {
+            let start = Instant::now();
+            assert_eq!(
+                agent
+                    .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+                    .0,
+                200
+            );
+            pause.0.push(start.elapsed());
+            let start = Instant::now();
+            assert_eq!(
+                agent
+                    .post(&format!("/v1/sandboxes/{id}/resume"), json!({}))
+                    .0,
+                200
+            );
+            resume.0.push(start.elapsed());
+        };
+        cycle(&mut pause_idle, &mut resume_idle);
+        let dirty = "b = bytearray(100 * 1024 * 1024)\nfor i in range(0, len(b), 4096): b[i] = 1\n\
+                     open('/dev/shm/keep', 'wb').write(b)";
+        assert_eq!(agent.python(&id, dirty).0, 0);
+        cycle(&mut pause_dirty, &mut resume_dirty);
         let start = Instant::now();
         assert_eq!(agent.delete(&format!("/v1/sandboxes/{id}")).0, 204);
         destroy.0.push(start.elapsed());
@@ -73,6 +98,10 @@ fn main() {
         create.row("create to envd ready"),
         exec_true.row("exec `true` round trip"),
         exec_python.row("exec `python3 -c print(1)`"),
+        pause_idle.row("pause (idle)"),
+        resume_idle.row("resume to envd ready (idle)"),
+        pause_dirty.row("pause (after writing 100 MiB)"),
+        resume_dirty.row("resume to envd ready (after writing 100 MiB)"),
         destroy.row("destroy"),
     ]
     .join("\n");
