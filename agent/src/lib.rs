@@ -5,9 +5,11 @@
 //! - [`network`]: per-sandbox network namespaces, links, addresses, NAT.
 //! - [`sandbox`]: sandbox lifecycle and the client for the guest's envd.
 //! - [`runtime`]: the programs that run sandbox VMs (QEMU today).
+//! - [`store`]: snapshot headers and content-addressed layers (`docs/layers.md`).
 
 pub mod api;
 pub mod config;
 pub mod network;
 pub mod runtime;
 pub mod sandbox;
+pub mod store;

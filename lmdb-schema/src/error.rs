@@ -167,6 +167,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A string is not a valid layer id.
+    #[error("invalid layer id {input:?}: {reason}")]
+    InvalidLayerId {
+        /// The rejected input (cut to 80 characters).
+        input: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+
     /// A `meta` entry (node id or setting) was refused.
     #[error("invalid meta entry {name:?}: {reason}")]
     InvalidMeta {

@@ -9,11 +9,14 @@
 //!   transactions: [`Store::read`] and [`Store::write`] take closures that
 //!   get a [`ReadTxn`] or a [`WriteTxn`].
 //! - Transactions hand out typed views, one per database:
-//!   `meta()` ([`Meta`]), `sandboxes()`, `templates()`, `slots()`
-//!   ([`Table`] / [`TableMut`]) and `events()` ([`Events`] / [`EventsMut`]).
-//! - Keys: [`SandboxId`], [`TemplateName`], [`SlotId`], [`EventSeq`].
+//!   `meta()` ([`Meta`]), `sandboxes()`, `templates()`, `slots()`,
+//!   `layers()` ([`Table`] / [`TableMut`]) and `events()` ([`Events`] /
+//!   [`EventsMut`]).
+//! - Keys: [`SandboxId`], [`TemplateName`], [`SlotId`], [`EventSeq`],
+//!   [`LayerId`].
 //! - Records: [`SandboxRecord`], [`TemplateRecord`], [`SlotRecord`],
-//!   [`EventRecord`], each stored as a version byte and its postcard bytes.
+//!   [`EventRecord`], [`LayerRecord`], each stored as a version byte and its
+//!   postcard bytes.
 //! - Errors: [`Error`], one variant per failure.
 //!
 //! ```no_run
@@ -49,11 +52,11 @@ mod txn;
 pub use codec::Record;
 pub use error::{Error, Result};
 pub use events::{Events, EventsMut};
-pub use keys::{EventSeq, Key, SandboxId, SlotId, TemplateName};
+pub use keys::{EventSeq, Key, LayerId, SandboxId, SlotId, TemplateName};
 pub use meta::{Meta, MetaMut, MAX_NODE_ID_LEN, MAX_SETTING_LEN, MAX_SETTING_NAME_LEN};
 pub use records::{
-    EventRecord, SandboxRecord, SandboxStatus, SlotRecord, TemplateKind, TemplateRecord,
-    TimeoutAction, VmmProcess,
+    EventRecord, LayerRecord, SandboxRecord, SandboxStatus, SlotRecord, TemplateKind,
+    TemplateRecord, TimeoutAction, VmmProcess,
 };
 pub use schema::SCHEMA_VERSION;
 pub use store::{Store, StoreOptions, FILE_NAME};

@@ -21,12 +21,12 @@ use heed::{CommitOrAbort, WithoutTls};
 use crate::codec::Record;
 use crate::error::{Error, Result};
 use crate::meta::{self, MetaKey};
-use crate::records::{EventRecord, SandboxRecord, SlotRecord, TemplateRecord};
+use crate::records::{EventRecord, LayerRecord, SandboxRecord, SlotRecord, TemplateRecord};
 use crate::store::Store;
 use crate::txn::{Db, ReadTxn, Table, TableMut, WriteTxn};
 
 /// The schema version this program writes and the newest it can open.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// One migration step: turns a file of version N into version N + 1 inside
 /// the open-time write transaction. It must not have effects outside that
@@ -34,7 +34,12 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub(crate) type Migration = fn(&mut WriteTxn<'_>) -> Result<()>;
 
 /// `MIGRATIONS[i]` turns version `i + 1` into version `i + 2`.
-const MIGRATIONS: &[Migration] = &[];
+const MIGRATIONS: &[Migration] = &[v1_to_v2];
+
+/// Version 2 added the `layers` database, which is created empty at open.
+fn v1_to_v2(_: &mut WriteTxn<'_>) -> Result<()> {
+    Ok(())
+}
 
 // A new schema version without its migration step does not build.
 const _: () = assert!(MIGRATIONS.len() + 1 == SCHEMA_VERSION as usize);
@@ -132,6 +137,9 @@ databases! {
     /// The `slots` database: [`SlotId`](crate::SlotId) → [`SlotRecord`], one
     /// entry per allocated network slot.
     slots: SlotRecord,
+    /// The `layers` database: [`LayerId`](crate::LayerId) → [`LayerRecord`],
+    /// one entry per layer file of the snapshot store.
+    layers: LayerRecord,
 }
 
 /// The schema version in the file, refusing one newer than `schema`'s.
@@ -248,6 +256,12 @@ mod tests {
         Store::open_with_schema(dir, StoreOptions::new(), schema)
     }
 
+    /// The schema of a program that knew only version 1.
+    const V1: Schema = Schema {
+        version: 1,
+        migrations: &[],
+    };
+
     static STEP_1: AtomicUsize = AtomicUsize::new(0);
     static STEP_2: AtomicUsize = AtomicUsize::new(0);
 
@@ -270,7 +284,7 @@ mod tests {
     fn migrations_run_once_from_an_older_version() {
         let dir = tempfile::tempdir().unwrap();
         // A file made by a program that knew schema version 1.
-        let store = open(dir.path(), &CURRENT).unwrap();
+        let store = open(dir.path(), &V1).unwrap();
         store.write(|w| w.meta().set_setting("kept", "1")).unwrap();
         drop(store);
 
@@ -296,7 +310,7 @@ mod tests {
         drop(store);
 
         // And the version 1 program now refuses the file.
-        let err = open(dir.path(), &CURRENT).err().unwrap();
+        let err = open(dir.path(), &V1).err().unwrap();
         assert!(
             matches!(
                 err,
@@ -334,7 +348,7 @@ mod tests {
     #[test]
     fn a_failed_migration_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        drop(open(dir.path(), &CURRENT).unwrap());
+        drop(open(dir.path(), &V1).unwrap());
 
         let failing = Schema {
             version: 3,
@@ -352,7 +366,7 @@ mod tests {
         assert!(err.to_string().contains("this step always fails"), "{err}");
         assert_eq!(PARTIAL.load(Ordering::SeqCst), 1);
 
-        let store = open(dir.path(), &CURRENT).unwrap();
+        let store = open(dir.path(), &V1).unwrap();
         store
             .read(|r| {
                 assert_eq!(r.meta().schema_version()?, Some(1));
@@ -378,6 +392,42 @@ mod tests {
         assert_eq!(NEVER.load(Ordering::SeqCst), 0);
         let version = store.read(|r| r.meta().schema_version()).unwrap();
         assert_eq!(version, Some(2));
+    }
+
+    #[test]
+    fn a_version_1_file_gets_the_layers_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), &V1).unwrap();
+        store.write(|w| w.meta().set_setting("kept", "1")).unwrap();
+        drop(store);
+
+        let store = open(dir.path(), &CURRENT).unwrap();
+        let record = crate::records::samples::layer();
+        store
+            .write(|w| w.layers().put(&record.id(), &record))
+            .unwrap();
+        // A layer record is stored under its own SHA-256 only.
+        let err = store
+            .write(|w| w.layers().put(&crate::LayerId([0; 32]), &record))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::KeyMismatch {
+                    database: "layers",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        store
+            .read(|r| {
+                assert_eq!(r.meta().schema_version()?, Some(2));
+                assert_eq!(r.meta().setting("kept")?.as_deref(), Some("1"));
+                assert_eq!(r.layers().get(&record.id())?, Some(record.clone()));
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]

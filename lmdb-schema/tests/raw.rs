@@ -6,7 +6,7 @@ use std::path::Path;
 
 use heed::types::Bytes;
 use heed::{CommitOrAbort, Database, EnvFlags, EnvOpenOptions};
-use lmdb_schema::{Error, SandboxId, SlotId, Store, StoreOptions, FILE_NAME};
+use lmdb_schema::{Error, SandboxId, SlotId, Store, StoreOptions, FILE_NAME, SCHEMA_VERSION};
 
 /// Writes `value` under `key` in database `db` of the store in `dir`
 /// without going through the store. No store may be open on `dir`.
@@ -235,7 +235,7 @@ fn a_newer_schema_version_is_refused_and_the_file_left_alone() {
             err,
             Error::SchemaTooNew {
                 found: 7,
-                known: 1,
+                known: SCHEMA_VERSION,
                 ..
             }
         ),
@@ -244,8 +244,8 @@ fn a_newer_schema_version_is_refused_and_the_file_left_alone() {
     assert_eq!(
         err.to_string(),
         format!(
-            "{} has schema version 7 but this wrenn-agent knows up to 1: upgrade wrenn-agent \
-             or restore a backup",
+            "{} has schema version 7 but this wrenn-agent knows up to {SCHEMA_VERSION}: \
+             upgrade wrenn-agent or restore a backup",
             file.display()
         )
     );

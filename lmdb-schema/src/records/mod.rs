@@ -10,11 +10,13 @@
 //! postcard is not self-describing.
 
 mod event;
+mod layer;
 mod sandbox;
 mod slot;
 mod template;
 
 pub use event::EventRecord;
+pub use layer::LayerRecord;
 pub use sandbox::{SandboxRecord, SandboxStatus, TimeoutAction, VmmProcess};
 pub use slot::SlotRecord;
 pub use template::{TemplateKind, TemplateRecord};
@@ -81,6 +83,17 @@ pub(crate) mod samples {
         }
     }
 
+    pub fn layer() -> LayerRecord {
+        LayerRecord {
+            size_bytes: 3 * 4096,
+            block_size: 4096,
+            blocks: 3,
+            sha256: [0xab; 32],
+            refcount: 2,
+            created_at_ms: 1_700_000_000_000,
+        }
+    }
+
     pub fn event() -> EventRecord {
         EventRecord {
             at_ms: 1_700_000_000_000,
@@ -134,6 +147,14 @@ mod golden {
     #[test]
     fn slot_v1() {
         check(samples::slot(), "010873622d746573743180d095ffbc31");
+    }
+
+    #[test]
+    fn layer_v1() {
+        check(
+            samples::layer(),
+            "018060802003abababababababababababababababababababababababababababababababab0280d095ffbc31",
+        );
     }
 
     #[test]
