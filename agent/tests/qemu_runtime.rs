@@ -12,7 +12,7 @@ use wrenn_agent::runtime::probe::probe_host;
 use wrenn_agent::runtime::qemu::{QemuRuntime, CONSOLE_LOG};
 use wrenn_agent::runtime::{Runtime, VmHandle, VmSpec, VmState};
 use wrenn_tests::envd::{Envd, ENVD_PORT};
-use wrenn_tests::guest::image_or_skip;
+use wrenn_tests::guest::{image_or_skip, GuestImage};
 use wrenn_tests::netns::{NetNs, GUEST_IP};
 
 fn parent_pid(pid: u32) -> u32 {
@@ -24,6 +24,21 @@ fn parent_pid(pid: u32) -> u32 {
         .expect("ppid")
         .parse()
         .expect("ppid")
+}
+
+/// A VM spec for the test image in `netns`, with its folder under /tmp.
+fn spec_for(image: &GuestImage, netns: &NetNs, name: &str) -> VmSpec {
+    VmSpec {
+        sandbox_id: format!("sb-{name}"),
+        vcpus: 1,
+        memory_mb: 512,
+        kernel: image.kernel.clone(),
+        initramfs: image.initramfs.clone(),
+        base_rootfs: image.rootfs.clone(),
+        dir: std::env::temp_dir().join(format!("wrenn-{name}-{}", std::process::id())),
+        netns: netns.name().to_owned(),
+        extra_cmdline: String::new(),
+    }
 }
 
 /// Stops the VM and removes its folder however the test ends.
@@ -46,18 +61,8 @@ fn qemu_vm_boots_detached_is_found_again_and_stops() {
         return;
     };
     let netns = NetNs::with_tap().expect("netns");
-    let dir = std::env::temp_dir().join(format!("wrenn-runtime-test-{}", std::process::id()));
-    let spec = VmSpec {
-        sandbox_id: "sb-runtimetest".into(),
-        vcpus: 1,
-        memory_mb: 512,
-        kernel: image.kernel.clone(),
-        initramfs: image.initramfs.clone(),
-        base_rootfs: image.rootfs.clone(),
-        dir: dir.clone(),
-        netns: netns.name().to_owned(),
-        extra_cmdline: String::new(),
-    };
+    let spec = spec_for(&image, &netns, "runtimetest");
+    let dir = spec.dir.clone();
     let runtime = QemuRuntime::new(probe_host().accel);
     let handle = runtime.boot(&spec).expect("boot");
     let _cleanup = Cleanup {
@@ -93,18 +98,8 @@ fn qemu_vm_paused_to_a_file_restores_with_memory_and_processes_intact() {
         return;
     };
     let netns = NetNs::with_tap().expect("netns");
-    let dir = std::env::temp_dir().join(format!("wrenn-pause-test-{}", std::process::id()));
-    let spec = VmSpec {
-        sandbox_id: "sb-pausetest".into(),
-        vcpus: 1,
-        memory_mb: 512,
-        kernel: image.kernel.clone(),
-        initramfs: image.initramfs.clone(),
-        base_rootfs: image.rootfs.clone(),
-        dir: dir.clone(),
-        netns: netns.name().to_owned(),
-        extra_cmdline: String::new(),
-    };
+    let spec = spec_for(&image, &netns, "pausetest");
+    let dir = spec.dir.clone();
     let runtime = QemuRuntime::new(probe_host().accel);
     let handle = runtime.boot(&spec).expect("boot");
     let mut cleanup = Cleanup {

@@ -264,20 +264,54 @@ impl Manager {
         self.sandbox_dir(id).join(VM_STATE)
     }
 
+    /// Claims `id` for `action`, which needs it to be in `wanted` state.
+    fn claim_in(
+        &self,
+        id: &SandboxId,
+        wanted: SandboxStatus,
+        action: &'static str,
+    ) -> Result<(BusyGuard<'_>, SandboxRecord), SandboxError> {
+        let busy = self.claim(id)?;
+        let record = self.get(id)?;
+        if record.status != wanted {
+            return Err(SandboxError::WrongState {
+                id: id.to_string(),
+                status: record.status.as_str(),
+                wanted: wanted.as_str(),
+                action,
+            });
+        }
+        Ok((busy, record))
+    }
+
+    /// Records `record` as paused, without VM or network slot, freeing the
+    /// slot it held, in one transaction.
+    fn record_paused(
+        &self,
+        record: &mut SandboxRecord,
+        event: Option<&str>,
+    ) -> Result<(), SandboxError> {
+        let slot = record.slot.take();
+        record.vmm = None;
+        record.set_status(SandboxStatus::Paused, now_ms());
+        let paused = record.clone();
+        self.store.write_with(|txn| {
+            txn.sandboxes().put(&paused.id, &paused)?;
+            if let Some(slot) = slot {
+                free_slot(txn, slot, &paused.id)?;
+            }
+            match event {
+                Some(kind) => log_event(txn, &paused.id, kind, ""),
+                None => Ok(()),
+            }
+        })
+    }
+
     /// Pauses a running sandbox: its VM state is written to disk, its VM
     /// process ends, its network slot is freed. Memory and disk stay in its
     /// folder until it resumes.
     pub fn pause(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
-        let _busy = self.claim(id)?;
-        let mut record = self.get(id)?;
-        if record.status != SandboxStatus::Running {
-            return Err(SandboxError::WrongState {
-                id: id.to_string(),
-                status: record.status.as_str(),
-                wanted: "running",
-                action: "pause",
-            });
-        }
+        let (_busy, mut record) = self.claim_in(id, SandboxStatus::Running, "pause")?;
         record.set_status(SandboxStatus::Pausing, now_ms());
         self.save(&record)?;
         tracing::info!(sandbox = %id, "pausing sandbox");
@@ -293,33 +327,14 @@ impl Manager {
         if let Some(slot) = record.slot {
             network::teardown(slot.0)?;
         }
-        let slot = record.slot.take();
-        record.vmm = None;
-        record.set_status(SandboxStatus::Paused, now_ms());
-        let paused = record.clone();
-        self.store.write_with(|txn| {
-            txn.sandboxes().put(&paused.id, &paused)?;
-            if let Some(slot) = slot {
-                free_slot(txn, slot, &paused.id)?;
-            }
-            log_event(txn, &paused.id, "pause", "")
-        })?;
+        self.record_paused(record, Some("pause"))?;
         tracing::info!(sandbox = %record.id, "sandbox paused");
         Ok(())
     }
 
     /// Resumes a paused sandbox with every process and file as it was.
     pub fn resume(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
-        let _busy = self.claim(id)?;
-        let mut record = self.get(id)?;
-        if record.status != SandboxStatus::Paused {
-            return Err(SandboxError::WrongState {
-                id: id.to_string(),
-                status: record.status.as_str(),
-                wanted: "paused",
-                action: "resume",
-            });
-        }
+        let (_busy, mut record) = self.claim_in(id, SandboxStatus::Paused, "resume")?;
         let slots = self.slot_range();
         record.set_status(SandboxStatus::Resuming, now_ms());
         record.slot = Some(self.store.write_with(|txn| {
@@ -365,21 +380,12 @@ impl Manager {
                 tracing::error!(sandbox = %record.id, error = %e, "cannot stop VM");
             }
         }
-        let slot = record.slot.take();
-        if let Some(slot) = slot {
+        if let Some(slot) = record.slot {
             if let Err(e) = network::teardown(slot.0) {
                 tracing::error!(sandbox = %record.id, error = %e, "cannot remove network");
             }
         }
-        record.set_status(SandboxStatus::Paused, now_ms());
-        let paused = record.clone();
-        self.store.write_with(|txn| {
-            txn.sandboxes().put(&paused.id, &paused)?;
-            if let Some(slot) = slot {
-                free_slot(txn, slot, &paused.id)?;
-            }
-            Ok::<_, SandboxError>(())
-        })
+        self.record_paused(record, None)
     }
 
     /// Waits for envd, hands it the token and environment, marks running.
