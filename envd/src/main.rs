@@ -10,7 +10,6 @@ mod router;
 mod server;
 mod settings;
 mod system;
-mod timefmt;
 mod users;
 
 use std::process::ExitCode;

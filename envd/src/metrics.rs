@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use wrenn_http::ApiError;
 
-use crate::timefmt::unix_millis;
+use wrenn_http::timefmt::unix_millis;
 
 /// A previous sample younger than this is too close to measure against.
 const MIN_SAMPLE_GAP: Duration = Duration::from_millis(100);

@@ -37,6 +37,8 @@ pub mod query;
 pub mod server;
 /// `NdjsonStream`: chunked NDJSON, flushed event by event.
 pub mod stream;
+/// RFC 3339 timestamps for API responses (any time, before 1970 included).
+pub mod timefmt;
 
 pub use alloc::ServerAllocator;
 pub use config::{Listen, ServerConfig};

@@ -104,7 +104,7 @@ pub fn sandbox_json(record: &SandboxRecord) -> Value {
 }
 
 fn timestamp(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    wrenn_http::timefmt::rfc3339(UNIX_EPOCH + Duration::from_millis(ms))
 }
 
 fn parse_id(id: &str) -> Result<SandboxId, ApiError> {

@@ -9,8 +9,8 @@ use serde::Serialize;
 use wrenn_http::ApiError;
 
 use super::paths::display;
-use crate::timefmt::rfc3339;
 use crate::users::NameCache;
+use wrenn_http::timefmt::rfc3339;
 
 /// Deepest recursion `/fs/list` does; larger depths are capped to this.
 pub const MAX_DEPTH: u64 = 64;

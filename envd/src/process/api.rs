@@ -19,7 +19,7 @@ use super::signal as signals;
 use super::spec::{self, StartRequest};
 use super::stdin::{self, StdinError};
 use crate::settings::SharedSettings;
-use crate::timefmt::rfc3339;
+use wrenn_http::timefmt::rfc3339;
 
 /// Output bytes sent in one HTTP chunk at most.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
