@@ -296,12 +296,16 @@ mod tests {
     use super::*;
 
     fn load_str(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let dir = std::env::temp_dir().join(format!("wrenn-config-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "wrenn-config-{}-{}",
+            std::process::id(),
+            &hash_api_key(text)[..16]
+        ));
         std::fs::create_dir_all(&dir).expect("mkdir");
-        let file = dir.join(format!("{}.toml", hash_api_key(text)));
+        let file = dir.join("agent.toml");
         std::fs::write(&file, text).expect("write");
         let result = Config::load(Some(&file), overrides);
-        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_dir_all(&dir);
         result
     }
 
