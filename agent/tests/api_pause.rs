@@ -207,3 +207,90 @@ fn a_timeout_with_action_pause_pauses_instead_of_destroying() {
     assert_eq!(agent.python(&id, "print('woke')"), (0, "woke\n".to_owned()));
     assert_eq!(agent.get(&path).1["status"], "running");
 }
+
+#[test]
+fn twenty_rapid_pause_resume_cycles_keep_memory_and_files() {
+    let Some(images) = images_dir_or_skip("rapid_pause_resume") else {
+        return;
+    };
+    let agent = Agent::start(&images);
+    let id = agent.create(json!({"memory_mb": 256}));
+    let base = format!("/v1/sandboxes/{id}");
+    let (status, _) = agent.post(
+        &format!("{base}/processes"),
+        json!({"cmd": "python3", "args": ["-c", HOLDER], "background": true, "tag": "holder"}),
+    );
+    assert_eq!(status, 201);
+    let (mut counter, digest) = ask(&agent, &id);
+    for cycle in 0..20 {
+        let file = format!("{base}/files?path=/root/cycle-{cycle}");
+        assert_eq!(agent.put_bytes(&file, format!("{cycle}").as_bytes()).0, 201);
+        assert_eq!(
+            agent.post(&format!("{base}/pause"), json!({})).0,
+            200,
+            "cycle {cycle}"
+        );
+        assert_eq!(
+            agent.post(&format!("{base}/resume"), json!({})).0,
+            200,
+            "cycle {cycle}"
+        );
+        counter += 1;
+        assert_eq!(ask(&agent, &id), (counter, digest.clone()), "cycle {cycle}");
+        assert_eq!(
+            agent.get_bytes(&file),
+            (200, format!("{cycle}").into_bytes())
+        );
+    }
+}
+
+#[test]
+fn kill_9_during_pause_or_resume_leaves_a_usable_sandbox() {
+    let Some(images) = images_dir_or_skip("kill_during_pause") else {
+        return;
+    };
+    let mut agent = Agent::start(&images);
+    let id = agent.create(json!({"memory_mb": 256}));
+    agent.put_bytes(
+        &format!("/v1/sandboxes/{id}/files?path=/root/keep"),
+        b"kept",
+    );
+    for action in ["pause", "resume"] {
+        let url = format!("{}/v1/sandboxes/{id}/{action}", agent.url);
+        let request = std::thread::spawn(move || {
+            let _ = ureq::post(&url).send_json(json!({}));
+        });
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        agent.kill9();
+        let _ = request.join();
+        agent.start_again();
+        let (_, sandbox) = agent.get(&format!("/v1/sandboxes/{id}"));
+        let status = sandbox["status"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            status == "paused" || status == "running",
+            "after kill -9 during {action}: {sandbox}\n{}",
+            agent.log()
+        );
+        // Usable either way: a call on a paused sandbox resumes it.
+        assert_eq!(
+            agent.get_bytes(&format!("/v1/sandboxes/{id}/files?path=/root/keep")),
+            (200, b"kept".to_vec()),
+            "{}",
+            agent.log()
+        );
+        if action == "pause" {
+            // Set up the next round: a paused sandbox to resume.
+            assert_eq!(
+                agent
+                    .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+                    .0,
+                200
+            );
+        }
+    }
+    assert_eq!(
+        common::qemu_pids_under(&agent.dir).len(),
+        1,
+        "one VM, no strays"
+    );
+}
