@@ -8,8 +8,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde_json::{json, Value};
 use wrenn_agent::runtime::probe::probe_host;
 use wrenn_agent::runtime::qemu::{QemuRuntime, CONSOLE_LOG};
+use wrenn_agent::runtime::qmp::Qmp;
 use wrenn_agent::runtime::{Runtime, VmHandle, VmSpec, VmState};
 use wrenn_tests::envd::{Envd, ENVD_PORT};
 use wrenn_tests::guest::{image_or_skip, GuestImage};
@@ -155,4 +157,49 @@ fn qemu_vm_paused_to_a_file_restores_with_memory_and_processes_intact() {
         Some(0),
         "the background sleep did not survive"
     );
+}
+
+#[test]
+fn a_pause_cut_short_after_the_state_was_saved_can_be_finished() {
+    let Some(image) = image_or_skip("QEMU interrupted pause test") else {
+        return;
+    };
+    let netns = NetNs::with_tap().expect("netns");
+    let spec = spec_for(&image, &netns, "cutpause");
+    let dir = spec.dir.clone();
+    let runtime = QemuRuntime::new(probe_host().accel);
+    let handle = runtime.boot(&spec).expect("boot");
+    let mut cleanup = Cleanup {
+        runtime: &runtime,
+        handle: handle.clone(),
+        dir: dir.clone(),
+    };
+    let envd = || Envd::new(GUEST_IP, ENVD_PORT);
+    assert!(netns.run(|| envd().wait_healthy(Duration::from_secs(180))));
+
+    // What a pause does up to the moment the agent was killed: the state is
+    // saved to the temporary name and QEMU waits in "postmigrate".
+    let state = dir.join("vmstate");
+    let partial = state.with_extension("partial");
+    let mut qmp = Qmp::connect(&handle.control_socket).expect("qmp");
+    qmp.execute("stop", Value::Null).expect("stop");
+    qmp.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+    )
+    .expect("caps");
+    let uri = format!("exec:cat > '{}'", partial.display());
+    qmp.execute("migrate", json!({ "uri": uri }))
+        .expect("migrate");
+    while qmp.status().expect("status") != "postmigrate" {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(qmp);
+
+    runtime.pause_to(&handle, &state).expect("finish the pause");
+    assert!(state.is_file() && !partial.exists());
+    assert_eq!(runtime.attach(&handle), VmState::Gone);
+    let restored = runtime.restore(&spec, &state).expect("restore");
+    cleanup.handle = restored;
+    assert!(netns.run(|| envd().wait_healthy(Duration::from_secs(60))));
 }

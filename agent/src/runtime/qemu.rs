@@ -211,14 +211,28 @@ impl Runtime for QemuRuntime {
 
     fn pause_to(&self, handle: &VmHandle, state: &Path) -> Result<(), RuntimeError> {
         let mut qmp = Qmp::connect(&handle.control_socket)?;
-        qmp.execute("stop", Value::Null)?;
-        qmp.execute("migrate-set-capabilities", ignore_shared())?;
         let partial = state.with_extension("partial");
-        let uri = format!("exec:cat > '{}'", partial.display());
         let started = Instant::now();
-        qmp.execute("migrate", json!({ "uri": uri }))?;
-        wait_migration(&mut qmp)?;
-        tracing::debug!(ms = started.elapsed().as_millis() as u64, "VM state saved");
+        // "postmigrate": an earlier pause (cut short by an agent crash)
+        // already saved the state; QEMU refuses to save it twice.
+        let saved_before = qmp.status()? == "postmigrate";
+        if !saved_before {
+            qmp.execute("stop", Value::Null)?;
+            qmp.execute("migrate-set-capabilities", ignore_shared())?;
+            let uri = format!("exec:cat > '{}'", partial.display());
+            qmp.execute("migrate", json!({ "uri": uri }))?;
+            wait_migration(&mut qmp)?;
+        }
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            saved_before,
+            "VM state saved"
+        );
+        if saved_before && !partial.exists() && state.is_file() {
+            // Renamed into place before the crash: only the VM is left to end.
+            drop(qmp);
+            return self.stop(handle);
+        }
         // QEMU serves one QMP client at a time: `stop` below connects anew.
         drop(qmp);
         File::open(&partial)

@@ -619,7 +619,14 @@ impl Manager {
     pub fn reconcile(&self) -> Result<(), SandboxError> {
         network::ensure_host()?;
         for mut record in self.list()? {
-            self.reconcile_one(&mut record)?;
+            // One sandbox that cannot be put right must not keep the node
+            // from starting: it is marked failed, with the reason.
+            if let Err(e) = self.reconcile_one(&mut record) {
+                tracing::error!(sandbox = %record.id, error = %e, "cannot reconcile; marking it failed");
+                record.error = Some(format!("could not recover after an agent restart: {e}"));
+                record.set_status(SandboxStatus::Error, now_ms());
+                self.save(&record)?;
+            }
         }
         self.remove_orphans()
     }
