@@ -90,6 +90,13 @@ impl Agent {
     }
 
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn() {
+            panic!("{log}");
+        }
+    }
+
+    /// Starts the agent; Err with its log when it does not come up.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -109,21 +116,25 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if self.get("/v1/health").0 == 200 {
-                return;
+                return Ok(());
             }
             let exited = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = exited {
-                panic!("wrenn-agent exited with {status}; log:\n{}", self.log());
+                self.child = None;
+                return Err(format!(
+                    "wrenn-agent exited with {status}; log:\n{}",
+                    self.log()
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
+        Err(format!(
             "wrenn-agent did not answer within 60 s; log:\n{}",
             self.log()
-        );
+        ))
     }
 
     /// Kills the agent with SIGKILL, by PID.
@@ -262,8 +273,17 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if self.child.is_none() {
-            self.spawn();
+        if self.child.is_none() && self.try_spawn().is_err() {
+            // The agent cannot clean up after itself: remove what its
+            // sandboxes could have left, by name (QEMU by PID below).
+            for slot in self.slots() {
+                for args in [
+                    ["netns", "delete", &format!("wrenn-{slot}")],
+                    ["link", "delete", &format!("wrenn-h{slot}")],
+                ] {
+                    let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
+                }
+            }
         }
         let (_, list) = self.get("/v1/sandboxes");
         for sandbox in list["sandboxes"].as_array().cloned().unwrap_or_default() {
