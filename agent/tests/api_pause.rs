@@ -41,6 +41,15 @@ fn ask(agent: &Agent, id: &str) -> (u64, String) {
     (counter.parse().expect("counter"), digest.to_owned())
 }
 
+/// Starts [`HOLDER`] in the background in the sandbox at `base`.
+fn start_holder(agent: &Agent, base: &str) {
+    let (status, _) = agent.post(
+        &format!("{base}/processes"),
+        json!({"cmd": "python3", "args": ["-c", HOLDER], "background": true, "tag": "holder"}),
+    );
+    assert_eq!(status, 201);
+}
+
 #[test]
 fn memory_processes_and_files_survive_pause_and_resume() {
     let Some(images) = images_dir_or_skip("pause_resume") else {
@@ -49,11 +58,7 @@ fn memory_processes_and_files_survive_pause_and_resume() {
     let agent = Agent::start(&images);
     let id = agent.create(json!({"memory_mb": 512}));
     let base = format!("/v1/sandboxes/{id}");
-    let (status, _) = agent.post(
-        &format!("{base}/processes"),
-        json!({"cmd": "python3", "args": ["-c", HOLDER], "background": true, "tag": "holder"}),
-    );
-    assert_eq!(status, 201);
+    start_holder(&agent, &base);
     let (first, digest) = ask(&agent, &id);
     agent.put_bytes(&format!("{base}/files?path=/root/disk.txt"), b"on disk");
     agent.put_bytes(&format!("{base}/files?path=/tmp/ram.txt"), b"in tmpfs");
@@ -216,11 +221,7 @@ fn twenty_rapid_pause_resume_cycles_keep_memory_and_files() {
     let agent = Agent::start(&images);
     let id = agent.create(json!({"memory_mb": 256}));
     let base = format!("/v1/sandboxes/{id}");
-    let (status, _) = agent.post(
-        &format!("{base}/processes"),
-        json!({"cmd": "python3", "args": ["-c", HOLDER], "background": true, "tag": "holder"}),
-    );
-    assert_eq!(status, 201);
+    start_holder(&agent, &base);
     let (mut counter, digest) = ask(&agent, &id);
     for cycle in 0..20 {
         let file = format!("{base}/files?path=/root/cycle-{cycle}");

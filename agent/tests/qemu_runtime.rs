@@ -94,6 +94,20 @@ fn qemu_vm_boots_detached_is_found_again_and_stops() {
         .expect("stopping a stopped VM succeeds");
 }
 
+/// Boots `spec` and waits for its envd; the VM is stopped when the returned
+/// guard drops.
+fn boot_ready<'a>(runtime: &'a QemuRuntime, spec: &VmSpec, netns: &NetNs) -> Cleanup<'a> {
+    let handle = runtime.boot(spec).expect("boot");
+    let cleanup = Cleanup {
+        runtime,
+        handle,
+        dir: spec.dir.clone(),
+    };
+    let ready = netns.run(|| Envd::new(GUEST_IP, ENVD_PORT).wait_healthy(Duration::from_secs(180)));
+    assert!(ready, "envd never answered");
+    cleanup
+}
+
 #[test]
 fn qemu_vm_paused_to_a_file_restores_with_memory_and_processes_intact() {
     let Some(image) = image_or_skip("QEMU pause/restore test") else {
@@ -103,14 +117,9 @@ fn qemu_vm_paused_to_a_file_restores_with_memory_and_processes_intact() {
     let spec = spec_for(&image, &netns, "pausetest");
     let dir = spec.dir.clone();
     let runtime = QemuRuntime::new(probe_host().accel);
-    let handle = runtime.boot(&spec).expect("boot");
-    let mut cleanup = Cleanup {
-        runtime: &runtime,
-        handle: handle.clone(),
-        dir: dir.clone(),
-    };
+    let mut cleanup = boot_ready(&runtime, &spec, &netns);
+    let handle = cleanup.handle.clone();
     let envd = || Envd::new(GUEST_IP, ENVD_PORT);
-    assert!(netns.run(|| envd().wait_healthy(Duration::from_secs(180))));
     netns.run(|| {
         let out = envd()
             .exec(
@@ -168,14 +177,9 @@ fn a_pause_cut_short_after_the_state_was_saved_can_be_finished() {
     let spec = spec_for(&image, &netns, "cutpause");
     let dir = spec.dir.clone();
     let runtime = QemuRuntime::new(probe_host().accel);
-    let handle = runtime.boot(&spec).expect("boot");
-    let mut cleanup = Cleanup {
-        runtime: &runtime,
-        handle: handle.clone(),
-        dir: dir.clone(),
-    };
+    let mut cleanup = boot_ready(&runtime, &spec, &netns);
+    let handle = cleanup.handle.clone();
     let envd = || Envd::new(GUEST_IP, ENVD_PORT);
-    assert!(netns.run(|| envd().wait_healthy(Duration::from_secs(180))));
 
     // What a pause does up to the moment the agent was killed: the state is
     // saved to the temporary name and QEMU waits in "postmigrate".
