@@ -232,7 +232,12 @@ impl Store {
     /// Runs `f` on a read-only snapshot and returns what it returns.
     ///
     /// The snapshot does not change while `f` runs, whatever other threads
-    /// write. Keep `f` short: the snapshot holds a reader slot and keeps
+    /// write. It holds at least every write whose [`Store::write`] returned
+    /// before `read` was called. It may also hold a write still committing
+    /// on another thread, so two reads in a row can, in that race, see that
+    /// newest write and then the one before it (LMDB picks the snapshot
+    /// from its two meta pages without a lock). Decide in a write
+    /// transaction, which always starts from the newest state. Keep `f` short: the snapshot holds a reader slot and keeps
     /// old pages from being reused. Do not open another transaction inside
     /// `f` (that is [`Error::NestedTransaction`]).
     pub fn read<T>(&self, f: impl FnOnce(&ReadTxn<'_>) -> Result<T>) -> Result<T> {
