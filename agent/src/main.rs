@@ -17,6 +17,7 @@ use wrenn_agent::runtime::probe::{probe_host, Accel};
 use wrenn_agent::runtime::qemu::QemuRuntime;
 use wrenn_agent::sandbox::templates::Templates;
 use wrenn_agent::sandbox::{HostCapacity, Manager};
+use wrenn_agent::store::LayerStore;
 use wrenn_http::{Listen, Server, ServerAllocator, ServerConfig};
 
 #[global_allocator]
@@ -121,8 +122,13 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
     tracing::info!(runtime = "qemu", accel = probe.accel.as_str(), reason = %probe.reason, "runtime chosen");
     let store = lmdb_schema::Store::open(&config.node.state_dir, lmdb_schema::StoreOptions::new())
         .map_err(|e| format!("cannot open the node's state: {e}"))?;
+    let store = Arc::new(store);
+    let layers = LayerStore::open(&config.node.state_dir, Arc::clone(&store))
+        .map_err(|e| format!("cannot open the snapshot layers: {e}"))?;
+    tracing::info!(io = %layers.backend(), "layer store opened");
     let manager = Arc::new(Manager::new(
-        Arc::new(store),
+        store,
+        Arc::new(layers),
         Arc::new(QemuRuntime::new(probe.accel)),
         config.clone(),
         Templates::new(config.images_dir()),
@@ -131,6 +137,10 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
     manager
         .reconcile()
         .map_err(|e| format!("cannot reconcile the node's state: {e}"))?;
+    // Unused snapshot files only cost disk: the node starts anyway.
+    if let Err(e) = manager.clean_snapshot_files() {
+        tracing::error!(error = %e, "cannot clean up snapshot files");
+    }
     if config.sandbox.pause_on_shutdown {
         manager.resume_marked();
     }

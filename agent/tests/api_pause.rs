@@ -256,20 +256,33 @@ fn kill_9_during_pause_or_resume_leaves_a_usable_sandbox() {
         &format!("/v1/sandboxes/{id}/files?path=/root/keep"),
         b"kept",
     );
-    for action in ["pause", "resume"] {
+    // Each delay lands the kill in another step: VM state, memory layers,
+    // the record, the memory file written back, the VM restored.
+    let rounds = [30u64, 150, 400, 1000]
+        .into_iter()
+        .flat_map(|delay| [("pause", delay), ("resume", delay)]);
+    for (action, delay) in rounds {
         let url = format!("{}/v1/sandboxes/{id}/{action}", agent.url);
         let request = std::thread::spawn(move || {
             let _ = ureq::post(&url).send_json(json!({}));
         });
-        std::thread::sleep(std::time::Duration::from_millis(30));
+        std::thread::sleep(std::time::Duration::from_millis(delay));
         agent.kill9();
         let _ = request.join();
         agent.start_again();
+        // No layer lost, none leaked: every recorded layer has its file and
+        // every file a record.
+        let (_, node) = agent.get("/v1/node");
+        let layers = &node["layers"];
+        assert_eq!(
+            layers["files"], layers["count"],
+            "after kill -9 {delay} ms into a {action}: {node}"
+        );
         let (_, sandbox) = agent.get(&format!("/v1/sandboxes/{id}"));
         let status = sandbox["status"].as_str().unwrap_or_default().to_owned();
         assert!(
             status == "paused" || status == "running",
-            "after kill -9 during {action}: {sandbox}\n{}",
+            "after kill -9 {delay} ms into a {action}: {sandbox}\n{}",
             agent.log()
         );
         // Usable either way: a call on a paused sandbox resumes it.
@@ -293,5 +306,13 @@ fn kill_9_during_pause_or_resume_leaves_a_usable_sandbox() {
         common::qemu_pids_under(&agent.dir).len(),
         1,
         "one VM, no strays"
+    );
+    assert_eq!(agent.delete(&format!("/v1/sandboxes/{id}")).0, 204);
+    let (_, node) = agent.get("/v1/node");
+    let layers = &node["layers"];
+    assert_eq!(
+        (&layers["count"], &layers["files"], &layers["headers"]),
+        (&json!(0), &json!(0), &json!(0)),
+        "destroyed, yet layers remain: {node}"
     );
 }

@@ -44,6 +44,7 @@ fn sandbox(id_text: &str) -> SandboxRecord {
         envd_token: None,
         error: Some("none yet".to_owned()),
         updated_at_ms: 2,
+        memory_header: None,
     }
 }
 
@@ -60,6 +61,10 @@ fn template(name: &str) -> TemplateRecord {
         sha256: None,
         parent_sandbox: None,
         created_at_ms: 3,
+        memory_header: None,
+        vm_state: None,
+        disk_base: None,
+        envd_token: None,
     }
 }
 

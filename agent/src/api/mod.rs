@@ -6,6 +6,7 @@
 
 mod proxy;
 mod sandboxes;
+mod snapshots;
 
 use std::sync::Arc;
 
@@ -62,7 +63,7 @@ impl Api {
         match (segments.as_slice(), &method) {
             (["v1", "health"], Method::Get) => Ok(Reply::Json(200, json!({"status": "ok"}))),
             (["v1", "node"], Method::Get) => self.node(),
-            (["v1", "templates"], Method::Get) => Ok(self.templates()),
+            (["v1", "templates"], Method::Get) => self.templates(),
             (["v1", "sandboxes"], Method::Post) => sandboxes::create(self, ex),
             (["v1", "sandboxes"], Method::Get) => sandboxes::list(self, ex),
             (["v1", "sandboxes", id], Method::Get) => sandboxes::get(self, id),
@@ -77,7 +78,12 @@ impl Api {
             (["v1", "sandboxes", id, "processes" | "files" | "fs", ..], _) => {
                 proxy::forward(self, ex, id)
             }
-            (["v1", "health" | "node" | "templates" | "sandboxes"], _)
+            (["v1", "snapshots"], Method::Post) => snapshots::create(self, ex),
+            (["v1", "snapshots"], Method::Get) => snapshots::list(self),
+            (["v1", "snapshots", name], Method::Get) => snapshots::get(self, name),
+            (["v1", "snapshots", name], Method::Delete) => snapshots::delete(self, name),
+            (["v1", "health" | "node" | "templates" | "sandboxes" | "snapshots"], _)
+            | (["v1", "snapshots", _], _)
             | (["v1", "sandboxes", _], _)
             | (["v1", "sandboxes", _, "timeout" | "logs" | "exec"], _) => Err(
                 ApiError::method_not_allowed(method.as_str(), &path, allowed(&segments)),
@@ -96,6 +102,7 @@ impl Api {
             .filter(|s| !s.status.is_terminal())
             .collect();
         let capacity = manager.capacity();
+        let layers = manager.layer_usage().map_err(ApiError::from)?;
         Ok(Reply::Json(
             200,
             json!({
@@ -110,6 +117,13 @@ impl Api {
                     "vcpus": capacity.vcpus,
                     "memory_mb": capacity.memory_mb,
                 },
+                "layers": {
+                    "io": manager.layer_io(),
+                    "count": layers.layers,
+                    "bytes": layers.bytes,
+                    "files": layers.files,
+                    "headers": layers.headers,
+                },
                 "usage": {
                     "sandboxes": live.len(),
                     "vcpus": live.iter().map(|s| u64::from(s.vcpus)).sum::<u64>(),
@@ -119,21 +133,29 @@ impl Api {
         ))
     }
 
-    fn templates(&self) -> Reply {
-        let templates: Vec<Value> = self
+    /// Base images and snapshots, each with its `type`.
+    fn templates(&self) -> Result<Reply, ApiError> {
+        let mut templates: Vec<Value> = self
             .manager
             .templates()
             .list()
             .into_iter()
             .map(|name| json!({"name": name.as_str(), "type": "base"}))
             .collect();
-        Reply::Json(200, json!({ "templates": templates }))
+        templates.extend(
+            self.manager
+                .list_snapshots()?
+                .iter()
+                .map(snapshots::snapshot_json),
+        );
+        Ok(Reply::Json(200, json!({ "templates": templates })))
     }
 }
 
 fn allowed(segments: &[&str]) -> &'static str {
     match segments {
-        ["v1", "sandboxes"] => "GET, POST",
+        ["v1", "sandboxes"] | ["v1", "snapshots"] => "GET, POST",
+        ["v1", "snapshots", _] => "GET, DELETE",
         ["v1", "sandboxes", _] => "GET, DELETE",
         ["v1", "sandboxes", _, "logs"] => "GET",
         ["v1", "sandboxes", _, _] => "POST",
@@ -146,8 +168,9 @@ impl Handler for Api {
     /// run on their own threads, so quick calls never wait behind them.
     fn is_long_running(&self, method: &Method, path: &str) -> bool {
         let segments = path.trim_end_matches('/').split('/').count();
+        let path = path.trim_end_matches('/');
         (path.starts_with("/v1/sandboxes/") && segments > 4)
-            || (*method == Method::Post && path.trim_end_matches('/') == "/v1/sandboxes")
+            || (*method == Method::Post && (path == "/v1/sandboxes" || path == "/v1/snapshots"))
     }
 
     fn handle(&self, ex: &mut Exchange) -> Result<Reply, ApiError> {

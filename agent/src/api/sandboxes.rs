@@ -20,10 +20,10 @@ const LOG_LIMIT: u64 = 1 << 20;
 struct CreateBody {
     #[serde(default = "default_template")]
     template: String,
-    #[serde(default = "default_vcpus")]
-    vcpus: u32,
-    #[serde(default = "default_memory")]
-    memory_mb: u32,
+    /// Default 1; a snapshot's own.
+    vcpus: Option<u32>,
+    /// Default 512; a snapshot's own.
+    memory_mb: Option<u32>,
     timeout_s: Option<u64>,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
@@ -46,12 +46,6 @@ enum TimeoutActionBody {
 
 fn default_template() -> String {
     "base".into()
-}
-fn default_vcpus() -> u32 {
-    1
-}
-fn default_memory() -> u32 {
-    512
 }
 fn default_internet() -> bool {
     true

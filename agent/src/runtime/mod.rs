@@ -29,6 +29,8 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// The template's root file system; never written.
     pub base_rootfs: PathBuf,
+    /// Its format: `raw` for a base image, `qcow2` for a snapshot's disk.
+    pub base_format: &'static str,
     /// The sandbox's own folder: disk overlay, sockets, console log.
     pub dir: PathBuf,
     /// Network namespace holding `tap0`, entered before the VM starts.
@@ -109,6 +111,11 @@ pub trait Runtime: Send + Sync {
     /// Starts a VM from a state written by [`Runtime::pause_to`] and lets it
     /// run on from where it stopped.
     fn restore(&self, spec: &VmSpec, state: &Path) -> Result<VmHandle, RuntimeError>;
+
+    /// Starts a new VM from a snapshot: a fresh disk overlay on
+    /// `spec.base_rootfs`, the memory file already in the sandbox folder,
+    /// devices and CPUs from `state`.
+    fn restore_new(&self, spec: &VmSpec, state: &Path) -> Result<VmHandle, RuntimeError>;
 
     /// CPU and memory use of the VM's process.
     fn stats(&self, handle: &VmHandle) -> Option<VmStats>;

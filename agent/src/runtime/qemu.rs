@@ -178,7 +178,7 @@ impl QemuRuntime {
         let overlay = spec.dir.join(OVERLAY);
         let _ = std::fs::remove_file(&overlay);
         let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .args(["create", "-q", "-f", "qcow2", "-F", spec.base_format, "-b"])
             .arg(&spec.base_rootfs)
             .arg(&overlay)
             .output()
@@ -265,6 +265,12 @@ impl Runtime for QemuRuntime {
                 Err(e)
             }
         }
+    }
+
+    fn restore_new(&self, spec: &VmSpec, state: &Path) -> Result<VmHandle, RuntimeError> {
+        std::fs::create_dir_all(&spec.dir).map_err(prepare(&spec.dir))?;
+        self.create_overlay(spec)?;
+        self.restore(spec, state)
     }
 
     fn name(&self) -> &'static str {

@@ -15,6 +15,8 @@ pub enum SandboxError {
     NotFound(String),
     #[error("template {0:?} does not exist: list templates with GET /v1/templates, or build the base image with `make image`")]
     TemplateNotFound(String),
+    #[error("snapshot {0} does not exist: list snapshots with GET /v1/snapshots")]
+    SnapshotNotFound(String),
     #[error("{0}")]
     Invalid(String),
     #[error("sandbox {0} is busy with another operation: retry in a moment")]
@@ -32,6 +34,10 @@ pub enum SandboxError {
     },
     #[error("{0}")]
     Capacity(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("snapshot layers: {0}")]
+    Layers(#[from] crate::store::Error),
     #[error("node state: {0}")]
     Store(#[from] lmdb_schema::Error),
     #[error("VM: {0}")]
@@ -48,17 +54,19 @@ impl From<SandboxError> for ApiError {
     fn from(error: SandboxError) -> ApiError {
         let message = error.to_string();
         match error {
-            SandboxError::NotFound(_) | SandboxError::TemplateNotFound(_) => {
-                ApiError::not_found(message)
-            }
+            SandboxError::NotFound(_)
+            | SandboxError::TemplateNotFound(_)
+            | SandboxError::SnapshotNotFound(_) => ApiError::not_found(message),
             SandboxError::Invalid(_) => ApiError::invalid_argument(message),
             SandboxError::Busy(_)
             | SandboxError::NotRunning { .. }
-            | SandboxError::WrongState { .. } => ApiError::conflict(message),
+            | SandboxError::WrongState { .. }
+            | SandboxError::Conflict(_) => ApiError::conflict(message),
             SandboxError::Capacity(_) => ApiError::unavailable(message),
             SandboxError::Envd(EnvdError::Status { status, body }) => envd_refusal(status, &body),
             SandboxError::Envd(_) => ApiError::unavailable(message),
             SandboxError::Store(_)
+            | SandboxError::Layers(_)
             | SandboxError::Runtime(_)
             | SandboxError::Network(_)
             | SandboxError::Internal(_) => ApiError::internal(message),

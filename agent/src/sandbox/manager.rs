@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lmdb_schema::{
     EventRecord, SandboxId, SandboxRecord, SandboxStatus, SlotId, SlotRecord, Store, TemplateName,
-    TimeoutAction, VmmProcess, WriteTxn,
+    TemplateRecord, TimeoutAction, VmmProcess, WriteTxn,
 };
 use serde_json::Value;
 
@@ -22,7 +22,9 @@ use super::error::SandboxError;
 use super::templates::Templates;
 use crate::config::Config;
 use crate::network;
+use crate::runtime::qemu::MEMORY_FILE;
 use crate::runtime::{Runtime, VmHandle, VmSpec, VmState};
+use crate::store::{Header, HeaderId, LayerStore, MEMORY_BLOCK_SIZE};
 
 /// The VM's saved device and CPU state, in the sandbox folder.
 const VM_STATE: &str = "vmstate";
@@ -33,8 +35,10 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateRequest {
     pub template: String,
-    pub vcpus: u32,
-    pub memory_mb: u32,
+    /// `None`: the template's (a snapshot's are fixed), else 1.
+    pub vcpus: Option<u32>,
+    /// `None`: the template's (a snapshot's are fixed), else 512.
+    pub memory_mb: Option<u32>,
     pub timeout_s: u64,
     pub metadata: BTreeMap<String, String>,
     pub env: BTreeMap<String, String>,
@@ -68,17 +72,19 @@ impl HostCapacity {
 /// Owns every sandbox of this node.
 pub struct Manager {
     store: Arc<Store>,
+    pub(super) layers: Arc<LayerStore>,
     runtime: Arc<dyn Runtime>,
     config: Config,
     templates: Templates,
     capacity: HostCapacity,
     sandboxes_dir: PathBuf,
+    pub(super) snapshots_dir: PathBuf,
     /// Sandboxes with an operation in flight; a second one is refused.
     busy: Mutex<HashSet<SandboxId>>,
 }
 
 /// Marks a sandbox busy for as long as it lives.
-struct BusyGuard<'a> {
+pub(super) struct BusyGuard<'a> {
     manager: &'a Manager,
     id: SandboxId,
 }
@@ -102,19 +108,23 @@ pub fn now_ms() -> u64 {
 impl Manager {
     pub fn new(
         store: Arc<Store>,
+        layers: Arc<LayerStore>,
         runtime: Arc<dyn Runtime>,
         config: Config,
         templates: Templates,
         capacity: HostCapacity,
     ) -> Manager {
         let sandboxes_dir = config.node.state_dir.join("sandboxes");
+        let snapshots_dir = config.node.state_dir.join("snapshots");
         Manager {
             store,
+            layers,
             runtime,
             config,
             templates,
             capacity,
             sandboxes_dir,
+            snapshots_dir,
             busy: Mutex::new(HashSet::new()),
         }
     }
@@ -127,12 +137,25 @@ impl Manager {
         self.capacity
     }
 
+    /// How layers are read and written: `io_uring` or `pread`.
+    pub fn layer_io(&self) -> &'static str {
+        self.layers.backend().as_str()
+    }
+
     pub fn templates(&self) -> &Templates {
         &self.templates
     }
 
-    fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
+    pub(super) fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
         self.sandboxes_dir.join(id.as_str())
+    }
+
+    pub(super) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub(super) fn memory_file(&self, id: &SandboxId) -> PathBuf {
+        self.sandbox_dir(id).join(MEMORY_FILE)
     }
 
     /// The network slots this node may use.
@@ -141,7 +164,7 @@ impl Manager {
         net.first_slot..net.first_slot + net.slots
     }
 
-    fn claim(&self, id: &SandboxId) -> Result<BusyGuard<'_>, SandboxError> {
+    pub(super) fn claim(&self, id: &SandboxId) -> Result<BusyGuard<'_>, SandboxError> {
         let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
         if !busy.insert(id.clone()) {
             return Err(SandboxError::Busy(id.to_string()));
@@ -152,24 +175,53 @@ impl Manager {
         })
     }
 
-    fn validate(&self, request: &CreateRequest) -> Result<TemplateName, SandboxError> {
+    /// Checks `request` and resolves its template, vCPUs and memory.
+    fn validate(
+        &self,
+        request: &CreateRequest,
+    ) -> Result<(TemplateName, Option<TemplateRecord>, u32, u32), SandboxError> {
+        let name = TemplateName::parse(&request.template)
+            .map_err(|e| SandboxError::Invalid(format!("template: {e}")))?;
+        let snapshot = self.snapshot_record(&name)?;
+        if snapshot.is_none() && !self.templates.exists(&name) {
+            return Err(SandboxError::TemplateNotFound(name.to_string()));
+        }
+        let (vcpus, memory_mb) = match &snapshot {
+            Some(t) => {
+                let (vcpus, memory_mb) = (t.vcpus.unwrap_or(1), t.memory_mb.unwrap_or(512));
+                for (field, asked, fixed) in [
+                    ("vcpus", request.vcpus, vcpus),
+                    ("memory_mb", request.memory_mb, memory_mb),
+                ] {
+                    if asked.is_some_and(|asked| asked != fixed) {
+                        return Err(SandboxError::Invalid(format!(
+                            "{field} is {}, but snapshot {name} was taken with {field} {fixed}: \
+                             a sandbox from a snapshot has the snapshot's {field}; leave \
+                             {field} out",
+                            asked.unwrap_or_default()
+                        )));
+                    }
+                }
+                (vcpus, memory_mb)
+            }
+            None => (request.vcpus.unwrap_or(1), request.memory_mb.unwrap_or(512)),
+        };
         let limits = &self.config.sandbox;
         let max_vcpus = limits.max_vcpus.min(self.capacity.vcpus);
-        if request.vcpus == 0 || request.vcpus > max_vcpus {
+        if vcpus == 0 || vcpus > max_vcpus {
             return Err(SandboxError::Invalid(format!(
-                "vcpus is {}: it must be between 1 and {max_vcpus} (the CPUs of this host)",
-                request.vcpus
+                "vcpus is {vcpus}: it must be between 1 and {max_vcpus} (the CPUs of this host)"
             )));
         }
         let max_memory = self
             .capacity
             .memory_mb
             .saturating_sub(limits.host_reserved_memory_mb);
-        if request.memory_mb < 128 || u64::from(request.memory_mb) > max_memory {
+        if memory_mb < 128 || u64::from(memory_mb) > max_memory {
             return Err(SandboxError::Invalid(format!(
-                "memory_mb is {}: it must be between 128 and {max_memory} (this host's memory \
-                 less {} MiB kept for the host)",
-                request.memory_mb, limits.host_reserved_memory_mb
+                "memory_mb is {memory_mb}: it must be between 128 and {max_memory} (this host's \
+                 memory less {} MiB kept for the host)",
+                limits.host_reserved_memory_mb
             )));
         }
         if request.timeout_s == 0 || request.timeout_s > limits.max_timeout_s {
@@ -178,17 +230,16 @@ impl Manager {
                 request.timeout_s, limits.max_timeout_s
             )));
         }
-        let name = TemplateName::parse(&request.template)
-            .map_err(|e| SandboxError::Invalid(format!("template: {e}")))?;
-        if !self.templates.exists(&name) {
-            return Err(SandboxError::TemplateNotFound(name.to_string()));
-        }
-        Ok(name)
+        Ok((name, snapshot, vcpus, memory_mb))
     }
 
     /// Creates a sandbox and returns it once its envd answers.
     pub fn create(&self, request: CreateRequest) -> Result<SandboxRecord, SandboxError> {
-        let template = self.validate(&request)?;
+        let (template, snapshot, vcpus, memory_mb) = self.validate(&request)?;
+        let memory = match &snapshot {
+            Some(t) => Some(self.snapshot_memory(t)?),
+            None => None,
+        };
         let id = SandboxId::generate()?;
         let _busy = self.claim(&id)?;
         let now = now_ms();
@@ -196,8 +247,8 @@ impl Manager {
             id: id.clone(),
             status: SandboxStatus::Creating,
             template,
-            vcpus: request.vcpus,
-            memory_mb: request.memory_mb,
+            vcpus,
+            memory_mb,
             metadata: request.metadata,
             env: request.env,
             internet: request.internet,
@@ -210,18 +261,27 @@ impl Manager {
             envd_token: Some(random_token()?),
             error: None,
             updated_at_ms: now,
+            memory_header: memory.as_ref().map(|(id, _)| id.0),
         };
         let slots = self.slot_range();
         record.slot = Some(self.store.write_with(|txn| {
             let slot = allocate_slot(txn, slots.clone(), &id)?;
             let mut r = record.clone();
             r.slot = Some(slot);
+            if let Some((_, header)) = &memory {
+                // The template's layers are now this sandbox's too.
+                self.layers.retain(txn, header)?;
+            }
             txn.sandboxes().put(&id, &r)?;
             log_event(txn, &id, "create", "")?;
             Ok::<_, SandboxError>(slot)
         })?);
         tracing::info!(sandbox = %id, slot = ?record.slot, template = %record.template, "creating sandbox");
-        match self.bring_up(&mut record) {
+        let brought_up = match (&snapshot, &memory) {
+            (Some(t), Some((_, header))) => self.bring_up_from(&mut record, t, header),
+            _ => self.bring_up(&mut record),
+        };
+        match brought_up {
             Ok(()) => Ok(record),
             Err(e) => {
                 tracing::warn!(sandbox = %id, error = %e, "create failed; rolling back");
@@ -242,11 +302,48 @@ impl Manager {
         let handle = self.runtime.boot(&spec)?;
         record.vmm = Some(vmm_of(&handle));
         self.save(record)?;
-        self.finish_boot(record)
+        self.finish_boot(record, None)
+    }
+
+    /// Network, memory, VM restored from snapshot `template`, envd: the
+    /// side effects of a create from a snapshot.
+    fn bring_up_from(
+        &self,
+        record: &mut SandboxRecord,
+        template: &TemplateRecord,
+        memory: &Header,
+    ) -> Result<(), SandboxError> {
+        let slot = record.slot.map(|s| s.0).ok_or_else(|| {
+            SandboxError::Internal(format!("sandbox {} has no network slot", record.id))
+        })?;
+        let state = template.vm_state.as_deref().ok_or_else(|| {
+            SandboxError::Internal(format!("snapshot {} has no VM state", template.name))
+        })?;
+        let dir = self.sandbox_dir(&record.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| SandboxError::Internal(format!("{}: {e}", dir.display())))?;
+        self.layers
+            .materialize(memory, &self.memory_file(&record.id))?;
+        let net = network::setup(slot, record.internet)?;
+        let spec = self.vm_spec(record, net.netns)?;
+        let handle = self.runtime.restore_new(&spec, Path::new(state))?;
+        record.vmm = Some(vmm_of(&handle));
+        self.save(record)?;
+        self.finish_boot(record, template.envd_token.clone())
     }
 
     fn vm_spec(&self, record: &SandboxRecord, netns: String) -> Result<VmSpec, SandboxError> {
-        let paths = self.templates.files(&record.template)?;
+        let (paths, base_format) = match self.snapshot_record(&record.template)? {
+            Some(t) => (
+                super::templates::TemplateFiles {
+                    kernel: t.kernel.into(),
+                    initramfs: t.initramfs.into(),
+                    rootfs: t.rootfs.into(),
+                },
+                "qcow2",
+            ),
+            None => (self.templates.files(&record.template)?, "raw"),
+        };
         Ok(VmSpec {
             sandbox_id: record.id.to_string(),
             vcpus: record.vcpus,
@@ -254,18 +351,19 @@ impl Manager {
             kernel: paths.kernel,
             initramfs: paths.initramfs,
             base_rootfs: paths.rootfs,
+            base_format,
             dir: self.sandbox_dir(&record.id),
             netns,
             extra_cmdline: String::new(),
         })
     }
 
-    fn state_file(&self, id: &SandboxId) -> PathBuf {
+    pub(super) fn state_file(&self, id: &SandboxId) -> PathBuf {
         self.sandbox_dir(id).join(VM_STATE)
     }
 
     /// Claims `id` for `action`, which needs it to be in `wanted` state.
-    fn claim_in(
+    pub(super) fn claim_in(
         &self,
         id: &SandboxId,
         wanted: SandboxStatus,
@@ -285,33 +383,80 @@ impl Manager {
     }
 
     /// Records `record` as paused, without VM or network slot, freeing the
-    /// slot it held, in one transaction.
+    /// slot it held, in one transaction. With `memory`, its memory is now
+    /// that header (retained) instead of the one it came from (released).
     fn record_paused(
         &self,
         record: &mut SandboxRecord,
         event: Option<&str>,
-    ) -> Result<(), SandboxError> {
+        memory: Option<(&Header, Option<&Header>)>,
+    ) -> Result<Vec<lmdb_schema::LayerId>, SandboxError> {
         let slot = record.slot.take();
         record.vmm = None;
         record.set_status(SandboxStatus::Paused, now_ms());
+        if let Some((header, _)) = memory {
+            record.memory_header = Some(header.id()?.0);
+        }
         let paused = record.clone();
         self.store.write_with(|txn| {
+            let mut released = Vec::new();
+            if let Some((header, parent)) = memory {
+                self.layers.retain(txn, header)?;
+                if let Some(parent) = parent {
+                    released = self.layers.release(txn, parent)?;
+                }
+            }
             txn.sandboxes().put(&paused.id, &paused)?;
             if let Some(slot) = slot {
                 free_slot(txn, slot, &paused.id)?;
             }
-            match event {
-                Some(kind) => log_event(txn, &paused.id, kind, ""),
-                None => Ok(()),
+            if let Some(kind) = event {
+                log_event(txn, &paused.id, kind, "")?;
             }
+            Ok(released)
         })
+    }
+
+    /// The header a record names, loaded and checked.
+    pub(super) fn load_memory(&self, id: Option<[u8; 32]>) -> Result<Option<Header>, SandboxError> {
+        Ok(id
+            .map(|id| self.layers.load_header(&HeaderId(id)))
+            .transpose()?)
+    }
+
+    /// Deletes headers and layers no snapshot uses any more, logging
+    /// failures: the next collection retries.
+    pub(super) fn collect_layers(&self) {
+        if let Err(e) = self.prune_headers() {
+            tracing::error!(error = %e, "cannot remove unused memory headers");
+        }
+        match self.layers.collect_garbage() {
+            Ok(report) if !report.deleted.is_empty() || !report.strays.is_empty() => {
+                tracing::debug!(
+                    deleted = report.deleted.len(),
+                    strays = report.strays.len(),
+                    "layers collected"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "cannot collect unused layers"),
+        }
     }
 
     /// Pauses a running sandbox: its VM state is written to disk, its VM
     /// process ends, its network slot is freed. Memory and disk stay in its
     /// folder until it resumes.
     pub fn pause(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
-        let (_busy, mut record) = self.claim_in(id, SandboxStatus::Running, "pause")?;
+        let (_busy, record) = self.claim_in(id, SandboxStatus::Running, "pause")?;
+        self.pause_claimed(record)
+    }
+
+    /// [`Manager::pause`] of a sandbox the caller has claimed.
+    pub(super) fn pause_claimed(
+        &self,
+        mut record: SandboxRecord,
+    ) -> Result<SandboxRecord, SandboxError> {
+        let id = record.id.clone();
         record.set_status(SandboxStatus::Pausing, now_ms());
         self.save(&record)?;
         tracing::info!(sandbox = %id, "pausing sandbox");
@@ -319,6 +464,9 @@ impl Manager {
         Ok(record)
     }
 
+    /// Saves the VM state, ends the VM, frees the network, and turns the
+    /// memory file into layers: a diff against the snapshot the sandbox
+    /// came from, so a sandbox from a template stores only what it changed.
     fn finish_pause(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
         if let Some(vmm) = &record.vmm {
             self.runtime
@@ -327,14 +475,49 @@ impl Manager {
         if let Some(slot) = record.slot {
             network::teardown(slot.0)?;
         }
-        self.record_paused(record, Some("pause"))?;
+        let memory = self.memory_file(&record.id);
+        let snapshot = if memory.is_file() {
+            let parent = self.load_memory(record.memory_header)?;
+            let started = std::time::Instant::now();
+            let header =
+                self.layers
+                    .snapshot_file(&memory, MEMORY_BLOCK_SIZE, parent.as_ref(), None)?;
+            self.layers.save_header(&header)?;
+            tracing::debug!(sandbox = %record.id, ms = started.elapsed().as_millis() as u64,
+                stored_blocks = header.stored_blocks(), generation = header.generation(), "memory written to layers");
+            Some((header, parent))
+        } else {
+            None
+        };
+        let released = self.record_paused(
+            record,
+            Some("pause"),
+            snapshot.as_ref().map(|(h, p)| (h, p.as_ref())),
+        )?;
+        if let Some((header, _)) = &snapshot {
+            self.layers.settle(header)?;
+            // The layers hold it now; a resume writes it out again.
+            remove_file_logged(&memory);
+        }
+        if !released.is_empty() || snapshot.as_ref().is_some_and(|(_, p)| p.is_some()) {
+            self.collect_layers();
+        }
         tracing::info!(sandbox = %record.id, "sandbox paused");
         Ok(())
     }
 
     /// Resumes a paused sandbox with every process and file as it was.
     pub fn resume(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
-        let (_busy, mut record) = self.claim_in(id, SandboxStatus::Paused, "resume")?;
+        let (_busy, record) = self.claim_in(id, SandboxStatus::Paused, "resume")?;
+        self.resume_claimed(record)
+    }
+
+    /// [`Manager::resume`] of a sandbox the caller has claimed.
+    pub(super) fn resume_claimed(
+        &self,
+        mut record: SandboxRecord,
+    ) -> Result<SandboxRecord, SandboxError> {
+        let id = &record.id.clone();
         let slots = self.slot_range();
         record.set_status(SandboxStatus::Resuming, now_ms());
         record.slot = Some(self.store.write_with(|txn| {
@@ -364,16 +547,23 @@ impl Manager {
         let slot = record.slot.map(|s| s.0).ok_or_else(|| {
             SandboxError::Internal(format!("sandbox {} has no network slot", record.id))
         })?;
+        if let Some(memory) = self.load_memory(record.memory_header)? {
+            let started = std::time::Instant::now();
+            self.layers
+                .materialize(&memory, &self.memory_file(&record.id))?;
+            tracing::debug!(sandbox = %record.id, ms = started.elapsed().as_millis() as u64, "memory written from layers");
+        }
         let net = network::setup(slot, record.internet)?;
         let spec = self.vm_spec(record, net.netns)?;
         let handle = self.runtime.restore(&spec, &self.state_file(&record.id))?;
         record.vmm = Some(vmm_of(&handle));
         self.save(record)?;
-        self.finish_boot(record)
+        self.finish_boot(record, None)
     }
 
     /// Undoes a resume that did not complete: VM stopped, network removed,
-    /// slot freed, status paused. Memory, disk and VM state are untouched.
+    /// slot freed, status paused. The layers, disk and VM state are
+    /// untouched; a memory file written from layers is dropped.
     fn back_to_paused(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
         if let Some(vmm) = record.vmm.take() {
             if let Err(e) = self.runtime.stop(&handle_of(&vmm)) {
@@ -385,12 +575,23 @@ impl Manager {
                 tracing::error!(sandbox = %record.id, error = %e, "cannot remove network");
             }
         }
-        self.record_paused(record, None)
+        self.record_paused(record, None, None)?;
+        if record.memory_header.is_some() {
+            remove_file_logged(&self.memory_file(&record.id));
+        }
+        Ok(())
     }
 
     /// Waits for envd, hands it the token and environment, marks running.
-    fn finish_boot(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
-        let envd = EnvdClient::new(self.envd_addr(record)?, record.envd_token.clone());
+    /// `guest_token` is the token envd holds now when it is not the
+    /// sandbox's own (a VM restored from a snapshot holds the snapshot's).
+    fn finish_boot(
+        &self,
+        record: &mut SandboxRecord,
+        guest_token: Option<String>,
+    ) -> Result<(), SandboxError> {
+        let addr = self.envd_addr(record)?;
+        let envd = EnvdClient::new(addr, guest_token.or_else(|| record.envd_token.clone()));
         let ready = envd.wait_ready(BOOT_TIMEOUT)?;
         let token = record.envd_token.clone().unwrap_or_default();
         envd.init(&token, &record.env)?;
@@ -408,7 +609,7 @@ impl Manager {
         Ok(std::net::SocketAddr::from((addrs.host_ip, ENVD_PORT)))
     }
 
-    fn save(&self, record: &SandboxRecord) -> Result<(), SandboxError> {
+    pub(super) fn save(&self, record: &SandboxRecord) -> Result<(), SandboxError> {
         let mut record = record.clone();
         record.updated_at_ms = now_ms();
         self.store
@@ -442,16 +643,31 @@ impl Manager {
         }
     }
 
-    /// Deletes the record and frees its slot, logging why.
+    /// Deletes the record, frees its slot and its references on layers,
+    /// logging why.
     fn forget(&self, record: &SandboxRecord, kind: &str, detail: &str) -> Result<(), SandboxError> {
-        self.store.write_with(|txn| {
+        // A header that cannot be read any more holds no references we could
+        // give back: the record goes anyway, and collection keeps the layers.
+        let memory = self.load_memory(record.memory_header).unwrap_or_else(|e| {
+            tracing::error!(sandbox = %record.id, error = %e, "cannot read the memory header");
+            None
+        });
+        let released = self.store.write_with(|txn| {
+            let released = match &memory {
+                Some(header) => self.layers.release(txn, header)?,
+                None => Vec::new(),
+            };
             txn.sandboxes().delete(&record.id)?;
             if let Some(slot) = record.slot {
                 free_slot(txn, slot, &record.id)?;
             }
             log_event(txn, &record.id, kind, detail)?;
-            Ok::<_, SandboxError>(())
-        })
+            Ok::<_, SandboxError>(released)
+        })?;
+        if !released.is_empty() || memory.is_some() {
+            self.collect_layers();
+        }
+        Ok(())
     }
 
     pub fn get(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
@@ -640,7 +856,17 @@ impl Manager {
         match (record.status, state) {
             (SandboxStatus::Creating, Some(VmState::Running)) => {
                 tracing::info!(sandbox = %id, "finishing a create interrupted by a restart");
-                if let Err(e) = self.finish_boot(record) {
+                // A VM from a snapshot may still hold the snapshot's token.
+                let guest_token = self
+                    .snapshot_record(&record.template)?
+                    .and_then(|t| t.envd_token);
+                let finished = match guest_token {
+                    Some(token) => self
+                        .finish_boot(record, Some(token))
+                        .or_else(|_| self.finish_boot(record, None)),
+                    None => self.finish_boot(record, None),
+                };
+                if let Err(e) = finished {
                     tracing::warn!(sandbox = %id, error = %e, "cannot finish; rolling back");
                     self.tear_down(record);
                     self.forget(record, "create_failed", &e.to_string())?;
@@ -662,7 +888,7 @@ impl Manager {
             }
             (SandboxStatus::Resuming, Some(VmState::Running)) => {
                 tracing::info!(sandbox = %id, "finishing a resume interrupted by a restart");
-                if let Err(e) = self.finish_boot(record) {
+                if let Err(e) = self.finish_boot(record, None) {
                     tracing::warn!(sandbox = %id, error = %e, "cannot finish; back to paused");
                     self.back_to_paused(record)?;
                 }
@@ -673,6 +899,14 @@ impl Manager {
             }
             (SandboxStatus::Running, Some(VmState::Running)) => {
                 tracing::info!(sandbox = %id, "re-attached to running VM");
+            }
+            (SandboxStatus::Paused, _) if record.memory_header.is_some() => {
+                // Paused, but the agent died before dropping the memory file
+                // that the layers now hold.
+                let memory = self.memory_file(&id);
+                if memory.exists() {
+                    remove_file_logged(&memory);
+                }
             }
             (SandboxStatus::Running, _) => {
                 tracing::warn!(sandbox = %id, "VM is gone; marking the sandbox as failed");
@@ -817,6 +1051,15 @@ fn random_token() -> Result<String, SandboxError> {
     getrandom::fill(&mut bytes)
         .map_err(|e| SandboxError::Internal(format!("no randomness for a token: {e}")))?;
     Ok(hex::encode(bytes))
+}
+
+/// Removes a file whose loss only costs disk, logging a failure.
+pub(super) fn remove_file_logged(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::error!(path = %path.display(), error = %e, "cannot remove file");
+        }
+    }
 }
 
 fn read_tail(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {

@@ -3,13 +3,16 @@
 //!
 //! - [`manager`]: create, destroy, timeouts, reconcile after a restart.
 //! - [`envd`]: the client for the guest agent inside each sandbox.
-//! - [`templates`]: what a sandbox can start from.
+//! - [`templates`]: the base images a sandbox can boot from.
+//! - [`snapshots`]: snapshot templates a sandbox can restore from.
 //! - [`error`]: failures and the HTTP answers they get.
 
 pub mod envd;
 pub mod error;
 pub mod manager;
+pub mod snapshots;
 pub mod templates;
 
 pub use error::SandboxError;
 pub use manager::{CreateRequest, HostCapacity, Manager};
+pub use snapshots::{LayerUsage, Snapshot, SnapshotRequest};

@@ -218,7 +218,20 @@ impl LayerStore {
     /// Returns the deleted ids. The caller builds `keep` from every record
     /// that names a header.
     pub fn prune_headers(&self, keep: &HashSet<HeaderId>) -> Result<Vec<HeaderId>> {
+        self.prune_headers_with(|| Ok(keep.clone()))
+    }
+
+    /// [`prune_headers`](LayerStore::prune_headers) with `keep` read by the
+    /// store while nothing can slip between: a header settled after `keep`
+    /// is read is still protected, and one settled before has its record
+    /// committed before, so `keep` (read from the records) holds it. Use
+    /// this while other threads record headers.
+    pub fn prune_headers_with(
+        &self,
+        keep: impl FnOnce() -> Result<HashSet<HeaderId>>,
+    ) -> Result<Vec<HeaderId>> {
         let (_, fresh) = self.fresh();
+        let keep = keep()?;
         let mut removed = Vec::new();
         let mut temps = Vec::new();
         for entry in list(&self.headers_dir)? {

@@ -57,6 +57,7 @@ pub(crate) mod samples {
             envd_token: Some("secret".into()),
             error: None,
             updated_at_ms: 1_700_000_000_500,
+            memory_header: Some([0xcd; 32]),
         }
     }
 
@@ -73,6 +74,10 @@ pub(crate) mod samples {
             sha256: Some("ab".repeat(32)),
             parent_sandbox: Some(sandbox_id()),
             created_at_ms: 1_700_000_000_000,
+            memory_header: Some([0xef; 32]),
+            vm_state: Some("vmstate".into()),
+            disk_base: Some("rootfs.ext4".into()),
+            envd_token: Some("token".into()),
         }
     }
 
@@ -106,9 +111,9 @@ pub(crate) mod samples {
 
 #[cfg(test)]
 mod golden {
-    //! Version 1 of every record is frozen. If a test here fails, a record's
-    //! layout changed without a new record version: see docs/state.md,
-    //! "Changing a record".
+    //! Every version of every record is frozen. If a test here fails, a
+    //! record's layout changed without a new record version: see
+    //! docs/state.md, "Changing a record".
 
     use super::samples;
     use crate::codec::{decode, encode, Record};
@@ -117,41 +122,76 @@ mod golden {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    fn check<R: Record + PartialEq + std::fmt::Debug>(record: R, golden: &str) {
+    fn check<R: Record + PartialEq + std::fmt::Debug>(version: u8, record: R, golden: &str) {
         assert_eq!(
             R::CURRENT_VERSION,
-            1,
-            "pin the new version and keep this one"
+            version,
+            "pin the new version and keep this one as an upgrade test"
         );
         let bytes = encode(&record).unwrap();
         assert_eq!(hex(&bytes), golden, "{} layout changed", R::DATABASE);
         assert_eq!(decode::<R>(&"golden", &bytes).unwrap(), record);
     }
 
+    /// Bytes of an older version decode to the current record.
+    fn upgrades<R: Record + PartialEq + std::fmt::Debug>(golden: &str, expected: R) {
+        let bytes: Vec<u8> = (0..golden.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&golden[i..i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(decode::<R>(&"golden", &bytes).unwrap(), expected);
+    }
+
     #[test]
-    fn sandbox_v1() {
-        check(
-            samples::sandbox(),
+    fn sandbox_v1_upgrades() {
+        let mut expected = samples::sandbox();
+        expected.memory_header = None;
+        upgrades(
             "010873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc310101030471656d75019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc31",
+            expected,
         );
     }
 
     #[test]
-    fn template_v1() {
+    fn sandbox_v2() {
         check(
-            samples::template(),
+            2,
+            samples::sandbox(),
+            "020873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc310101030471656d75019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc3101cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
+        );
+    }
+
+    #[test]
+    fn template_v1_upgrades() {
+        let mut expected = samples::template();
+        expected.memory_header = None;
+        expected.vm_state = None;
+        expected.disk_base = None;
+        expected.envd_token = None;
+        upgrades(
             "0106736e61702d310101020007766d6c696e757a11696e697472616d66732e6370696f2e677a0b726f6f7466732e657874348080808008014061626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162010873622d746573743180d095ffbc31",
+            expected,
+        );
+    }
+
+    #[test]
+    fn template_v2() {
+        check(
+            2,
+            samples::template(),
+            "0206736e61702d310101020007766d6c696e757a11696e697472616d66732e6370696f2e677a0b726f6f7466732e657874348080808008014061626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162010873622d746573743180d095ffbc3101efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef0107766d7374617465010b726f6f7466732e657874340105746f6b656e",
         );
     }
 
     #[test]
     fn slot_v1() {
-        check(samples::slot(), "010873622d746573743180d095ffbc31");
+        check(1, samples::slot(), "010873622d746573743180d095ffbc31");
     }
 
     #[test]
     fn layer_v1() {
         check(
+            1,
             samples::layer(),
             "018060802003abababababababababababababababababababababababababababababababab0280d095ffbc31",
         );
@@ -160,6 +200,7 @@ mod golden {
     #[test]
     fn event_v1() {
         check(
+            1,
             samples::event(),
             "0180d095ffbc31010873622d74657374310f73616e64626f782e637265617465640d74656d706c6174652062617365",
         );

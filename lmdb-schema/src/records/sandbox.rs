@@ -11,7 +11,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{sealed::Upgrade, Record};
+use crate::codec::{decode_body, sealed::Upgrade, Record};
 use crate::keys::sealed::KeyBytes;
 use crate::keys::{SandboxId, SlotId, TemplateName};
 
@@ -113,7 +113,7 @@ pub struct VmmProcess {
     pub control_socket: String,
 }
 
-/// One sandbox (record version 1).
+/// One sandbox (record version 2: adds `memory_header`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRecord {
     /// Its id; the same as the key.
@@ -150,6 +150,58 @@ pub struct SandboxRecord {
     pub error: Option<String>,
     /// Time of the last change, milliseconds since the Unix epoch.
     pub updated_at_ms: u64,
+    /// The layer-store header of its memory: while paused, the memory
+    /// itself; while running, the snapshot it was last restored from (the
+    /// parent of its next pause). Each header named here holds references
+    /// on its layers. `None`: booted cold and never paused.
+    pub memory_header: Option<[u8; 32]>,
+}
+
+/// Version 1, frozen: decoded and upgraded, never written.
+#[derive(Deserialize)]
+struct SandboxRecordV1 {
+    id: SandboxId,
+    status: SandboxStatus,
+    template: TemplateName,
+    vcpus: u32,
+    memory_mb: u32,
+    metadata: BTreeMap<String, String>,
+    env: BTreeMap<String, String>,
+    internet: bool,
+    created_at_ms: u64,
+    expires_at_ms: Option<u64>,
+    timeout_action: TimeoutAction,
+    slot: Option<SlotId>,
+    runtime: String,
+    vmm: Option<VmmProcess>,
+    envd_token: Option<String>,
+    error: Option<String>,
+    updated_at_ms: u64,
+}
+
+impl From<SandboxRecordV1> for SandboxRecord {
+    fn from(v1: SandboxRecordV1) -> SandboxRecord {
+        SandboxRecord {
+            id: v1.id,
+            status: v1.status,
+            template: v1.template,
+            vcpus: v1.vcpus,
+            memory_mb: v1.memory_mb,
+            metadata: v1.metadata,
+            env: v1.env,
+            internet: v1.internet,
+            created_at_ms: v1.created_at_ms,
+            expires_at_ms: v1.expires_at_ms,
+            timeout_action: v1.timeout_action,
+            slot: v1.slot,
+            runtime: v1.runtime,
+            vmm: v1.vmm,
+            envd_token: v1.envd_token,
+            error: v1.error,
+            updated_at_ms: v1.updated_at_ms,
+            memory_header: None,
+        }
+    }
 }
 
 impl SandboxRecord {
@@ -169,11 +221,18 @@ impl Upgrade for SandboxRecord {
     fn own_key(&self) -> Option<Cow<'_, [u8]>> {
         Some(self.id.to_bytes())
     }
+
+    fn upgrade(version: u8, body: &[u8]) -> Option<Result<Self, String>> {
+        match version {
+            1 => Some(decode_body::<SandboxRecordV1>(body).map(SandboxRecord::from)),
+            _ => None,
+        }
+    }
 }
 
 impl Record for SandboxRecord {
     const DATABASE: &'static str = "sandboxes";
-    const CURRENT_VERSION: u8 = 1;
+    const CURRENT_VERSION: u8 = 2;
     type Key = SandboxId;
 }
 
@@ -187,7 +246,7 @@ mod tests {
     fn round_trip() {
         let record = samples::sandbox();
         let bytes = encode(&record).unwrap();
-        assert_eq!(bytes[0], 1);
+        assert_eq!(bytes[0], 2);
         assert_eq!(decode::<SandboxRecord>(&record.id, &bytes).unwrap(), record);
     }
 

@@ -1,0 +1,515 @@
+//! Snapshot templates: a sandbox frozen under a name, that new sandboxes
+//! restore from instead of booting.
+//!
+//! A snapshot is a `templates` record of kind `Snapshot` and a folder
+//! `<state dir>/snapshots/<name>-<random>/` holding:
+//!
+//! - `vmstate`: the VM's device and CPU state;
+//! - `disk.qcow2`: the sandbox's disk above its base image, flattened into
+//!   one qcow2 file over that raw image (so snapshots of sandboxes made from
+//!   snapshots never chain);
+//!
+//! and the memory as a layer-store header (`memory_header`), whose layers it
+//! holds references on. A sandbox made from it holds references on the same
+//! layers, restores into a fresh overlay on `disk.qcow2`, and, when paused,
+//! stores only the memory blocks it changed. The record is written after the
+//! folder is complete, so a folder without a record is a leftover, removed
+//! at start.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use lmdb_schema::{SandboxId, SandboxStatus, TemplateKind, TemplateName, TemplateRecord};
+
+use super::error::SandboxError;
+use super::manager::{now_ms, Manager};
+use crate::runtime::qemu::OVERLAY;
+use crate::store::{Header, HeaderId};
+
+const VM_STATE: &str = "vmstate";
+const DISK: &str = "disk.qcow2";
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// What a caller asks for when taking a snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotRequest {
+    pub sandbox_id: SandboxId,
+    /// `None`: a name is made up from the sandbox id and the time.
+    pub name: Option<String>,
+    /// Replace a snapshot of that name (refused while sandboxes use it).
+    pub overwrite: bool,
+}
+
+/// What the layer store holds, for `GET /v1/node`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LayerUsage {
+    /// Layer records with a reference.
+    pub layers: u64,
+    /// Bytes of those layers.
+    pub bytes: u64,
+    /// Layer files in the folder (more than `layers` only until the next
+    /// collection).
+    pub files: u64,
+    /// Header files in the folder.
+    pub headers: u64,
+}
+
+/// A snapshot with what the API shows of it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub record: TemplateRecord,
+    /// Sandboxes made from it that still exist.
+    pub users: Vec<SandboxId>,
+}
+
+impl Manager {
+    /// The snapshot template called `name`, if there is one.
+    pub(super) fn snapshot_record(
+        &self,
+        name: &TemplateName,
+    ) -> Result<Option<TemplateRecord>, SandboxError> {
+        let record = self.store().read(|txn| txn.templates().get(name))?;
+        Ok(record.filter(TemplateRecord::is_snapshot))
+    }
+
+    /// The memory header of snapshot `template`, loaded and checked.
+    pub(super) fn snapshot_memory(
+        &self,
+        template: &TemplateRecord,
+    ) -> Result<(HeaderId, Header), SandboxError> {
+        let id = template.memory_header.map(HeaderId).ok_or_else(|| {
+            SandboxError::Internal(format!("snapshot {} has no memory", template.name))
+        })?;
+        Ok((id, self.layers.load_header(&id)?))
+    }
+
+    /// Freezes a sandbox into a snapshot template. A running sandbox is
+    /// paused for the time it takes and runs on afterwards; a paused one
+    /// stays paused.
+    pub fn snapshot(&self, request: SnapshotRequest) -> Result<Snapshot, SandboxError> {
+        let id = request.sandbox_id.clone();
+        let name = match &request.name {
+            Some(name) => TemplateName::parse(name)
+                .map_err(|e| SandboxError::Invalid(format!("name: {e}")))?,
+            None => TemplateName::parse(&format!("{}-{}", id, now_ms()))
+                .map_err(|e| SandboxError::Internal(e.to_string()))?,
+        };
+        if self.templates().exists(&name) {
+            return Err(SandboxError::Conflict(format!(
+                "{name} is the name of a base image: choose another name"
+            )));
+        }
+        self.check_name_free(&name, request.overwrite)?;
+        let _busy = self.claim(&id)?;
+        let record = self.get(&id)?;
+        let was_running = match record.status {
+            SandboxStatus::Running => true,
+            SandboxStatus::Paused => false,
+            other => {
+                return Err(SandboxError::Conflict(format!(
+                    "cannot snapshot sandbox {id}: it is {}; only a running or paused sandbox \
+                     can be snapshotted",
+                    other.as_str()
+                )))
+            }
+        };
+        tracing::info!(sandbox = %id, snapshot = %name, was_running, "taking a snapshot");
+        let paused = if was_running {
+            self.pause_claimed(record)?
+        } else {
+            record
+        };
+        let taken = self.write_snapshot(&paused, &name, request.overwrite);
+        if was_running {
+            // Whatever became of the snapshot, the sandbox runs on.
+            if let Err(e) = self.resume_claimed(paused) {
+                tracing::error!(sandbox = %id, error = %e, "cannot resume after the snapshot; it stays paused");
+            }
+        }
+        let record = taken?;
+        tracing::info!(sandbox = %id, snapshot = %name, size_bytes = record.size_bytes, "snapshot taken");
+        Ok(Snapshot {
+            record,
+            users: Vec::new(),
+        })
+    }
+
+    /// 409 when `name` is taken and may not be (or cannot be) replaced.
+    fn check_name_free(&self, name: &TemplateName, overwrite: bool) -> Result<(), SandboxError> {
+        if self
+            .store()
+            .read(|txn| txn.templates().get(name))?
+            .is_none()
+        {
+            return Ok(());
+        }
+        if !overwrite {
+            return Err(SandboxError::Conflict(format!(
+                "a snapshot named {name} exists: choose another name, or replace it with \
+                 ?overwrite=true"
+            )));
+        }
+        let users = self.users_of(name)?;
+        if !users.is_empty() {
+            return Err(in_use(name, &users, "replace"));
+        }
+        Ok(())
+    }
+
+    /// Sandboxes that restore from or rest on snapshot `name`.
+    fn users_of(&self, name: &TemplateName) -> Result<Vec<SandboxId>, SandboxError> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|s| &s.template == name)
+            .map(|s| s.id)
+            .collect())
+    }
+
+    /// Writes the folder of a snapshot of the paused `sandbox`, then its
+    /// record (replacing an unused one of the same name when `overwrite`).
+    fn write_snapshot(
+        &self,
+        sandbox: &lmdb_schema::SandboxRecord,
+        name: &TemplateName,
+        overwrite: bool,
+    ) -> Result<TemplateRecord, SandboxError> {
+        let (memory_id, memory) = match self.load_memory(sandbox.memory_header)? {
+            Some(header) => (header.id()?, header),
+            None => {
+                return Err(SandboxError::Internal(format!(
+                    "sandbox {} has no memory in layers; pause and resume it once, then retry",
+                    sandbox.id
+                )))
+            }
+        };
+        let (kernel, initramfs, disk_base) = self.boot_files_of(&sandbox.template)?;
+        fs::create_dir_all(&self.snapshots_dir).map_err(io_error(&self.snapshots_dir))?;
+        let suffix = hex::encode(random_bytes::<4>()?);
+        let final_dir = self.snapshots_dir.join(format!("{name}-{suffix}"));
+        let temp_dir = self
+            .snapshots_dir
+            .join(format!("{TEMP_PREFIX}{name}-{suffix}"));
+        let written = self.write_snapshot_files(sandbox, &temp_dir, &disk_base);
+        if let Err(e) = written {
+            let _ = fs::remove_dir_all(&temp_dir);
+            return Err(e);
+        }
+        fs::rename(&temp_dir, &final_dir).map_err(io_error(&final_dir))?;
+        sync_dir(&self.snapshots_dir)?;
+
+        let files_size = dir_size(&final_dir);
+        let memory_size = memory.stored_blocks() * u64::from(memory.block_size());
+        let record = TemplateRecord {
+            name: name.clone(),
+            kind: TemplateKind::Snapshot,
+            vcpus: Some(sandbox.vcpus),
+            memory_mb: Some(sandbox.memory_mb),
+            kernel,
+            initramfs,
+            rootfs: path_text(&final_dir.join(DISK)),
+            size_bytes: files_size + memory_size,
+            sha256: None,
+            parent_sandbox: Some(sandbox.id.clone()),
+            created_at_ms: now_ms(),
+            memory_header: Some(memory_id.0),
+            vm_state: Some(path_text(&final_dir.join(VM_STATE))),
+            disk_base: Some(path_text(&disk_base)),
+            envd_token: sandbox.envd_token.clone(),
+        };
+        let committed = self.store().write_with(|txn| {
+            let mut released = Vec::new();
+            let mut replaced = None;
+            if let Some(old) = txn.templates().get(name)? {
+                let in_use = txn.sandboxes().iter()?.any(|s| match s {
+                    Ok((_, s)) => &s.template == name,
+                    Err(_) => true,
+                });
+                if !overwrite || in_use {
+                    return Err(SandboxError::Conflict(format!(
+                        "snapshot {name} was taken or put in use meanwhile: retry"
+                    )));
+                }
+                if let Some(old_memory) = self.load_memory(old.memory_header)? {
+                    released = self.layers.release(txn, &old_memory)?;
+                }
+                replaced = Some(old);
+            }
+            self.layers.retain(txn, &memory)?;
+            txn.templates().put(name, &record)?;
+            Ok((released, replaced))
+        });
+        let (released, replaced) = match committed {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&final_dir);
+                return Err(e);
+            }
+        };
+        let replaced_any = replaced.is_some() || !released.is_empty();
+        if let Some(old) = replaced {
+            remove_snapshot_dir(&old);
+        }
+        if replaced_any {
+            self.collect_layers();
+        }
+        Ok(record)
+    }
+
+    /// `vmstate` copied, the disk flattened over `disk_base`, all synced.
+    fn write_snapshot_files(
+        &self,
+        sandbox: &lmdb_schema::SandboxRecord,
+        dir: &Path,
+        disk_base: &Path,
+    ) -> Result<(), SandboxError> {
+        fs::create_dir(dir).map_err(io_error(dir))?;
+        let state = dir.join(VM_STATE);
+        fs::copy(self.state_file(&sandbox.id), &state).map_err(io_error(&state))?;
+        let disk = dir.join(DISK);
+        let overlay = self.sandbox_dir(&sandbox.id).join(OVERLAY);
+        let out = Command::new("qemu-img")
+            .args(["convert", "-q", "-O", "qcow2", "-F", "raw", "-B"])
+            .arg(disk_base)
+            .arg(&overlay)
+            .arg(&disk)
+            .output()
+            .map_err(|e| SandboxError::Internal(format!("cannot run qemu-img: {e}")))?;
+        if !out.status.success() {
+            return Err(SandboxError::Internal(format!(
+                "qemu-img could not copy the disk of sandbox {}: {}",
+                sandbox.id,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        for file in [&state, &disk] {
+            File::open(file)
+                .and_then(|f| f.sync_all())
+                .map_err(io_error(file))?;
+        }
+        sync_dir(dir)
+    }
+
+    /// Kernel, initramfs and base raw image of template `name`.
+    fn boot_files_of(
+        &self,
+        name: &TemplateName,
+    ) -> Result<(String, String, PathBuf), SandboxError> {
+        if let Some(t) = self.snapshot_record(name)? {
+            let base = t.disk_base.clone().ok_or_else(|| {
+                SandboxError::Internal(format!("snapshot {name} does not say its base image"))
+            })?;
+            return Ok((t.kernel, t.initramfs, PathBuf::from(base)));
+        }
+        let files = self.templates().files(name)?;
+        Ok((
+            path_text(&files.kernel),
+            path_text(&files.initramfs),
+            files.rootfs,
+        ))
+    }
+
+    /// Every snapshot template, by name, with the sandboxes using each.
+    pub fn list_snapshots(&self) -> Result<Vec<Snapshot>, SandboxError> {
+        let records: Vec<TemplateRecord> = self.store().read(|txn| {
+            txn.templates()
+                .iter()?
+                .map(|r| r.map(|(_, v)| v))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        let sandboxes = self.list()?;
+        Ok(records
+            .into_iter()
+            .filter(TemplateRecord::is_snapshot)
+            .map(|record| Snapshot {
+                users: sandboxes
+                    .iter()
+                    .filter(|s| s.template == record.name)
+                    .map(|s| s.id.clone())
+                    .collect(),
+                record,
+            })
+            .collect())
+    }
+
+    /// One snapshot template.
+    pub fn get_snapshot(&self, name: &str) -> Result<Snapshot, SandboxError> {
+        let name = parse_existing(name)?;
+        let record = self
+            .snapshot_record(&name)?
+            .ok_or_else(|| not_found(&name))?;
+        let users = self.users_of(&name)?;
+        Ok(Snapshot { record, users })
+    }
+
+    /// Deletes a snapshot template that no sandbox uses.
+    pub fn delete_snapshot(&self, name: &str) -> Result<(), SandboxError> {
+        let name = parse_existing(name)?;
+        let (record, released) = self.store().write_with(|txn| {
+            let record = txn
+                .templates()
+                .get(&name)?
+                .filter(TemplateRecord::is_snapshot)
+                .ok_or_else(|| not_found(&name))?;
+            let mut users = Vec::new();
+            for item in txn.sandboxes().iter()? {
+                let (_, sandbox) = item?;
+                if sandbox.template == name {
+                    users.push(sandbox.id);
+                }
+            }
+            if !users.is_empty() {
+                return Err(in_use(&name, &users, "delete"));
+            }
+            let released = match self.load_memory(record.memory_header)? {
+                Some(memory) => self.layers.release(txn, &memory)?,
+                None => Vec::new(),
+            };
+            txn.templates().delete(&name)?;
+            Ok((record, released))
+        })?;
+        remove_snapshot_dir(&record);
+        if !released.is_empty() || record.memory_header.is_some() {
+            self.collect_layers();
+        }
+        tracing::info!(snapshot = %name, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Deletes header files that no sandbox or snapshot names.
+    pub(super) fn prune_headers(&self) -> Result<Vec<HeaderId>, SandboxError> {
+        Ok(self.layers.prune_headers_with(|| {
+            Ok(self.store().read(|txn| {
+                let mut keep = std::collections::HashSet::new();
+                for item in txn.templates().iter()? {
+                    keep.extend(item?.1.memory_header.map(HeaderId));
+                }
+                for item in txn.sandboxes().iter()? {
+                    keep.extend(item?.1.memory_header.map(HeaderId));
+                }
+                Ok(keep)
+            })?)
+        })?)
+    }
+
+    /// Counts what the layer store holds.
+    pub fn layer_usage(&self) -> Result<LayerUsage, SandboxError> {
+        let mut usage = self.store().read(|txn| {
+            let mut usage = LayerUsage::default();
+            for item in txn.layers().iter()? {
+                let (_, layer) = item?;
+                if layer.refcount > 0 {
+                    usage.layers += 1;
+                    usage.bytes += layer.size_bytes;
+                }
+            }
+            Ok(usage)
+        })?;
+        let count = |dir: &Path| {
+            fs::read_dir(dir).map_or(0, |entries| {
+                entries
+                    .flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count() as u64
+            })
+        };
+        usage.files = count(self.layers.layers_dir());
+        usage.headers = count(self.layers.headers_dir());
+        Ok(usage)
+    }
+
+    /// At start: removes snapshot folders no record names (a crash while
+    /// one was written), layer files no record uses and header files no
+    /// record names.
+    pub fn clean_snapshot_files(&self) -> Result<(), SandboxError> {
+        let snapshots = self.list_snapshots()?;
+        let kept: Vec<PathBuf> = snapshots
+            .iter()
+            .filter_map(|s| Path::new(&s.record.rootfs).parent().map(Path::to_path_buf))
+            .collect();
+        if let Ok(entries) = fs::read_dir(&self.snapshots_dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if !kept.contains(&path) {
+                    tracing::info!(dir = %path.display(), "removing a snapshot folder no snapshot uses");
+                    let _ = fs::remove_dir_all(&path);
+                }
+            }
+        }
+        let pruned = self.prune_headers()?;
+        let report = self.layers.collect_garbage()?;
+        tracing::info!(
+            headers_removed = pruned.len(),
+            layers_deleted = report.deleted.len(),
+            stray_layers = report.strays.len(),
+            missing_layers = report.missing.len(),
+            "layer store checked"
+        );
+        Ok(())
+    }
+}
+
+fn parse_existing(name: &str) -> Result<TemplateName, SandboxError> {
+    TemplateName::parse(name).map_err(|_| {
+        SandboxError::NotFound(format!(
+            "snapshot {name} does not exist: list snapshots with GET /v1/snapshots"
+        ))
+    })
+}
+
+fn not_found(name: &TemplateName) -> SandboxError {
+    SandboxError::SnapshotNotFound(name.to_string())
+}
+
+fn in_use(name: &TemplateName, users: &[SandboxId], verb: &str) -> SandboxError {
+    let list: Vec<&str> = users.iter().map(SandboxId::as_str).collect();
+    SandboxError::Conflict(format!(
+        "cannot {verb} snapshot {name}: {} sandbox(es) were made from it and still exist \
+         ({}); destroy them first",
+        users.len(),
+        list.join(", ")
+    ))
+}
+
+fn remove_snapshot_dir(record: &TemplateRecord) {
+    if let Some(dir) = Path::new(&record.rootfs).parent() {
+        if let Err(e) = fs::remove_dir_all(dir) {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot remove a snapshot folder; it goes at the next start");
+        }
+    }
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SandboxError> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_error(dir))
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
+    move |e| SandboxError::Internal(format!("{}: {e}", path.display()))
+}
+
+fn path_text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], SandboxError> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| SandboxError::Internal(format!("no randomness: {e}")))?;
+    Ok(bytes)
+}
