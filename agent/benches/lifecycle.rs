@@ -1,6 +1,7 @@
 //! `make bench`: sandbox lifecycle timings on this host, against a real
-//! agent process: create-to-ready, exec round trip, pause, resume, destroy. Prints a
-//! Markdown table and writes it to `target/bench/lifecycle.md`.
+//! agent process: create-to-ready, exec round trip, pause, resume, destroy,
+//! snapshot, create from a snapshot, and the disk a paused sandbox uses.
+//! Prints Markdown tables and writes them to `target/bench/lifecycle.md`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -8,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::Agent;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const SANDBOXES: usize = 5;
 const EXECS: usize = 20;
@@ -32,6 +33,46 @@ impl Stats {
     }
 }
 
+/// Disk samples in bytes, shown in MiB.
+struct Disk(Vec<u64>);
+
+impl Disk {
+    fn row(&self, what: &str) -> String {
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        let n = self.0.len();
+        let mean = self.0.iter().map(|b| mib(*b)).sum::<f64>() / n as f64;
+        let min = self.0.iter().copied().min().map_or(0.0, mib);
+        let max = self.0.iter().copied().max().map_or(0.0, mib);
+        format!("| {what} | {n} | {min:.1} | {mean:.1} | {max:.1} |")
+    }
+}
+
+/// Bytes of layers the node holds.
+fn layer_bytes(agent: &Agent) -> u64 {
+    let (_, node): (u16, Value) = agent.get("/v1/node");
+    node["layers"]["bytes"].as_u64().expect("layers.bytes")
+}
+
+/// Bytes on disk of a sandbox's folder (VM state, disk overlay, logs).
+fn folder_bytes(agent: &Agent, id: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let dir = agent.dir.join("state/sandboxes").join(id);
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn post_ok(agent: &Agent, path: &str) {
+    let (status, body) = agent.post(path, json!({}));
+    assert_eq!(status, 200, "{path}: {body}");
+}
+
 fn main() {
     let Some(images) = common::images_dir_or_skip("lifecycle bench") else {
         return;
@@ -47,6 +88,7 @@ fn main() {
         (Stats(vec![]), Stats(vec![]), Stats(vec![]), Stats(vec![]));
     let (mut pause_idle, mut resume_idle, mut pause_dirty, mut resume_dirty) =
         (Stats(vec![]), Stats(vec![]), Stats(vec![]), Stats(vec![]));
+    let (mut disk_idle, mut disk_dirty) = (Disk(vec![]), Disk(vec![]));
     for _ in 0..SANDBOXES {
         let start = Instant::now();
         let id = agent.create(json!({"memory_mb": 512}));
@@ -79,15 +121,63 @@ fn main() {
             );
             resume.0.push(start.elapsed());
         };
+        let disk = |samples: &mut Disk| {
+            post_ok(&agent, &format!("/v1/sandboxes/{id}/pause"));
+            // The only sandbox: every layer is its own.
+            samples
+                .0
+                .push(layer_bytes(&agent) + folder_bytes(&agent, &id));
+            post_ok(&agent, &format!("/v1/sandboxes/{id}/resume"));
+        };
         cycle(&mut pause_idle, &mut resume_idle);
+        disk(&mut disk_idle);
         let dirty = "b = bytearray(100 * 1024 * 1024)\nfor i in range(0, len(b), 4096): b[i] = 1\n\
                      open('/dev/shm/keep', 'wb').write(b)";
         assert_eq!(agent.python(&id, dirty).0, 0);
         cycle(&mut pause_dirty, &mut resume_dirty);
+        disk(&mut disk_dirty);
         let start = Instant::now();
         assert_eq!(agent.delete(&format!("/v1/sandboxes/{id}")).0, 204);
         destroy.0.push(start.elapsed());
     }
+    // Snapshots: one of a booted sandbox, four sandboxes from it, each
+    // changing a little and paused.
+    let (mut snapshot, mut from_snapshot) = (Stats(vec![]), Stats(vec![]));
+    let mut disk_child = Disk(vec![]);
+    let source = agent.create(json!({"memory_mb": 512}));
+    let start = Instant::now();
+    let (status, body) = agent.post(
+        "/v1/snapshots",
+        json!({"sandbox_id": source, "name": "bench"}),
+    );
+    assert_eq!(status, 201, "{body}");
+    snapshot.0.push(start.elapsed());
+    let snapshot_bytes = body["size_bytes"].as_u64().unwrap_or(0);
+    assert_eq!(agent.delete(&format!("/v1/sandboxes/{source}")).0, 204);
+    let mut children = Vec::new();
+    for _ in 0..4 {
+        let start = Instant::now();
+        children.push(agent.create(json!({"template": "bench"})));
+        from_snapshot.0.push(start.elapsed());
+    }
+    for child in &children {
+        assert_eq!(
+            agent
+                .python(child, "open('/root/mine', 'w').write('x' * 4096)")
+                .0,
+            0
+        );
+        let before = layer_bytes(&agent);
+        post_ok(&agent, &format!("/v1/sandboxes/{child}/pause"));
+        disk_child
+            .0
+            .push(layer_bytes(&agent) - before + folder_bytes(&agent, child));
+    }
+    for child in &children {
+        assert_eq!(agent.delete(&format!("/v1/sandboxes/{child}")).0, 204);
+    }
+    assert_eq!(agent.delete("/v1/snapshots/bench").0, 204);
+
     let table = [
         format!(
             "Runtime: {runtime}; host: {} CPUs; 512 MiB, 1 vCPU sandboxes.\n",
@@ -103,6 +193,19 @@ fn main() {
         pause_dirty.row("pause (after writing 100 MiB)"),
         resume_dirty.row("resume to envd ready (after writing 100 MiB)"),
         destroy.row("destroy"),
+        snapshot.row("snapshot of a running sandbox (it runs on)"),
+        from_snapshot.row("create from a snapshot to envd ready (4 from one)"),
+        String::new(),
+        "Disk per paused sandbox: its own memory layers, VM state and disk overlay.\n".to_owned(),
+        "| sandbox | n | min MiB | mean MiB | max MiB |".to_owned(),
+        "|---|---|---|---|---|".to_owned(),
+        disk_idle.row("booted, idle"),
+        disk_dirty.row("booted, after writing 100 MiB"),
+        disk_child.row("from a snapshot, after a small change"),
+        format!(
+            "\nThe snapshot itself: {:.1} MiB, shared by the sandboxes made from it.",
+            snapshot_bytes as f64 / f64::from(1 << 20)
+        ),
     ]
     .join("\n");
     println!("{table}");

@@ -323,7 +323,7 @@ impl Manager {
         std::fs::create_dir_all(&dir)
             .map_err(|e| SandboxError::Internal(format!("{}: {e}", dir.display())))?;
         self.layers
-            .materialize(memory, &self.memory_file(&record.id))?;
+            .materialize_with(memory, &self.memory_file(&record.id), false)?;
         let net = network::setup(slot, record.internet)?;
         let spec = self.vm_spec(record, net.netns)?;
         let handle = self.runtime.restore_new(&spec, Path::new(state))?;
@@ -549,8 +549,9 @@ impl Manager {
         })?;
         if let Some(memory) = self.load_memory(record.memory_header)? {
             let started = std::time::Instant::now();
+            // A working copy: after a crash it is written again from layers.
             self.layers
-                .materialize(&memory, &self.memory_file(&record.id))?;
+                .materialize_with(&memory, &self.memory_file(&record.id), false)?;
             tracing::debug!(sandbox = %record.id, ms = started.elapsed().as_millis() as u64, "memory written from layers");
         }
         let net = network::setup(slot, record.internet)?;

@@ -166,6 +166,13 @@ impl LayerStore {
     /// created or truncated, sized, layer extents written, zero extents
     /// left as holes, then fsynced.
     pub fn materialize(&self, header: &Header, out: &Path) -> Result<()> {
+        self.materialize_with(header, out, true)
+    }
+
+    /// [`materialize`](LayerStore::materialize), without the fsync when
+    /// `sync` is false: for a working copy that can be written again from
+    /// the layers after a crash, such as a VM's memory file.
+    pub fn materialize_with(&self, header: &Header, out: &Path, sync: bool) -> Result<()> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -198,7 +205,10 @@ impl LayerStore {
             )?;
         }
         self.flush_batch(header, &mut batch, &mut buf, &file, out)?;
-        file.sync_all().map_err(Error::io("fsync", out))
+        if sync {
+            file.sync_all().map_err(Error::io("fsync", out))?;
+        }
+        Ok(())
     }
 
     /// Adds one layer extent to the batch, flushing whenever it is full.
