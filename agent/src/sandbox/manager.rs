@@ -554,6 +554,8 @@ impl Manager {
                 .materialize_with(&memory, &self.memory_file(&record.id), false)?;
             tracing::debug!(sandbox = %record.id, ms = started.elapsed().as_millis() as u64, "memory written from layers");
         }
+        // A VM left by an interrupted resume would hold the disk's lock.
+        stop_orphan_vm(self.runtime.as_ref(), &self.sandbox_dir(&record.id));
         let net = network::setup(slot, record.internet)?;
         let spec = self.vm_spec(record, net.netns)?;
         let handle = self.runtime.restore(&spec, &self.state_file(&record.id))?;
@@ -566,10 +568,16 @@ impl Manager {
     /// slot freed, status paused. The layers, disk and VM state are
     /// untouched; a memory file written from layers is dropped.
     fn back_to_paused(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
-        if let Some(vmm) = record.vmm.take() {
-            if let Err(e) = self.runtime.stop(&handle_of(&vmm)) {
-                tracing::error!(sandbox = %record.id, error = %e, "cannot stop VM");
+        match record.vmm.take() {
+            Some(vmm) => {
+                if let Err(e) = self.runtime.stop(&handle_of(&vmm)) {
+                    tracing::error!(sandbox = %record.id, error = %e, "cannot stop VM");
+                }
             }
+            // A crash between starting QEMU and recording it leaves only
+            // the PID file to find the VM by; left running, it would hold
+            // the disk's lock against the next resume.
+            None => stop_orphan_vm(self.runtime.as_ref(), &self.sandbox_dir(&record.id)),
         }
         if let Some(slot) = record.slot {
             if let Err(e) = network::teardown(slot.0) {
@@ -956,24 +964,42 @@ impl Manager {
     }
 }
 
-/// Stops a VM whose PID file is in `dir`, if that PID is a QEMU of this folder.
+/// Stops every VM process of the sandbox folder `dir`: the one its PID file
+/// names, and any QEMU whose command line names the folder (one started by
+/// an agent that died before the PID file was written).
 fn stop_orphan_vm(runtime: &dyn Runtime, dir: &Path) {
-    let Ok(pid) = std::fs::read_to_string(dir.join(crate::runtime::qemu::PID_FILE)) else {
-        return;
-    };
-    let Ok(pid) = pid.trim().parse::<u32>() else {
-        return;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let ours = String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy());
-    if let (true, Some(ticks)) = (ours, crate::runtime::process::start_time_ticks(pid)) {
-        let handle = VmHandle {
-            pid,
-            start_time_ticks: ticks,
-            control_socket: dir.join(crate::runtime::qemu::QMP_SOCKET),
-        };
-        if let Err(e) = runtime.stop(&handle) {
-            tracing::error!(pid, error = %e, "cannot stop an orphaned VM");
+    let folder = dir.to_string_lossy().into_owned();
+    let pid_file = dir.join(crate::runtime::qemu::PID_FILE);
+    let mut pids: Vec<u32> = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .into_iter()
+        .collect();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        pids.extend(
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()),
+        );
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    for pid in pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        // Ours: a QEMU whose PID file is in this very folder.
+        let ours = cmdline.starts_with("qemu-system")
+            && cmdline.contains(&format!("{folder}/{}", crate::runtime::qemu::PID_FILE));
+        if let (true, Some(ticks)) = (ours, crate::runtime::process::start_time_ticks(pid)) {
+            let handle = VmHandle {
+                pid,
+                start_time_ticks: ticks,
+                control_socket: dir.join(crate::runtime::qemu::QMP_SOCKET),
+            };
+            tracing::info!(pid, dir = %dir.display(), "stopping a VM no record names");
+            if let Err(e) = runtime.stop(&handle) {
+                tracing::error!(pid, error = %e, "cannot stop an orphaned VM");
+            }
         }
     }
 }
