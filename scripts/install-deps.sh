@@ -20,6 +20,8 @@ declare -A NEED=(
     [useradd]=passwd
     [gzip]=gzip
     [cc]=gcc
+    [as]=binutils
+    [ld]=binutils
 )
 
 missing=()

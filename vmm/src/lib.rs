@@ -1,0 +1,16 @@
+//! `wrenn-vmm`: Wrenn's KVM microVM monitor, one process per sandbox.
+//!
+//! - [`machine`]: the VM: KVM file descriptors, guest memory, vCPUs, the
+//!   exit loop and the port I/O it dispatches.
+//! - [`boot`]: the 64-bit entry state (GDT, identity page tables, control
+//!   registers) a guest program or kernel starts in.
+//! - [`devices`]: the legacy devices: 8250 serial, i8042 reset.
+//! - [`error`]: failures and what to do about them.
+
+pub mod boot;
+pub mod devices;
+pub mod error;
+pub mod machine;
+
+pub use error::{Error, Result};
+pub use machine::{Exit, Machine, MachineConfig};
