@@ -5,12 +5,15 @@
 //! - [`boot`]: the 64-bit entry state (GDT, identity page tables, control
 //!   registers) a guest program or kernel starts in.
 //! - [`devices`]: the legacy devices: 8250 serial, i8042 reset.
+//! - [`snapshot`]: saving a paused machine and restoring it.
 //! - [`error`]: failures and what to do about them.
 
 pub mod boot;
 pub mod devices;
 pub mod error;
 pub mod machine;
+pub mod snapshot;
 
 pub use error::{Error, Result};
 pub use machine::{Exit, Machine, MachineConfig};
+pub use snapshot::MemoryFrom;

@@ -6,6 +6,7 @@
 //! i8042 and ends when the guest resets, halts or triple-faults.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -42,28 +43,52 @@ pub enum Exit {
     Halted,
     /// It triple-faulted.
     Shutdown,
+    /// [`Machine::run_until`] was asked to stop: the vCPU is outside KVM
+    /// with every pending I/O completed, ready to be saved or run on.
+    Paused,
 }
 
 /// One VM.
 pub struct Machine {
-    // Field order is drop order: vCPUs and the VM before KVM itself.
-    vcpus: Vec<VcpuFd>,
-    vm: VmFd,
-    _kvm: Kvm,
-    memory: GuestMemoryMmap,
+    // Field order is drop order: vCPUs and the VM before KVM itself, and
+    // both before the memory they map.
+    pub(crate) vcpus: Vec<VcpuFd>,
+    pub(crate) vm: VmFd,
+    pub(crate) kvm: Kvm,
+    pub(crate) memory: GuestMemoryMmap,
     serial: SerialPort,
+    pub(crate) config: MachineConfig,
 }
 
 impl Machine {
     /// Creates the VM with its memory, irqchip, PIT, vCPUs and serial port
     /// (writing to `serial_out`).
     pub fn new(config: MachineConfig, serial_out: Box<dyn Write + Send>) -> Result<Machine> {
+        Self::check(config)?;
+        let size = usize::try_from(config.memory_mb).unwrap_or(usize::MAX) << 20;
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
+            .map_err(|e| Error::Memory(format!("cannot map {} MiB: {e}", config.memory_mb)))?;
+        Self::with_memory(config, memory, serial_out)
+    }
+
+    fn check(config: MachineConfig) -> Result<()> {
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(Error::Vcpus(config.vcpus));
         }
         if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&config.memory_mb) {
             return Err(Error::MemorySize(config.memory_mb));
         }
+        Ok(())
+    }
+
+    /// [`Machine::new`] on guest memory the caller mapped (a snapshot's
+    /// memory file, for example), which must be `config.memory_mb` long.
+    pub(crate) fn with_memory(
+        config: MachineConfig,
+        memory: GuestMemoryMmap,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Machine> {
+        Self::check(config)?;
         let kvm = Kvm::new().map_err(Error::OpenKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
         vm.set_tss_address(TSS_ADDR)
@@ -76,9 +101,6 @@ impl Machine {
         };
         vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
 
-        let size = usize::try_from(config.memory_mb).unwrap_or(usize::MAX) << 20;
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
-            .map_err(|e| Error::Memory(format!("cannot map {} MiB: {e}", config.memory_mb)))?;
         for (slot, region) in memory.iter().enumerate() {
             let host = memory
                 .get_host_address(region.start_addr())
@@ -115,9 +137,10 @@ impl Machine {
         Ok(Machine {
             vcpus,
             vm,
-            _kvm: kvm,
+            kvm,
             memory,
             serial: SerialPort::new(interrupt, serial_out),
+            config,
         })
     }
 
@@ -158,15 +181,25 @@ impl Machine {
 
     /// Runs the first vCPU until the guest resets, halts or faults.
     pub fn run(&mut self) -> Result<Exit> {
-        let exit = self.run_vcpu(0);
+        self.run_until(&AtomicBool::new(false))
+    }
+
+    /// [`Machine::run`], also returning [`Exit::Paused`] at the first exit
+    /// to the VMM after `stop` is set (the guest's port I/O exits often).
+    pub fn run_until(&mut self, stop: &AtomicBool) -> Result<Exit> {
+        let exit = self.run_vcpu(0, stop);
         self.serial.flush();
         exit
     }
 
-    fn run_vcpu(&mut self, index: usize) -> Result<Exit> {
+    fn run_vcpu(&mut self, index: usize, stop: &AtomicBool) -> Result<Exit> {
         let Machine { vcpus, serial, .. } = self;
         let vcpu = &mut vcpus[index];
         loop {
+            if stop.load(Ordering::Acquire) {
+                complete_pending_io(vcpu)?;
+                return Ok(Exit::Paused);
+            }
             let exit = match vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
@@ -208,6 +241,22 @@ impl Machine {
             }
         }
     }
+}
+
+/// Lets KVM finish the instruction behind the last exit (the I/O it
+/// reported) without running the guest on, so that the saved registers are
+/// those after it: `KVM_RUN` with `immediate_exit` set.
+fn complete_pending_io(vcpu: &mut VcpuFd) -> Result<()> {
+    vcpu.set_kvm_immediate_exit(1);
+    let result = match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Ok(exit) => Err(Error::UnexpectedExit(format!(
+            "{exit:?} while completing I/O before a pause"
+        ))),
+        Err(e) => Err(kvm_err("complete pending I/O")(e)),
+    };
+    vcpu.set_kvm_immediate_exit(0);
+    result
 }
 
 impl Drop for Machine {

@@ -1,0 +1,328 @@
+//! Snapshots of a paused [`Machine`]: the state of every vCPU and of the
+//! in-kernel devices, and the guest memory.
+//!
+//! A snapshot is a folder with two files:
+//!
+//! - `vmstate`: byte 0 is the format version ([`FORMAT_VERSION`]), then the
+//!   postcard encoding of [`VmState`], then a CRC-32C of everything before
+//!   it (4 bytes, little-endian);
+//! - `memory`: the guest memory as a raw file, guest address = file offset;
+//!   pages that are zero are holes, so the file is sparse.
+//!
+//! Restore order: VM, irqchip and PIT, memory, vCPUs (each: special
+//! registers, registers, XSAVE, XCRs, MSRs, LAPIC, MP state, events, debug
+//! registers), then the irqchip's and PIT's state and the KVM clock. The
+//! memory file is mapped privately, so pages are read when the guest first
+//! touches them and its writes never reach the snapshot.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::error::{kvm_err, Error, Result};
+use crate::machine::{Machine, MachineConfig};
+
+/// The version byte of `vmstate`.
+pub const FORMAT_VERSION: u8 = 1;
+pub const STATE_FILE: &str = "vmstate";
+pub const MEMORY_FILE: &str = "memory";
+const PAGE: usize = 4096;
+
+/// One vCPU.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    /// Every MSR KVM lists, as (index, value).
+    pub msrs: Vec<(u32, u64)>,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    pub debug_regs: kvm_debugregs,
+}
+
+/// The whole VM except its memory.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub vcpus_count: u8,
+    pub memory_mb: u32,
+    pub vcpus: Vec<VcpuState>,
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+/// Where a restored VM's memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryFrom {
+    /// The snapshot's memory file, mapped privately: read on first touch.
+    File,
+    /// Read whole into anonymous memory before the VM runs.
+    Copy,
+}
+
+impl Machine {
+    /// Saves a paused machine (after [`Machine::run_until`] returned
+    /// [`crate::Exit::Paused`]) into `dir`, which is created.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let state = self.capture()?;
+        let mut bytes = postcard::to_extend(&state, vec![FORMAT_VERSION])
+            .map_err(|e| Error::Snapshot(format!("cannot encode the VM state: {e}")))?;
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        write_synced(&dir.join(STATE_FILE), |file| file.write_all(&bytes))?;
+        write_synced(&dir.join(MEMORY_FILE), |file| self.write_memory(file))?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+    }
+
+    fn capture(&self) -> Result<VmState> {
+        let msr_list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("list the MSRs"))?;
+        let mut vcpus = Vec::new();
+        for vcpu in &self.vcpus {
+            let entries: Vec<kvm_msr_entry> = msr_list
+                .as_slice()
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries)
+                .map_err(|e| Error::Snapshot(format!("too many MSRs: {e:?}")))?;
+            let read = vcpu.get_msrs(&mut msrs).map_err(kvm_err("read MSRs"))?;
+            if read != entries.len() {
+                let failed = entries[read].index;
+                return Err(Error::Snapshot(format!(
+                    "KVM lists MSR {failed:#x} but cannot read it"
+                )));
+            }
+            vcpus.push(VcpuState {
+                regs: vcpu.get_regs().map_err(kvm_err("read registers"))?,
+                sregs: vcpu
+                    .get_sregs()
+                    .map_err(kvm_err("read special registers"))?,
+                xsave: vcpu.get_xsave().map_err(kvm_err("read XSAVE state"))?,
+                xcrs: vcpu.get_xcrs().map_err(kvm_err("read XCRs"))?,
+                msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
+                lapic: vcpu.get_lapic().map_err(kvm_err("read the LAPIC"))?,
+                mp_state: vcpu.get_mp_state().map_err(kvm_err("read the MP state"))?,
+                events: vcpu
+                    .get_vcpu_events()
+                    .map_err(kvm_err("read vCPU events"))?,
+                debug_regs: vcpu
+                    .get_debug_regs()
+                    .map_err(kvm_err("read debug registers"))?,
+            });
+        }
+        let chip = |id| -> Result<kvm_irqchip> {
+            let mut chip = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut chip)
+                .map_err(kvm_err("read the irqchip"))?;
+            Ok(chip)
+        };
+        Ok(VmState {
+            vcpus_count: self.config.vcpus,
+            memory_mb: self.config.memory_mb,
+            vcpus,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.vm.get_pit2().map_err(kvm_err("read the PIT"))?,
+            clock: self.vm.get_clock().map_err(kvm_err("read the KVM clock"))?,
+        })
+    }
+
+    /// Writes guest memory to `file`, leaving holes for zero pages.
+    fn write_memory(&self, file: &mut File) -> std::io::Result<()> {
+        let size = u64::from(self.config.memory_mb) << 20;
+        file.set_len(size)?;
+        let mut page = vec![0u8; PAGE];
+        let mut offset = 0u64;
+        while offset < size {
+            self.memory
+                .read_slice(&mut page, GuestAddress(offset))
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            if page.iter().any(|&b| b != 0) {
+                file.write_all_at(&page, offset)?;
+            }
+            offset += PAGE as u64;
+        }
+        Ok(())
+    }
+
+    /// A machine restored from the snapshot in `dir`, paused where it was
+    /// saved: [`Machine::run`] continues the guest.
+    pub fn restore(
+        dir: &Path,
+        memory_from: MemoryFrom,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Machine> {
+        let state = read_state(&dir.join(STATE_FILE))?;
+        let config = MachineConfig {
+            vcpus: state.vcpus_count,
+            memory_mb: state.memory_mb,
+        };
+        if state.vcpus.len() != usize::from(config.vcpus) {
+            return Err(Error::Snapshot(format!(
+                "the VM state has {} vCPUs but says {}",
+                state.vcpus.len(),
+                config.vcpus
+            )));
+        }
+        let memory = map_memory(&dir.join(MEMORY_FILE), config.memory_mb, memory_from)?;
+        let machine = Machine::with_memory(config, memory, serial_out)?;
+        for (vcpu, saved) in machine.vcpus.iter().zip(&state.vcpus) {
+            vcpu.set_sregs(&saved.sregs)
+                .map_err(kvm_err("set special registers"))?;
+            vcpu.set_regs(&saved.regs)
+                .map_err(kvm_err("set registers"))?;
+            // SAFETY: the XSAVE area was read from a vCPU of this host's
+            // KVM and is handed back unchanged.
+            unsafe { vcpu.set_xsave(&saved.xsave) }.map_err(kvm_err("set XSAVE state"))?;
+            vcpu.set_xcrs(&saved.xcrs).map_err(kvm_err("set XCRs"))?;
+            let entries: Vec<kvm_msr_entry> = saved
+                .msrs
+                .iter()
+                .map(|&(index, data)| kvm_msr_entry {
+                    index,
+                    data,
+                    ..Default::default()
+                })
+                .collect();
+            let msrs = Msrs::from_entries(&entries)
+                .map_err(|e| Error::Snapshot(format!("too many MSRs: {e:?}")))?;
+            let set = vcpu.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
+            if set != entries.len() {
+                return Err(Error::Snapshot(format!(
+                    "KVM refused MSR {:#x} from the snapshot",
+                    entries[set].index
+                )));
+            }
+            vcpu.set_lapic(&saved.lapic)
+                .map_err(kvm_err("set the LAPIC"))?;
+            vcpu.set_mp_state(saved.mp_state)
+                .map_err(kvm_err("set the MP state"))?;
+            vcpu.set_vcpu_events(&saved.events)
+                .map_err(kvm_err("set vCPU events"))?;
+            vcpu.set_debug_regs(&saved.debug_regs)
+                .map_err(kvm_err("set debug registers"))?;
+        }
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            machine
+                .vm
+                .set_irqchip(chip)
+                .map_err(kvm_err("set the irqchip"))?;
+        }
+        machine
+            .vm
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("set the PIT"))?;
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        machine
+            .vm
+            .set_clock(&clock)
+            .map_err(kvm_err("set the KVM clock"))?;
+        Ok(machine)
+    }
+}
+
+/// Reads and checks `vmstate`.
+fn read_state(path: &Path) -> Result<VmState> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    let damaged = |why: &str| Error::Snapshot(format!("{} {why}", path.display()));
+    if bytes.len() < 5 {
+        return Err(damaged("is too short to be a VM state"));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32c::crc32c(body).to_le_bytes() != crc {
+        return Err(damaged("is damaged: its checksum does not match"));
+    }
+    if body[0] != FORMAT_VERSION {
+        return Err(damaged(&format!(
+            "has format version {} but this wrenn-vmm knows {FORMAT_VERSION}: use a wrenn-vmm \
+             of the same version",
+            body[0]
+        )));
+    }
+    postcard::from_bytes(&body[1..]).map_err(|e| damaged(&format!("cannot be decoded: {e}")))
+}
+
+fn map_memory(path: &Path, memory_mb: u32, from: MemoryFrom) -> Result<GuestMemoryMmap> {
+    let size = usize::try_from(memory_mb).unwrap_or(usize::MAX) << 20;
+    let file = File::open(path).map_err(io(path))?;
+    let len = file.metadata().map_err(io(path))?.len();
+    if len != size as u64 {
+        return Err(Error::Snapshot(format!(
+            "{} is {len} bytes, but the VM has {memory_mb} MiB",
+            path.display()
+        )));
+    }
+    match from {
+        MemoryFrom::File => {
+            let region = MmapRegionBuilder::new(size)
+                .with_file_offset(FileOffset::new(file, 0))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| Error::Memory(format!("cannot map {}: {e}", path.display())))?;
+            let region = GuestRegionMmap::new(region, GuestAddress(0))
+                .ok_or_else(|| Error::Memory("the memory region overflows".into()))?;
+            GuestMemoryMmap::from_regions(vec![region]).map_err(|e| Error::Memory(format!("{e}")))
+        }
+        MemoryFrom::Copy => {
+            let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
+                .map_err(|e| Error::Memory(format!("cannot map {memory_mb} MiB: {e}")))?;
+            let mut file = file;
+            file.seek(SeekFrom::Start(0)).map_err(io(path))?;
+            memory
+                .read_exact_volatile_from(GuestAddress(0), &mut file, size)
+                .map_err(|e| Error::Memory(format!("cannot read {}: {e}", path.display())))?;
+            Ok(memory)
+        }
+    }
+}
+
+/// Writes a file through a temporary name, fsyncs it and renames it.
+fn write_synced(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+    let temp = path.with_extension("partial");
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)
+        .map_err(io(&temp))?;
+    write(&mut file)
+        .and_then(|()| file.sync_all())
+        .map_err(io(&temp))?;
+    fs::rename(&temp, path).map_err(io(path))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::Snapshot(format!("{}: {e}", path.display()))
+}

@@ -1,0 +1,132 @@
+//! Snapshot and restore of a guest stopped mid-run: the `counter` program
+//! (vmm/guests/counter.s) must print after a restore exactly what an
+//! uninterrupted run prints. Needs /dev/kvm; says so and passes without.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress};
+use wrenn_vmm::{Exit, Machine, MachineConfig, MemoryFrom};
+
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+const CONFIG: MachineConfig = MachineConfig {
+    vcpus: 1,
+    memory_mb: 16,
+};
+const TARGET: u64 = 1 << 18;
+
+fn program() -> Vec<u8> {
+    std::fs::read(env!("WRENN_GUEST_COUNTER")).unwrap()
+}
+
+/// What the counter prints when nothing interrupts it.
+fn expected_output() -> String {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut ring = vec![0u64; 65536];
+    for count in 1..=TARGET {
+        ring[(count & 0xffff) as usize] = count ^ K;
+    }
+    let sum = ring.iter().fold(0u64, |a, w| a.wrapping_add(*w));
+    format!("{TARGET:016x} {sum:016x}\n")
+}
+
+/// Runs the counter until it is stopped about `after` into its run.
+fn stopped_midway(after: Duration) -> (Machine, u64) {
+    let mut machine = Machine::new(CONFIG, Box::new(std::io::sink())).unwrap();
+    machine.load_program(&program()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopper = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            stop.store(true, Ordering::Release);
+        })
+    };
+    let exit = machine.run_until(&stop).unwrap();
+    stopper.join().unwrap();
+    assert_eq!(
+        exit,
+        Exit::Paused,
+        "the counter finished before it was stopped"
+    );
+    // The last count the guest stored in its ring is the newest value.
+    let count = (0..65536u64)
+        .map(|i| {
+            let word: u64 = machine
+                .memory()
+                .read_obj(GuestAddress(0x30_0000 + 8 * i))
+                .unwrap();
+            word ^ 0x9e37_79b9_7f4a_7c15
+        })
+        .filter(|c| *c <= TARGET)
+        .max()
+        .unwrap();
+    (machine, count)
+}
+
+fn kvm_or_skip(test: &str) -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("SKIPPED {test}: no /dev/kvm on this host");
+    false
+}
+
+#[test]
+fn a_counter_stopped_saved_and_restored_continues_exactly() {
+    if !kvm_or_skip("snapshot counter") {
+        return;
+    }
+    for from in [MemoryFrom::File, MemoryFrom::Copy] {
+        let (machine, count) = stopped_midway(Duration::from_millis(300));
+        assert!(count > 0 && count < TARGET, "stopped at {count}");
+        let dir = tempfile::tempdir().unwrap();
+        machine.save(dir.path()).unwrap();
+        drop(machine);
+
+        let console = Console::default();
+        let mut restored = Machine::restore(dir.path(), from, Box::new(console.clone())).unwrap();
+        assert_eq!(restored.run().unwrap(), Exit::Reset, "{from:?}");
+        assert_eq!(
+            console.text(),
+            expected_output(),
+            "restored ({from:?}) from count {count}"
+        );
+    }
+}
+
+#[test]
+fn a_damaged_or_missing_snapshot_is_an_error_that_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Machine::restore(dir.path(), MemoryFrom::File, Box::new(std::io::sink()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("vmstate"), "{err}");
+    std::fs::write(dir.path().join("vmstate"), b"\x01garbage-state").unwrap();
+    let err = Machine::restore(dir.path(), MemoryFrom::File, Box::new(std::io::sink()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("damaged"), "{err}");
+}
