@@ -2,9 +2,10 @@
 # Builds the `base` guest image of a Wrenn sandbox from Debian packages:
 #
 #   vmlinuz            the Debian bookworm cloud kernel
+#   vmlinux            the same kernel as an ELF file, decompressed (what wrenn-vmm boots)
 #   initramfs.cpio.gz  wrenn-init as /init plus the kernel modules it loads
 #   rootfs.ext4        debootstrap bookworm minbase + python3, pip, git, curl, envd, wrenn-init
-#   manifest.json      versions, sizes and sha256 of the three files above
+#   manifest.json      versions, sizes and sha256 of the files above
 #
 # Usage: image/build-guest.sh --envd PATH --init PATH [--out DIR] [--cache DIR]
 #
@@ -138,7 +139,8 @@ output_sha() {
 stamp_ok() { [ -f "$out/$1" ] && [ "$(cat "$out/.$1.inputs" 2>/dev/null)" = "$2" ]; }
 stamp_set() { echo "$2" | write_atomic "$out/.$1.inputs"; }
 
-if stamp_ok vmlinuz "$kernel_key" && stamp_ok initramfs.cpio.gz "$initramfs_key" \
+if stamp_ok vmlinuz "$kernel_key" && stamp_ok vmlinux "$kernel_key" \
+    && stamp_ok initramfs.cpio.gz "$initramfs_key" \
     && stamp_ok rootfs.ext4 "$rootfs_key" && [ -f "$out/manifest.json" ]; then
     echo "==> image in $out is up to date (inputs unchanged); nothing to do"
     exit 0
@@ -165,6 +167,42 @@ else
     cp "$kdir/root/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
     commit_file "$out/vmlinuz.tmp" "$out/vmlinuz"
     stamp_set vmlinuz "$kernel_key"
+fi
+
+# The kernel as an ELF file: wrenn-vmm boots it without running the
+# bzImage's decompressor. Where the compressed payload sits is in the
+# bzImage header (boot protocol 2.08+): after the setup sectors, at
+# payload_offset (0x248), payload_length (0x24c) bytes long.
+extract_vmlinux() {
+    local image="$1" dest="$2" setup_sects payload_offset payload_length start magic tool
+    setup_sects=$(od -An -tu1 -j $((0x1f1)) -N1 "$image" | tr -d ' ')
+    [ "$setup_sects" -eq 0 ] && setup_sects=4
+    payload_offset=$(od -An -tu4 -j $((0x248)) -N4 "$image" | tr -d ' ')
+    payload_length=$(od -An -tu4 -j $((0x24c)) -N4 "$image" | tr -d ' ')
+    start=$(( (setup_sects + 1) * 512 + payload_offset ))
+    magic=$(od -An -tx1 -j "$start" -N4 "$image" | tr -d ' \n')
+    case "$magic" in
+        02214c18) tool=(lz4 -d -c) ;;
+        28b52ffd) tool=(zstd -d -c) ;;
+        fd377a58) tool=(xz -d -c) ;;
+        1f8b08*) tool=(gzip -d -c) ;;
+        *) die "$image: unknown kernel payload compression (magic $magic)" ;;
+    esac
+    # The payload ends with the decompressed size (4 bytes), which is not
+    # part of the compressed stream.
+    dd if="$image" bs=64K iflag=skip_bytes,count_bytes skip="$start" \
+        count=$((payload_length - 4)) status=none | "${tool[@]}" > "$dest" \
+        || die "could not decompress the kernel payload of $image with ${tool[*]}"
+    [ "$(od -An -tx1 -N4 "$dest" | tr -d ' \n')" = 7f454c46 ] \
+        || die "the kernel payload of $image is not an ELF file"
+}
+if stamp_ok vmlinux "$kernel_key"; then
+    echo "    vmlinux up to date"
+else
+    extract_vmlinux "$out/vmlinuz" "$out/vmlinux.tmp"
+    commit_file "$out/vmlinux.tmp" "$out/vmlinux"
+    stamp_set vmlinux "$kernel_key"
+    echo "    vmlinux extracted ($(du -h "$out/vmlinux" | cut -f1))"
 fi
 
 # --- initramfs --------------------------------------------------------------
@@ -259,6 +297,7 @@ cat <<EOF | write_atomic "$out/manifest.json"
   "kernel": {"package": "$kernel_pkg", "version": "$kernel_ver", "release": "$kver"},
   "files": {
     "vmlinuz": {"size": $(stat -c %s "$out/vmlinuz"), "sha256": "$(output_sha vmlinuz)"},
+    "vmlinux": {"size": $(stat -c %s "$out/vmlinux"), "sha256": "$(output_sha vmlinux)"},
     "initramfs.cpio.gz": {"size": $(stat -c %s "$out/initramfs.cpio.gz"), "sha256": "$(output_sha initramfs.cpio.gz)"},
     "rootfs.ext4": {"size": $(stat -c %s "$out/rootfs.ext4"), "sha256": "$(output_sha rootfs.ext4)"}
   },

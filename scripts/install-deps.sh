@@ -13,6 +13,7 @@ declare -A NEED=(
     [depmod]=kmod
     [xz]=xz-utils
     [zstd]=zstd
+    [lz4]=lz4
     [ip]=iproute2
     [nft]=nftables
     [curl]=curl

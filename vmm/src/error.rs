@@ -28,6 +28,8 @@ pub enum Error {
     UnexpectedExit(String),
     #[error("serial port: {0}")]
     Serial(String),
+    #[error("kernel: {0}")]
+    Kernel(String),
     #[error("snapshot: {0}")]
     Snapshot(String),
     #[error("cannot make an event descriptor: {0}")]

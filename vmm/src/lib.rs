@@ -5,12 +5,14 @@
 //! - [`boot`]: the 64-bit entry state (GDT, identity page tables, control
 //!   registers) a guest program or kernel starts in.
 //! - [`devices`]: the legacy devices: 8250 serial, i8042 reset.
+//! - [`linux`]: loading a Linux kernel, its command line and initramfs.
 //! - [`snapshot`]: saving a paused machine and restoring it.
 //! - [`error`]: failures and what to do about them.
 
 pub mod boot;
 pub mod devices;
 pub mod error;
+pub mod linux;
 pub mod machine;
 pub mod snapshot;
 
