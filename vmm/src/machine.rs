@@ -9,7 +9,8 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -32,6 +33,9 @@ const TSS_ADDR: usize = 0xfffb_d000;
 pub struct MachineConfig {
     pub vcpus: u8,
     pub memory_mb: u32,
+    /// Let KVM log the pages the guest writes, for diff snapshots (each
+    /// page's first write after a snapshot then costs a fault in KVM).
+    pub track_dirty_pages: bool,
 }
 
 /// Why the guest stopped running.
@@ -110,7 +114,11 @@ impl Machine {
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
-                flags: 0,
+                flags: if config.track_dirty_pages {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
             };
             // SAFETY: the mapping is owned by `memory`, which the Machine
             // keeps alive longer than the VM (field order), and it is not
@@ -147,6 +155,33 @@ impl Machine {
     /// The guest's memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// Indices of the 4 KiB pages the guest wrote since the last call (or
+    /// since the VM started), from KVM's dirty log, which the call resets.
+    pub fn take_dirty_pages(&self) -> Result<Vec<u64>> {
+        if !self.config.track_dirty_pages {
+            return Err(Error::Snapshot(
+                "dirty pages are not tracked: create the machine with track_dirty_pages".into(),
+            ));
+        }
+        let mut pages = Vec::new();
+        for (slot, region) in self.memory.iter().enumerate() {
+            let bitmap = self
+                .vm
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(kvm_err("read the dirty log"))?;
+            let first = region.start_addr().0 / 4096;
+            for (word_index, word) in bitmap.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let bit = u64::from(bits.trailing_zeros());
+                    pages.push(first + word_index as u64 * 64 + bit);
+                    bits &= bits - 1;
+                }
+            }
+        }
+        Ok(pages)
     }
 
     /// The VM's file descriptor.

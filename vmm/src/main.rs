@@ -62,6 +62,7 @@ fn run(flags: &Flags) -> Result<Exit, String> {
     let config = MachineConfig {
         vcpus: flags.vcpus,
         memory_mb: flags.memory_mb,
+        track_dirty_pages: false,
     };
     let mut machine = Machine::new(config, out).map_err(|e| e.to_string())?;
     match (&flags.program, &flags.kernel) {

@@ -1,13 +1,16 @@
 //! Snapshots of a paused [`Machine`]: the state of every vCPU and of the
 //! in-kernel devices, and the guest memory.
 //!
-//! A snapshot is a folder with two files:
+//! A snapshot is a folder with two or three files:
 //!
 //! - `vmstate`: byte 0 is the format version ([`FORMAT_VERSION`]), then the
 //!   postcard encoding of [`VmState`], then a CRC-32C of everything before
 //!   it (4 bytes, little-endian);
 //! - `memory`: the guest memory as a raw file, guest address = file offset;
-//!   pages that are zero are holes, so the file is sparse.
+//!   in a full snapshot every page, zero pages left as holes; in a diff
+//!   snapshot only the pages written since the previous snapshot;
+//! - `dirty` (diff snapshots only): those pages' indices (4 KiB pages), each
+//!   a little-endian u64, ascending.
 //!
 //! Restore order: VM, irqchip and PIT, memory, vCPUs (each: special
 //! registers, registers, XSAVE, XCRs, MSRs, LAPIC, MP state, events, debug
@@ -36,6 +39,7 @@ use crate::machine::{Machine, MachineConfig};
 pub const FORMAT_VERSION: u8 = 1;
 pub const STATE_FILE: &str = "vmstate";
 pub const MEMORY_FILE: &str = "memory";
+pub const DIRTY_FILE: &str = "dirty";
 const PAGE: usize = 4096;
 
 /// One vCPU.
@@ -77,17 +81,55 @@ pub enum MemoryFrom {
 
 impl Machine {
     /// Saves a paused machine (after [`Machine::run_until`] returned
-    /// [`crate::Exit::Paused`]) into `dir`, which is created.
+    /// [`crate::Exit::Paused`]) into `dir`, which is created: a full
+    /// snapshot. With dirty pages tracked, the next diff snapshot is
+    /// relative to this one.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if self.config.track_dirty_pages {
+            self.take_dirty_pages()?;
+        }
+        self.save_state(dir)?;
+        write_synced(&dir.join(MEMORY_FILE), |file| self.write_memory(file))?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+    }
+
+    /// Saves only what changed since the previous snapshot (full or diff)
+    /// of this machine into `dir`; returns the pages written. Restore with
+    /// [`Machine::restore_chain`], the full snapshot first.
+    pub fn save_diff(&self, dir: &Path) -> Result<Vec<u64>> {
+        let pages = self.take_dirty_pages()?;
+        self.save_state(dir)?;
+        let size = u64::from(self.config.memory_mb) << 20;
+        write_synced(&dir.join(MEMORY_FILE), |file| {
+            file.set_len(size)?;
+            let mut page = vec![0u8; PAGE];
+            for &index in &pages {
+                let offset = index * PAGE as u64;
+                self.memory
+                    .read_slice(&mut page, GuestAddress(offset))
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                file.write_all_at(&page, offset)?;
+            }
+            Ok(())
+        })?;
+        write_synced(&dir.join(DIRTY_FILE), |file| {
+            let bytes: Vec<u8> = pages.iter().flat_map(|p| p.to_le_bytes()).collect();
+            file.write_all(&bytes)
+        })?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+        Ok(pages)
+    }
+
+    fn save_state(&self, dir: &Path) -> Result<()> {
         fs::create_dir_all(dir).map_err(io(dir))?;
         let state = self.capture()?;
         let mut bytes = postcard::to_extend(&state, vec![FORMAT_VERSION])
             .map_err(|e| Error::Snapshot(format!("cannot encode the VM state: {e}")))?;
         let crc = crc32c::crc32c(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
-        write_synced(&dir.join(STATE_FILE), |file| file.write_all(&bytes))?;
-        write_synced(&dir.join(MEMORY_FILE), |file| self.write_memory(file))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+        write_synced(&dir.join(STATE_FILE), |file| file.write_all(&bytes))
     }
 
     fn capture(&self) -> Result<VmState> {
@@ -183,6 +225,7 @@ impl Machine {
         let config = MachineConfig {
             vcpus: state.vcpus_count,
             memory_mb: state.memory_mb,
+            track_dirty_pages: false,
         };
         if state.vcpus.len() != usize::from(config.vcpus) {
             return Err(Error::Snapshot(format!(
@@ -192,6 +235,58 @@ impl Machine {
             )));
         }
         let memory = map_memory(&dir.join(MEMORY_FILE), config.memory_mb, memory_from)?;
+        Self::restore_into(state, config, memory, serial_out)
+    }
+
+    /// A machine restored from a full snapshot and the diff snapshots taken
+    /// after it, oldest first: the memory is the full snapshot's with each
+    /// diff's pages laid over it, the VM state the last snapshot's.
+    pub fn restore_chain(dirs: &[&Path], serial_out: Box<dyn Write + Send>) -> Result<Machine> {
+        let (base, diffs) = dirs
+            .split_first()
+            .ok_or_else(|| Error::Snapshot("no snapshot to restore".into()))?;
+        let last = diffs.last().copied().unwrap_or(base);
+        let state = read_state(&last.join(STATE_FILE))?;
+        let config = MachineConfig {
+            vcpus: state.vcpus_count,
+            memory_mb: state.memory_mb,
+            track_dirty_pages: false,
+        };
+        let memory = map_memory(&base.join(MEMORY_FILE), config.memory_mb, MemoryFrom::Copy)?;
+        for diff in diffs {
+            let listed = fs::read(diff.join(DIRTY_FILE)).map_err(io(diff))?;
+            if listed.len() % 8 != 0 {
+                return Err(Error::Snapshot(format!(
+                    "{} is damaged: its length is not a multiple of 8",
+                    diff.join(DIRTY_FILE).display()
+                )));
+            }
+            let file = File::open(diff.join(MEMORY_FILE)).map_err(io(diff))?;
+            let mut page = vec![0u8; PAGE];
+            for chunk in listed.chunks_exact(8) {
+                let index = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+                let offset = index * PAGE as u64;
+                if offset + PAGE as u64 > u64::from(config.memory_mb) << 20 {
+                    return Err(Error::Snapshot(format!(
+                        "{} names page {index}, beyond the VM's memory",
+                        diff.display()
+                    )));
+                }
+                file.read_exact_at(&mut page, offset).map_err(io(diff))?;
+                memory
+                    .write_slice(&page, GuestAddress(offset))
+                    .map_err(|e| Error::Memory(e.to_string()))?;
+            }
+        }
+        Self::restore_into(state, config, memory, serial_out)
+    }
+
+    fn restore_into(
+        state: VmState,
+        config: MachineConfig,
+        memory: GuestMemoryMmap,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Machine> {
         let machine = Machine::with_memory(config, memory, serial_out)?;
         for (vcpu, saved) in machine.vcpus.iter().zip(&state.vcpus) {
             vcpu.set_sregs(&saved.sregs)

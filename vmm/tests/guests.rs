@@ -41,6 +41,7 @@ fn run(program: &[u8], memory_mb: u32) -> (Exit, String) {
     let config = MachineConfig {
         vcpus: 1,
         memory_mb,
+        track_dirty_pages: false,
     };
     let mut machine = Machine::new(config, Box::new(console.clone())).expect("machine");
     machine.load_program(program).expect("load");
@@ -64,7 +65,11 @@ fn hello_prints_on_the_serial_port_and_resets() {
 fn bad_machine_configs_are_refused_with_a_reason() {
     let refused = |vcpus, memory_mb| {
         Machine::new(
-            MachineConfig { vcpus, memory_mb },
+            MachineConfig {
+                vcpus,
+                memory_mb,
+                track_dirty_pages: false,
+            },
             Box::new(std::io::sink()),
         )
         .err()
@@ -87,6 +92,7 @@ fn memory_written_by_the_guest_is_what_the_host_reads() {
     let config = MachineConfig {
         vcpus: 1,
         memory_mb: 16,
+        track_dirty_pages: false,
     };
     let mut machine = Machine::new(config, Box::new(console.clone())).unwrap();
     machine.load_program(&program).unwrap();

@@ -60,6 +60,7 @@ fn the_debian_kernel_prints_its_banner() {
     let config = MachineConfig {
         vcpus: 1,
         memory_mb: 256,
+        track_dirty_pages: false,
     };
     let mut machine = Machine::new(config, Box::new(console.clone())).unwrap();
     machine
