@@ -30,6 +30,10 @@ pub enum Error {
     Serial(String),
     #[error("kernel: {0}")]
     Kernel(String),
+    #[error("{0}")]
+    State(String),
+    #[error("vCPU: {0}")]
+    Vcpu(String),
     #[error("snapshot: {0}")]
     Snapshot(String),
     #[error("cannot make an event descriptor: {0}")]

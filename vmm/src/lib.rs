@@ -1,5 +1,7 @@
 //! `wrenn-vmm`: Wrenn's KVM microVM monitor, one process per sandbox.
 //!
+//! - [`api`]: the control API on a Unix socket.
+//! - [`controller`]: the VM's lifecycle behind the API, the vCPU thread.
 //! - [`machine`]: the VM: KVM file descriptors, guest memory, vCPUs, the
 //!   exit loop and the port I/O it dispatches.
 //! - [`boot`]: the 64-bit entry state (GDT, identity page tables, control
@@ -9,7 +11,9 @@
 //! - [`snapshot`]: saving a paused machine and restoring it.
 //! - [`error`]: failures and what to do about them.
 
+pub mod api;
 pub mod boot;
+pub mod controller;
 pub mod devices;
 pub mod error;
 pub mod linux;

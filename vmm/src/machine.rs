@@ -75,7 +75,7 @@ impl Machine {
         Self::with_memory(config, memory, serial_out)
     }
 
-    fn check(config: MachineConfig) -> Result<()> {
+    pub(crate) fn check(config: MachineConfig) -> Result<()> {
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(Error::Vcpus(config.vcpus));
         }

@@ -1,22 +1,31 @@
 //! `wrenn-vmm`: runs one microVM.
 //!
-//! Today it runs a flat 64-bit guest program (`--program`), as the tests
-//! do, or a Linux kernel (`--kernel`, with `--initrd` and `--cmdline`); the
-//! control API on a Unix socket and virtio devices follow (docs/vmm.md).
+//! With `--api-sock PATH` it serves the control API on that Unix socket
+//! (docs/vmm.md) and exits when its guest ends. Without, it runs a flat
+//! 64-bit guest program (`--program`) or a Linux kernel (`--kernel`, with
+//! `--initrd` and `--cmdline`) straight away.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use clap::Parser;
+use wrenn_http::{Listen, Server, ServerConfig};
+use wrenn_vmm::api::Api;
+use wrenn_vmm::controller::Controller;
 use wrenn_vmm::{Exit, Machine, MachineConfig};
 
 #[derive(Parser)]
 #[command(version, about = "Wrenn's KVM microVM monitor")]
 struct Flags {
+    /// Serve the control API on this Unix socket (it must not exist).
+    #[arg(long, conflicts_with_all = ["program", "kernel"])]
+    api_sock: Option<PathBuf>,
     /// A flat 64-bit program, entered at 0x100000 in long mode.
-    #[arg(long, conflicts_with = "kernel", required_unless_present = "kernel")]
+    #[arg(long, conflicts_with = "kernel", required_unless_present_any = ["kernel", "api_sock"])]
     program: Option<PathBuf>,
     /// A Linux kernel: bzImage or ELF vmlinux.
     #[arg(long)]
@@ -40,6 +49,18 @@ struct Flags {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
+    if let Some(socket) = &flags.api_sock {
+        return match serve(socket, &flags) {
+            Ok(why) => {
+                eprintln!("wrenn-vmm: guest ended: {why}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wrenn-vmm: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&flags) {
         Ok(exit) => {
             eprintln!("wrenn-vmm: guest ended: {exit:?}");
@@ -52,13 +73,44 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(flags: &Flags) -> Result<Exit, String> {
-    let out: Box<dyn Write + Send> = match &flags.serial_log {
+/// Serves the control API until the guest ends; returns why it ended.
+fn serve(socket: &std::path::Path, flags: &Flags) -> Result<String, String> {
+    let (ended, guest_end) = std::sync::mpsc::channel();
+    let controller = Controller::new(serial_out(flags)?, ended).map_err(|e| e.to_string())?;
+    let api = Api {
+        controller: Arc::new(controller),
+    };
+    let config = ServerConfig {
+        workers: 2,
+        ..ServerConfig::new(
+            "wrenn-vmm",
+            env!("CARGO_PKG_VERSION"),
+            Listen::Unix(socket.to_path_buf()),
+        )
+    };
+    let server = Server::bind(config, api).map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || server.run())
+        .map_err(|e| format!("cannot start the API thread: {e}"))?;
+    let why = guest_end
+        .recv()
+        .map_err(|_| "the VM's controller went away".to_owned())?;
+    let _ = std::fs::remove_file(socket);
+    Ok(why)
+}
+
+fn serial_out(flags: &Flags) -> Result<Box<dyn Write + Send>, String> {
+    Ok(match &flags.serial_log {
         Some(path) => Box::new(
             File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?,
         ),
         None => Box::new(std::io::stdout()),
-    };
+    })
+}
+
+fn run(flags: &Flags) -> Result<Exit, String> {
+    let out = serial_out(flags)?;
     let config = MachineConfig {
         vcpus: flags.vcpus,
         memory_mb: flags.memory_mb,

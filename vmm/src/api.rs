@@ -1,0 +1,215 @@
+//! The control API: HTTP with JSON bodies on a Unix socket, one VM per
+//! process. Resources follow Firecracker's, so tools written for it read
+//! naturally here:
+//!
+//! | method and path | body | does |
+//! |---|---|---|
+//! | `GET /` | | `{state, vcpu_count, mem_size_mib, exit}` |
+//! | `PUT /machine-config` | `{vcpu_count, mem_size_mib, track_dirty_pages}` | sets the machine before start |
+//! | `PUT /boot-source` | `{kernel_image_path, initrd_path, boot_args}` or `{program_path}` | what to boot |
+//! | `PUT /actions` | `{action_type: "InstanceStart" \| "Pause" \| "Resume"}` | lifecycle |
+//! | `PUT /snapshot/create` | `{snapshot_path, snapshot_type: "Full" \| "Diff"}` | saves a paused VM into the folder `snapshot_path` |
+//! | `PUT /snapshot/load` | `{snapshot_path, mem_backend: {backend_type: "File" \| "Copy"}, resume_vm}` | restores into a VM that has not started |
+//!
+//! Answers are 204 on success (`GET /` is 200), else 4xx with
+//! `{"error": {"code", "message"}}`. Drives, network interfaces and the
+//! userfaultfd memory backend come with the next steps of the VMM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::json;
+use wrenn_http::{ApiError, Exchange, Handler, Method, Reply};
+
+use crate::controller::{BootSource, Controller, Phase};
+use crate::error::Error;
+use crate::machine::MachineConfig;
+use crate::snapshot::MemoryFrom;
+
+/// The API's request handler.
+pub struct Api {
+    pub controller: Arc<Controller>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineConfigBody {
+    vcpu_count: u8,
+    mem_size_mib: u32,
+    #[serde(default)]
+    track_dirty_pages: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BootSourceBody {
+    kernel_image_path: Option<PathBuf>,
+    initrd_path: Option<PathBuf>,
+    boot_args: Option<String>,
+    program_path: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    action_type: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotCreateBody {
+    snapshot_path: PathBuf,
+    #[serde(default = "full")]
+    snapshot_type: String,
+}
+
+fn full() -> String {
+    "Full".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemBackend {
+    backend_type: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotLoadBody {
+    snapshot_path: PathBuf,
+    mem_backend: Option<MemBackend>,
+    #[serde(default)]
+    resume_vm: bool,
+}
+
+const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=-1";
+
+impl Api {
+    fn route(&self, ex: &mut Exchange) -> Result<Reply, ApiError> {
+        let path = ex.path().trim_end_matches('/').to_owned();
+        let method = ex.method().clone();
+        let controller = &self.controller;
+        match (path.as_str(), &method) {
+            ("", Method::Get) => {
+                let config = controller.config();
+                let phase = controller.phase();
+                let exit = match &phase {
+                    Phase::Exited(why) => Some(why.clone()),
+                    _ => None,
+                };
+                Ok(Reply::Json(
+                    200,
+                    json!({
+                        "state": phase.as_str(),
+                        "vcpu_count": config.vcpus,
+                        "mem_size_mib": config.memory_mb,
+                        "exit": exit,
+                    }),
+                ))
+            }
+            ("/machine-config", Method::Put) => {
+                let body: MachineConfigBody = ex.json()?;
+                controller.set_config(MachineConfig {
+                    vcpus: body.vcpu_count,
+                    memory_mb: body.mem_size_mib,
+                    track_dirty_pages: body.track_dirty_pages,
+                })?;
+                Ok(Reply::NoContent)
+            }
+            ("/boot-source", Method::Put) => {
+                let body: BootSourceBody = ex.json()?;
+                let boot = match (body.kernel_image_path, body.program_path) {
+                    (Some(kernel), None) => BootSource::Kernel {
+                        kernel,
+                        initrd: body.initrd_path,
+                        cmdline: body.boot_args.unwrap_or_else(|| DEFAULT_BOOT_ARGS.into()),
+                    },
+                    (None, Some(program)) => BootSource::Program(program),
+                    _ => {
+                        return Err(ApiError::invalid_argument(
+                            "give exactly one of kernel_image_path (a Linux kernel) and \
+                             program_path (a flat 64-bit program)",
+                        ))
+                    }
+                };
+                controller.set_boot(boot)?;
+                Ok(Reply::NoContent)
+            }
+            ("/actions", Method::Put) => {
+                let body: ActionBody = ex.json()?;
+                match body.action_type.as_str() {
+                    "InstanceStart" => controller.start()?,
+                    "Pause" => controller.pause()?,
+                    "Resume" => controller.resume()?,
+                    other => {
+                        return Err(ApiError::invalid_argument(format!(
+                            "action_type {other:?} is not one of InstanceStart, Pause, Resume"
+                        )))
+                    }
+                }
+                Ok(Reply::NoContent)
+            }
+            ("/snapshot/create", Method::Put) => {
+                let body: SnapshotCreateBody = ex.json()?;
+                let diff = match body.snapshot_type.as_str() {
+                    "Full" => false,
+                    "Diff" => true,
+                    other => {
+                        return Err(ApiError::invalid_argument(format!(
+                            "snapshot_type {other:?} is not Full or Diff"
+                        )))
+                    }
+                };
+                controller.snapshot(&body.snapshot_path, diff)?;
+                Ok(Reply::NoContent)
+            }
+            ("/snapshot/load", Method::Put) => {
+                let body: SnapshotLoadBody = ex.json()?;
+                let from = match body.mem_backend.as_ref().map(|b| b.backend_type.as_str()) {
+                    None | Some("File") => MemoryFrom::File,
+                    Some("Copy") => MemoryFrom::Copy,
+                    Some(other) => {
+                        return Err(ApiError::invalid_argument(format!(
+                            "mem_backend.backend_type {other:?} is not File or Copy"
+                        )))
+                    }
+                };
+                controller.load(&body.snapshot_path, from, body.resume_vm)?;
+                Ok(Reply::NoContent)
+            }
+            (
+                "" | "/machine-config" | "/boot-source" | "/actions" | "/snapshot/create"
+                | "/snapshot/load",
+                _,
+            ) => Err(ApiError::method_not_allowed(
+                method.as_str(),
+                &path,
+                if path.is_empty() { "GET" } else { "PUT" },
+            )),
+            _ => Err(ApiError::not_found(format!(
+                "no resource at {path}: see docs/vmm.md for the control API"
+            ))),
+        }
+    }
+}
+
+impl Handler for Api {
+    fn handle(&self, ex: &mut Exchange) -> Result<Reply, ApiError> {
+        self.route(ex)
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> ApiError {
+        let message = error.to_string();
+        match error {
+            Error::State(_) => ApiError::conflict(message),
+            Error::Vcpus(_) | Error::MemorySize(_) | Error::Kernel(_) | Error::Snapshot(_) => {
+                ApiError::invalid_argument(message)
+            }
+            Error::ProgramTooLarge { .. } => ApiError::invalid_argument(message),
+            _ => ApiError::internal(message),
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The VM's lifecycle behind the control API: configure, start, pause,
+//! resume, snapshot, load a snapshot. The vCPU runs on its own thread; a
+//! pause sets a flag and kicks that thread out of `KVM_RUN` with a signal
+//! until it stops.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::error::{Error, Result};
+use crate::machine::{Exit, Machine, MachineConfig};
+use crate::snapshot::MemoryFrom;
+
+/// What the VM boots.
+#[derive(Debug, Clone)]
+pub enum BootSource {
+    /// A flat 64-bit program (tests, benchmarks).
+    Program(PathBuf),
+    /// A Linux kernel.
+    Kernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+}
+
+/// Where the VM is in its life, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    NotStarted,
+    Running,
+    Paused,
+    /// The guest ended (reset, halt, triple fault) or failed.
+    Exited(String),
+}
+
+impl Phase {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Phase::NotStarted => "not_started",
+            Phase::Running => "running",
+            Phase::Paused => "paused",
+            Phase::Exited(_) => "exited",
+        }
+    }
+}
+
+type VcpuResult = (Machine, Result<Exit>);
+
+enum State {
+    NotStarted,
+    Running {
+        thread: JoinHandle<VcpuResult>,
+        stop: Arc<AtomicBool>,
+    },
+    Paused(Box<Machine>),
+    Exited(String),
+}
+
+/// Owns the VM; shared by the API's threads.
+pub struct Controller {
+    state: Mutex<State>,
+    config: Mutex<MachineConfig>,
+    boot: Mutex<Option<BootSource>>,
+    serial: SharedWriter,
+    /// Told once when the guest has ended on its own.
+    ended: mpsc::Sender<String>,
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl Controller {
+    /// A controller whose guest writes its serial output to `serial`;
+    /// `ended` hears when the guest ends by itself.
+    pub fn new(
+        serial: Box<dyn std::io::Write + Send>,
+        ended: mpsc::Sender<String>,
+    ) -> Result<Controller> {
+        register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| Error::Vcpu(format!("cannot install the vCPU kick signal: {e}")))?;
+        Ok(Controller {
+            state: Mutex::new(State::NotStarted),
+            config: Mutex::new(MachineConfig {
+                vcpus: 1,
+                memory_mb: 128,
+                track_dirty_pages: false,
+            }),
+            boot: Mutex::new(None),
+            serial: SharedWriter(Arc::new(Mutex::new(serial))),
+            ended,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The current phase; notices a guest that ended by itself.
+    pub fn phase(&self) -> Phase {
+        let mut state = self.state();
+        if let State::Running { thread, .. } = &*state {
+            if thread.is_finished() {
+                let ended = std::mem::replace(&mut *state, State::NotStarted);
+                *state = self.settle(ended);
+            }
+        }
+        match &*state {
+            State::NotStarted => Phase::NotStarted,
+            State::Running { .. } => Phase::Running,
+            State::Paused(_) => Phase::Paused,
+            State::Exited(why) => Phase::Exited(why.clone()),
+        }
+    }
+
+    fn not_started(&self, what: &str) -> Result<()> {
+        match self.phase() {
+            Phase::NotStarted => Ok(()),
+            other => Err(Error::State(format!(
+                "cannot {what}: the VM is {}; only a VM that has not started can be configured",
+                other.as_str()
+            ))),
+        }
+    }
+
+    pub fn set_config(&self, config: MachineConfig) -> Result<()> {
+        self.not_started("change the machine config")?;
+        Machine::check(config)?;
+        *self.config.lock().unwrap_or_else(PoisonError::into_inner) = config;
+        Ok(())
+    }
+
+    pub fn config(&self) -> MachineConfig {
+        *self.config.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn set_boot(&self, boot: BootSource) -> Result<()> {
+        self.not_started("change the boot source")?;
+        *self.boot.lock().unwrap_or_else(PoisonError::into_inner) = Some(boot);
+        Ok(())
+    }
+
+    fn serial(&self) -> Box<dyn std::io::Write + Send> {
+        Box::new(self.serial.clone())
+    }
+
+    /// Builds the VM from the config and boot source and starts it.
+    pub fn start(&self) -> Result<()> {
+        self.not_started("start")?;
+        let boot = self
+            .boot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| Error::State("no boot source: PUT /boot-source first".into()))?;
+        let mut machine = Machine::new(self.config(), self.serial())?;
+        match &boot {
+            BootSource::Program(path) => {
+                let program = std::fs::read(path)
+                    .map_err(|e| Error::Kernel(format!("cannot read {}: {e}", path.display())))?;
+                machine.load_program(&program)?;
+            }
+            BootSource::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => machine.load_linux(kernel, initrd.as_deref(), cmdline)?,
+        }
+        self.run(machine)
+    }
+
+    /// Restores the snapshot in `dir`; the VM is paused afterwards unless
+    /// `resume`.
+    pub fn load(&self, dir: &std::path::Path, from: MemoryFrom, resume: bool) -> Result<()> {
+        self.not_started("load a snapshot")?;
+        let machine = Machine::restore(dir, from, self.serial())?;
+        *self.config.lock().unwrap_or_else(PoisonError::into_inner) = machine.config;
+        if resume {
+            self.run(machine)
+        } else {
+            *self.state() = State::Paused(Box::new(machine));
+            Ok(())
+        }
+    }
+
+    fn run(&self, mut machine: Machine) -> Result<()> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            let ended = self.ended.clone();
+            std::thread::Builder::new()
+                .name("vcpu0".into())
+                .spawn(move || {
+                    let result = machine.run_until(&stop);
+                    match &result {
+                        Ok(Exit::Paused) => {}
+                        Ok(exit) => {
+                            let _ = ended.send(format!("{exit:?}"));
+                        }
+                        Err(e) => {
+                            let _ = ended.send(e.to_string());
+                        }
+                    }
+                    (machine, result)
+                })
+                .map_err(|e| Error::Vcpu(format!("cannot start the vCPU thread: {e}")))?
+        };
+        *self.state() = State::Running { thread, stop };
+        Ok(())
+    }
+
+    /// What a finished vCPU thread leaves.
+    fn settle(&self, state: State) -> State {
+        let State::Running { thread, .. } = state else {
+            return state;
+        };
+        match thread.join() {
+            Ok((machine, Ok(Exit::Paused))) => State::Paused(Box::new(machine)),
+            Ok((_, Ok(exit))) => State::Exited(format!("{exit:?}")),
+            Ok((_, Err(e))) => State::Exited(e.to_string()),
+            Err(_) => State::Exited("the vCPU thread panicked".into()),
+        }
+    }
+
+    /// Stops the vCPU where it is.
+    pub fn pause(&self) -> Result<()> {
+        let mut state = self.state();
+        let State::Running { thread, stop } = &*state else {
+            return Err(wrong(&state, "pause", "running"));
+        };
+        stop.store(true, Ordering::Release);
+        let pthread = thread.as_pthread_t();
+        // The signal may land just before the thread enters KVM_RUN; kick
+        // until it is out.
+        while !thread.is_finished() {
+            // SAFETY: the thread is alive (not yet joined), so its pthread_t
+            // is valid; the signal has a handler that does nothing.
+            unsafe { libc::pthread_kill(pthread, kick_signal()) };
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let running = std::mem::replace(&mut *state, State::NotStarted);
+        *state = self.settle(running);
+        match &*state {
+            State::Paused(_) => Ok(()),
+            State::Exited(why) => Err(Error::State(format!("the guest ended first: {why}"))),
+            _ => Err(Error::State("the vCPU did not stop".into())),
+        }
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        let mut state = self.state();
+        if !matches!(&*state, State::Paused(_)) {
+            return Err(wrong(&state, "resume", "paused"));
+        }
+        let State::Paused(machine) = std::mem::replace(&mut *state, State::NotStarted) else {
+            unreachable!("checked above");
+        };
+        drop(state);
+        self.run(*machine)
+    }
+
+    /// Saves the paused VM into `dir`: full, or only what changed since
+    /// the last snapshot.
+    pub fn snapshot(&self, dir: &std::path::Path, diff: bool) -> Result<()> {
+        let state = self.state();
+        let State::Paused(machine) = &*state else {
+            return Err(wrong(&state, "snapshot", "paused"));
+        };
+        if diff {
+            machine.save_diff(dir).map(drop)
+        } else {
+            machine.save(dir)
+        }
+    }
+}
+
+/// The serial output, shared by every machine this controller makes (one
+/// runs at a time; a failed start leaves it usable).
+#[derive(Clone)]
+struct SharedWriter(Arc<Mutex<Box<dyn std::io::Write + Send>>>);
+
+impl std::io::Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .flush()
+    }
+}
+
+fn wrong(state: &State, action: &str, wanted: &str) -> Error {
+    let now = match state {
+        State::NotStarted => "not started",
+        State::Running { .. } => "running",
+        State::Paused(_) => "paused",
+        State::Exited(_) => "exited",
+    };
+    Error::State(format!(
+        "cannot {action} the VM: it is {now}; only a {wanted} VM can be"
+    ))
+}

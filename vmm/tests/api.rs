@@ -1,0 +1,273 @@
+//! The control API of a real `wrenn-vmm` process on its Unix socket: boot a
+//! guest program, pause, snapshot (full and diff), resume, load a snapshot
+//! in a second process, and bad requests. Needs /dev/kvm for the VM parts.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// One `wrenn-vmm --api-sock` process, killed when dropped.
+struct Vmm {
+    child: Child,
+    socket: PathBuf,
+    serial: PathBuf,
+}
+
+impl Vmm {
+    fn start(dir: &Path, name: &str) -> Vmm {
+        let socket = dir.join(format!("{name}.sock"));
+        let serial = dir.join(format!("{name}.serial"));
+        let child = Command::new(env!("CARGO_BIN_EXE_wrenn-vmm"))
+            .arg("--api-sock")
+            .arg(&socket)
+            .arg("--serial-log")
+            .arg(&serial)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start wrenn-vmm");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "no API socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Vmm {
+            child,
+            socket,
+            serial,
+        }
+    }
+
+    /// Sends one request; returns the status and the JSON body (null if none).
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let mut stream = UnixStream::connect(&self.socket).expect("connect");
+        let body = body.unwrap_or("");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: vmm\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let status = answer[9..12].parse().expect("status");
+        let json = answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.trim())
+            .filter(|b| !b.is_empty())
+            .map(|b| serde_json::from_str(b).expect("json body"))
+            .unwrap_or(Value::Null);
+        (status, json)
+    }
+
+    fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call("PUT", path, Some(&body.to_string()))
+    }
+
+    fn state(&self) -> String {
+        self.call("GET", "/", None).1["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Waits for the process to end by itself (the guest reset).
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "wrenn-vmm did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kvm_or_skip(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("SKIPPED {test}: no /dev/kvm on this host");
+    false
+}
+
+/// What the counter guest prints when it is not interrupted.
+fn counter_output() -> String {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let target = 1u64 << 18;
+    let mut ring = vec![0u64; 65536];
+    for count in 1..=target {
+        ring[(count & 0xffff) as usize] = count ^ K;
+    }
+    let sum = ring.iter().fold(0u64, |a, w| a.wrapping_add(*w));
+    format!("{target:016x} {sum:016x}\n")
+}
+
+#[test]
+fn boot_pause_snapshot_resume_and_load_through_the_api() {
+    if !kvm_or_skip("vmm api") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Vmm::start(dir.path(), "first");
+    assert_eq!(first.state(), "not_started");
+    assert_eq!(
+        first
+            .put(
+                "/machine-config",
+                json!({"vcpu_count": 1, "mem_size_mib": 16, "track_dirty_pages": true})
+            )
+            .0,
+        204
+    );
+    assert_eq!(
+        first
+            .put(
+                "/boot-source",
+                json!({"program_path": env!("WRENN_GUEST_COUNTER")})
+            )
+            .0,
+        204
+    );
+    assert_eq!(
+        first
+            .put("/actions", json!({"action_type": "InstanceStart"}))
+            .0,
+        204
+    );
+    assert_eq!(first.state(), "running");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        first.put("/actions", json!({"action_type": "Pause"})).0,
+        204
+    );
+    assert_eq!(first.state(), "paused");
+    let full = dir.path().join("full");
+    let (status, body) = first.put("/snapshot/create", json!({"snapshot_path": full}));
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(
+        first.put("/actions", json!({"action_type": "Resume"})).0,
+        204
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        first.put("/actions", json!({"action_type": "Pause"})).0,
+        204
+    );
+    let diff = dir.path().join("diff");
+    let (status, body) = first.put(
+        "/snapshot/create",
+        json!({"snapshot_path": diff, "snapshot_type": "Diff"}),
+    );
+    assert_eq!(status, 204, "{body}");
+    assert!(diff.join("dirty").is_file());
+    // Run to the end: the guest resets and the process exits.
+    assert_eq!(
+        first.put("/actions", json!({"action_type": "Resume"})).0,
+        204
+    );
+    assert!(first.wait().success());
+    assert_eq!(first.serial(), counter_output());
+
+    // A second process restores the full snapshot and runs it to the end.
+    let mut second = Vmm::start(dir.path(), "second");
+    let (status, body) = second.put(
+        "/snapshot/load",
+        json!({"snapshot_path": full, "mem_backend": {"backend_type": "File"}, "resume_vm": true}),
+    );
+    assert_eq!(status, 204, "{body}");
+    assert!(second.wait().success());
+    assert_eq!(second.serial(), counter_output());
+}
+
+#[test]
+fn bad_requests_get_4xx_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = Vmm::start(dir.path(), "errors");
+    let cases: Vec<(&str, &str, Option<&str>, u16, &str)> = vec![
+        ("GET", "/nothing", None, 404, "no resource"),
+        ("DELETE", "/actions", None, 405, "PUT"),
+        ("PUT", "/actions", Some("{"), 400, ""),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"Jump"}"#),
+            400,
+            "Jump",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"Pause"}"#),
+            409,
+            "not started",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"InstanceStart"}"#),
+            409,
+            "boot-source",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count":0,"mem_size_mib":64}"#),
+            400,
+            "vcpus is 0",
+        ),
+        ("PUT", "/boot-source", Some(r#"{}"#), 400, "exactly one"),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some(r#"{"snapshot_path":"/nonexistent"}"#),
+            400,
+            "vmstate",
+        ),
+        (
+            "PUT",
+            "/snapshot/create",
+            Some(r#"{"snapshot_path":"/tmp/x"}"#),
+            409,
+            "paused",
+        ),
+    ];
+    for (method, path, body, want, words) in cases {
+        let (status, answer) = vmm.call(method, path, body);
+        assert_eq!(status, want, "{method} {path} {body:?}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(words), "{method} {path}: {message}");
+    }
+    assert_eq!(vmm.state(), "not_started");
+    // Failed requests left it usable.
+    if kvm_or_skip("vmm api after errors") {
+        let program = json!({"program_path": env!("WRENN_GUEST_HELLO")});
+        assert_eq!(vmm.put("/boot-source", program).0, 204);
+        assert_eq!(
+            vmm.put("/actions", json!({"action_type": "InstanceStart"}))
+                .0,
+            204
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !vmm.serial().contains("hello") {
+            assert!(Instant::now() < deadline, "no output");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
