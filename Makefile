@@ -38,6 +38,7 @@ test: image
 
 bench: image
 	WRENN_E2E=1 $(CARGO) bench -p wrenn-agent --bench lifecycle
+	$(CARGO) bench -p wrenn-vmm --bench vmm
 
 run: image
 	WRENN_IMAGES_DIR=$(dir $(IMAGE_DIR)) scripts/run-node.sh target/release/wrenn-agent

@@ -198,18 +198,37 @@ impl Machine {
 
     /// Writes guest memory to `file`, leaving holes for zero pages.
     fn write_memory(&self, file: &mut File) -> std::io::Result<()> {
+        const CHUNK: usize = 2 << 20;
         let size = u64::from(self.config.memory_mb) << 20;
         file.set_len(size)?;
-        let mut page = vec![0u8; PAGE];
+        let mut chunk = vec![0u8; CHUNK];
         let mut offset = 0u64;
         while offset < size {
+            let len = CHUNK.min((size - offset) as usize);
+            let chunk = &mut chunk[..len];
             self.memory
-                .read_slice(&mut page, GuestAddress(offset))
+                .read_slice(chunk, GuestAddress(offset))
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            if page.iter().any(|&b| b != 0) {
-                file.write_all_at(&page, offset)?;
+            // Runs of non-zero pages become one write each.
+            let mut run: Option<usize> = None;
+            for (i, page) in chunk.chunks(PAGE).enumerate() {
+                let zero = page.iter().all(|&b| b == 0);
+                match (zero, run) {
+                    (false, None) => run = Some(i),
+                    (true, Some(first)) => {
+                        file.write_all_at(
+                            &chunk[first * PAGE..i * PAGE],
+                            offset + (first * PAGE) as u64,
+                        )?;
+                        run = None;
+                    }
+                    _ => {}
+                }
             }
-            offset += PAGE as u64;
+            if let Some(first) = run {
+                file.write_all_at(&chunk[first * PAGE..], offset + (first * PAGE) as u64)?;
+            }
+            offset += len as u64;
         }
         Ok(())
     }
