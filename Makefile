@@ -43,7 +43,7 @@ bench: image
 run: image
 	WRENN_IMAGES_DIR=$(dir $(IMAGE_DIR)) scripts/run-node.sh target/release/wrenn-agent
 
-lint:
+lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 

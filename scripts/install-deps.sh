@@ -31,6 +31,10 @@ for cmd in "${!NEED[@]}"; do
 done
 # Static wrenn-init links against glibc's static archive.
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
+# The userfaultfd crate generates its kernel bindings with bindgen, which
+# needs libclang and the kernel's uapi headers.
+compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || missing+=(libclang-dev)
+[ -f /usr/include/linux/userfaultfd.h ] || missing+=(linux-libc-dev)
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "install-deps: cargo is missing: install the Rust toolchain (rustup) first" >&2

@@ -6,6 +6,8 @@
 //! - [`sandbox`]: sandbox lifecycle and the client for the guest's envd.
 //! - [`runtime`]: the programs that run sandbox VMs (QEMU today).
 //! - [`store`]: snapshot headers and content-addressed layers (`docs/layers.md`).
+//! - [`uffd`]: the userfaultfd page server that restores VM memory from the
+//!   store (`docs/uffd.md`).
 
 pub mod api;
 pub mod config;
@@ -13,3 +15,4 @@ pub mod network;
 pub mod runtime;
 pub mod sandbox;
 pub mod store;
+pub mod uffd;

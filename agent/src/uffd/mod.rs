@@ -1,0 +1,220 @@
+//! The userfaultfd page server: serves a restored VM's memory, page by page
+//! as the guest touches it, from a memory snapshot in the layer store.
+//!
+//! The VMM maps guest memory anonymously, registers it with a userfaultfd
+//! and hands that descriptor and the layout of its memory to the agent over
+//! a Unix socket ([`handover`], `docs/uffd.md`). A [`PageServer`] thread
+//! then places every missing page: zero blocks with `UFFDIO_ZEROPAGE`
+//! (no I/O), layer blocks read through [`LayerStore::read_blocks`] and
+//! placed with `UFFDIO_COPY`. Pages the guest frees (`UFFD_EVENT_REMOVE`)
+//! are zero from then on.
+//!
+//! - `handover.rs`: the protocol, both sides.
+//! - `layout.rs`: regions checked against the snapshot; addresses to
+//!   device blocks.
+//! - `server.rs`: the thread: prefetch, events, faults.
+//! - `prefetch.rs`: recorded first-touch lists and their files.
+//! - `stats.rs`: counters and fault latencies.
+//!
+//! Not here: creating the userfaultfd or mapping memory (the VMM's job),
+//! and deciding when to record or save a prefetch list (the caller's).
+
+mod error;
+pub mod handover;
+mod layout;
+mod prefetch;
+mod server;
+mod stats;
+
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use tracing::{info, warn};
+
+use crate::store::{Header, LayerStore};
+
+pub use error::{Error, Result};
+pub use handover::{Received, Region};
+pub use prefetch::{load_prefetch, prefetch_path, save_prefetch, MAX_PREFETCH, PREFETCH_VERSION};
+pub use server::Exit;
+pub use stats::{Latency, Stats};
+
+use layout::Layout;
+use server::{Server, Shared};
+
+/// How long after the handover faults are recorded by default.
+pub const RECORD_FOR: Duration = Duration::from_secs(1);
+
+/// How to start a [`PageServer`].
+#[derive(Clone, Copy, Debug)]
+pub struct Options<'a> {
+    /// Device blocks to place right after the handover, before waiting for
+    /// faults (a list [`PageServer::record`] returned earlier).
+    pub prefetch: &'a [u64],
+    /// How long after the start faults are recorded.
+    pub record_for: Duration,
+    /// The sandbox, for logs.
+    pub sandbox: &'a str,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Options {
+            prefetch: &[],
+            record_for: RECORD_FOR,
+            sandbox: "",
+        }
+    }
+}
+
+/// A running page server: a thread serving one VM's memory. Dropping it
+/// stops the thread and waits for it.
+pub struct PageServer {
+    stop: Arc<EventFd>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<Result<Exit>>>,
+    sandbox: String,
+}
+
+impl std::fmt::Debug for PageServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageServer")
+            .field("sandbox", &self.sandbox)
+            .field("finished", &self.is_finished())
+            .finish()
+    }
+}
+
+/// Takes a handover on `socket` and serves it: receives the userfaultfd and
+/// the regions, checks them against `header`, starts the server and answers
+/// the VMM. Whatever is wrong is answered to the VMM too, and returned.
+pub fn accept(
+    socket: UnixStream,
+    header: Header,
+    store: Arc<LayerStore>,
+    options: &Options<'_>,
+) -> Result<PageServer> {
+    let reply = socket.try_clone().map_err(Error::socket("duplicate"))?;
+    let started = handover::receive(&socket)
+        .and_then(|received| PageServer::start(received, socket, header, store, options));
+    match started {
+        Ok(server) => {
+            handover::answer(&reply, Ok(()))?;
+            Ok(server)
+        }
+        Err(e) => {
+            if let Err(answer) = handover::answer(&reply, Err(&e)) {
+                warn!(sandbox = %options.sandbox, error = %answer,
+                    "cannot tell the VMM why its handover was refused");
+            }
+            Err(e)
+        }
+    }
+}
+
+impl PageServer {
+    /// Starts serving a received handover: checks its regions against
+    /// `header` (a memory snapshot), then runs the server on its own
+    /// thread. `socket` is the handover's connection: the server ends when
+    /// the VMM closes it.
+    pub fn start(
+        received: Received,
+        socket: UnixStream,
+        header: Header,
+        store: Arc<LayerStore>,
+        options: &Options<'_>,
+    ) -> Result<PageServer> {
+        let layout = Layout::new(&received.regions, &header)?;
+        let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| Error::setup("create its stop eventfd")(error::errno(e)))?;
+        let stop = Arc::new(stop);
+        let shared = Arc::new(Shared::new(Instant::now() + options.record_for));
+        let prefetch = options.prefetch.to_vec();
+        let sandbox = options.sandbox.to_owned();
+        info!(sandbox = %sandbox, regions = received.regions.len(),
+            blocks = header.block_count(), prefetch = prefetch.len(), "page server starting");
+        let server = Server::new(
+            received.uffd,
+            socket,
+            Arc::clone(&stop),
+            header,
+            store,
+            layout,
+            Arc::clone(&shared),
+            sandbox.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("wrenn-uffd".to_owned())
+            .spawn(move || server.run(&prefetch))
+            .map_err(Error::setup("start its thread"))?;
+        Ok(PageServer {
+            stop,
+            shared,
+            thread: Some(thread),
+            sandbox,
+        })
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.snapshot()
+    }
+
+    /// The device blocks faulted within [`Options::record_for`] of the
+    /// start, each once, in the order they first faulted: the prefetch list
+    /// of the next restore. Pages the prefetch placed do not fault, so a
+    /// server started with a list records only what the list missed.
+    pub fn record(&self) -> Vec<u64> {
+        self.shared.record()
+    }
+
+    /// Whether the thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Asks the server to stop and waits for it.
+    pub fn stop(mut self) -> Result<Exit> {
+        self.signal_stop();
+        self.join()
+    }
+
+    /// Waits for the server to end by itself (the VMM went away).
+    pub fn wait(mut self) -> Result<Exit> {
+        self.join()
+    }
+
+    fn signal_stop(&self) {
+        if let Err(e) = self.stop.write(1) {
+            warn!(sandbox = %self.sandbox, error = %e, "cannot signal the page server to stop");
+        }
+    }
+
+    fn join(&mut self) -> Result<Exit> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(Exit::Stopped);
+        };
+        thread.join().unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(Error::Panicked(message))
+        })
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.signal_stop();
+            if let Err(e) = self.join() {
+                warn!(sandbox = %self.sandbox, error = %e, "page server ended with an error");
+            }
+        }
+    }
+}
