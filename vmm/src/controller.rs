@@ -70,6 +70,8 @@ pub struct Controller {
     serial: SharedWriter,
     /// Told once when the guest has ended on its own.
     ended: mpsc::Sender<String>,
+    /// Whether vCPU threads install their seccomp filter.
+    seccomp: bool,
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -85,6 +87,7 @@ impl Controller {
     pub fn new(
         serial: Box<dyn std::io::Write + Send>,
         ended: mpsc::Sender<String>,
+        seccomp: bool,
     ) -> Result<Controller> {
         register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| Error::Vcpu(format!("cannot install the vCPU kick signal: {e}")))?;
@@ -98,6 +101,7 @@ impl Controller {
             boot: Mutex::new(None),
             serial: SharedWriter(Arc::new(Mutex::new(serial))),
             ended,
+            seccomp,
         })
     }
 
@@ -194,13 +198,19 @@ impl Controller {
 
     fn run(&self, mut machine: Machine) -> Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
+        let seccomp = self.seccomp;
         let thread = {
             let stop = Arc::clone(&stop);
             let ended = self.ended.clone();
             std::thread::Builder::new()
                 .name("vcpu0".into())
                 .spawn(move || {
-                    let result = machine.run_until(&stop);
+                    let result = if seccomp {
+                        crate::seccomp::install_vcpu_filter()
+                            .and_then(|()| machine.run_until(&stop))
+                    } else {
+                        machine.run_until(&stop)
+                    };
                     match &result {
                         Ok(Exit::Paused) => {}
                         Ok(exit) => {

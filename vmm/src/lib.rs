@@ -9,6 +9,7 @@
 //! - [`devices`]: the legacy devices: 8250 serial, i8042 reset.
 //! - [`linux`]: loading a Linux kernel, its command line and initramfs.
 //! - [`snapshot`]: saving a paused machine and restoring it.
+//! - [`seccomp`]: the system call filters of the VMM and vCPU threads.
 //! - [`error`]: failures and what to do about them.
 
 pub mod api;
@@ -18,6 +19,7 @@ pub mod devices;
 pub mod error;
 pub mod linux;
 pub mod machine;
+pub mod seccomp;
 pub mod snapshot;
 
 pub use error::{Error, Result};

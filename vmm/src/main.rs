@@ -76,7 +76,7 @@ fn main() -> ExitCode {
 /// Serves the control API until the guest ends; returns why it ended.
 fn serve(socket: &std::path::Path, flags: &Flags) -> Result<String, String> {
     let (ended, guest_end) = std::sync::mpsc::channel();
-    let controller = Controller::new(serial_out(flags)?, ended).map_err(|e| e.to_string())?;
+    let controller = Controller::new(serial_out(flags)?, ended, true).map_err(|e| e.to_string())?;
     let api = Api {
         controller: Arc::new(controller),
     };
@@ -88,6 +88,9 @@ fn serve(socket: &std::path::Path, flags: &Flags) -> Result<String, String> {
             Listen::Unix(socket.to_path_buf()),
         )
     };
+    // From here on, this thread and every thread it starts (the server's
+    // workers, the vCPU) are filtered.
+    wrenn_vmm::seccomp::install_vmm_filter().map_err(|e| e.to_string())?;
     let server = Server::bind(config, api).map_err(|e| e.to_string())?;
     std::thread::Builder::new()
         .name("api".into())
