@@ -9,11 +9,11 @@
 //! | `PUT /boot-source` | `{kernel_image_path, initrd_path, boot_args}` or `{program_path}` | what to boot |
 //! | `PUT /actions` | `{action_type: "InstanceStart" \| "Pause" \| "Resume"}` | lifecycle |
 //! | `PUT /snapshot/create` | `{snapshot_path, snapshot_type: "Full" \| "Diff"}` | saves a paused VM into the folder `snapshot_path` |
-//! | `PUT /snapshot/load` | `{snapshot_path, mem_backend: {backend_type: "File" \| "Copy"}, resume_vm}` | restores into a VM that has not started |
+//! | `PUT /snapshot/load` | `{snapshot_path, mem_backend: {backend_type: "File" \| "Copy" \| "Uffd", backend_path}, resume_vm}` | restores into a VM that has not started |
 //!
 //! Answers are 204 on success (`GET /` is 200), else 4xx with
-//! `{"error": {"code", "message"}}`. Drives, network interfaces and the
-//! userfaultfd memory backend come with the next steps of the VMM.
+//! `{"error": {"code", "message"}}`. Drives and network interfaces come
+//! with the next steps of the VMM.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::json;
 use wrenn_http::{ApiError, Exchange, Handler, Method, Reply};
 
-use crate::controller::{BootSource, Controller, Phase};
+use crate::controller::{BootSource, Controller, Memory, Phase};
 use crate::error::Error;
 use crate::machine::MachineConfig;
 use crate::snapshot::MemoryFrom;
@@ -72,6 +72,8 @@ fn full() -> String {
 #[serde(deny_unknown_fields)]
 struct MemBackend {
     backend_type: String,
+    /// For `Uffd`: the page server's Unix socket.
+    backend_path: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -166,16 +168,29 @@ impl Api {
             }
             ("/snapshot/load", Method::Put) => {
                 let body: SnapshotLoadBody = ex.json()?;
-                let from = match body.mem_backend.as_ref().map(|b| b.backend_type.as_str()) {
-                    None | Some("File") => MemoryFrom::File,
-                    Some("Copy") => MemoryFrom::Copy,
-                    Some(other) => {
+                let backend = body.mem_backend.as_ref();
+                let memory = match backend.map(|b| (b.backend_type.as_str(), &b.backend_path)) {
+                    None | Some(("File", None)) => Memory::From(MemoryFrom::File),
+                    Some(("Copy", None)) => Memory::From(MemoryFrom::Copy),
+                    Some(("Uffd", Some(socket))) => Memory::Served(socket.clone()),
+                    Some(("Uffd", None)) => {
+                        return Err(ApiError::invalid_argument(
+                            "mem_backend Uffd needs backend_path: the page server's socket",
+                        ))
+                    }
+                    Some(("File" | "Copy", Some(_))) => {
+                        return Err(ApiError::invalid_argument(
+                            "backend_path is only for the Uffd backend; File and Copy read the \
+                             snapshot's memory file",
+                        ))
+                    }
+                    Some((other, _)) => {
                         return Err(ApiError::invalid_argument(format!(
-                            "mem_backend.backend_type {other:?} is not File or Copy"
+                            "mem_backend.backend_type {other:?} is not File, Copy or Uffd"
                         )))
                     }
                 };
-                controller.load(&body.snapshot_path, from, body.resume_vm)?;
+                controller.load(&body.snapshot_path, memory, body.resume_vm)?;
                 Ok(Reply::NoContent)
             }
             (

@@ -29,6 +29,15 @@ pub enum BootSource {
     },
 }
 
+/// Where a loaded snapshot's memory comes from.
+#[derive(Debug, Clone)]
+pub enum Memory {
+    /// The snapshot's memory file.
+    From(MemoryFrom),
+    /// A page server on this Unix socket (userfaultfd).
+    Served(PathBuf),
+}
+
 /// Where the VM is in its life, as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
@@ -184,9 +193,12 @@ impl Controller {
 
     /// Restores the snapshot in `dir`; the VM is paused afterwards unless
     /// `resume`.
-    pub fn load(&self, dir: &std::path::Path, from: MemoryFrom, resume: bool) -> Result<()> {
+    pub fn load(&self, dir: &std::path::Path, memory: Memory, resume: bool) -> Result<()> {
         self.not_started("load a snapshot")?;
-        let machine = Machine::restore(dir, from, self.serial())?;
+        let machine = match memory {
+            Memory::From(from) => Machine::restore(dir, from, self.serial())?,
+            Memory::Served(socket) => Machine::restore_served(dir, &socket, self.serial())?,
+        };
         *self.config.lock().unwrap_or_else(PoisonError::into_inner) = machine.config;
         if resume {
             self.run(machine)

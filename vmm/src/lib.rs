@@ -10,6 +10,7 @@
 //! - [`linux`]: loading a Linux kernel, its command line and initramfs.
 //! - [`snapshot`]: saving a paused machine and restoring it.
 //! - [`seccomp`]: the system call filters of the VMM and vCPU threads.
+//! - [`uffd`]: guest memory placed by a page server over userfaultfd.
 //! - [`error`]: failures and what to do about them.
 
 pub mod api;
@@ -21,6 +22,7 @@ pub mod linux;
 pub mod machine;
 pub mod seccomp;
 pub mod snapshot;
+pub mod uffd;
 
 pub use error::{Error, Result};
 pub use machine::{Exit, Machine, MachineConfig};

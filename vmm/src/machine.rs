@@ -62,6 +62,9 @@ pub struct Machine {
     pub(crate) memory: GuestMemoryMmap,
     serial: SerialPort,
     pub(crate) config: MachineConfig,
+    /// The userfaultfd and page server connection of served memory: kept
+    /// for the VM's life (closing the socket ends the server).
+    pub(crate) page_server: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
 }
 
 impl Machine {
@@ -149,6 +152,7 @@ impl Machine {
             memory,
             serial: SerialPort::new(interrupt, serial_out),
             config,
+            page_server: None,
         })
     }
 

@@ -33,6 +33,7 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_close,
+    libc::SYS_connect,
     libc::SYS_eventfd2,
     libc::SYS_exit,
     libc::SYS_exit_group,
@@ -91,6 +92,7 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_tgkill,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
+    libc::SYS_userfaultfd,
     libc::SYS_write,
     libc::SYS_writev,
 ];

@@ -80,6 +80,33 @@ pub enum MemoryFrom {
 }
 
 impl Machine {
+    /// A machine restored from the VM state in `dir`, its memory placed
+    /// page by page by the page server listening on `page_server` (the
+    /// memory file in `dir`, if any, is not read).
+    pub fn restore_served(
+        dir: &Path,
+        page_server: &Path,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Machine> {
+        let state = read_state(&dir.join(STATE_FILE))?;
+        let config = MachineConfig {
+            vcpus: state.vcpus_count,
+            memory_mb: state.memory_mb,
+            track_dirty_pages: false,
+        };
+        let served = crate::uffd::serve_memory(config.memory_mb, page_server)?;
+        let crate::uffd::ServedMemory {
+            memory,
+            _uffd,
+            _socket,
+        } = served;
+        let mut machine = Self::restore_into(state, config, memory, serial_out)?;
+        machine.page_server = Some((_uffd, _socket));
+        Ok(machine)
+    }
+}
+
+impl Machine {
     /// Saves a paused machine (after [`Machine::run_until`] returned
     /// [`crate::Exit::Paused`]) into `dir`, which is created: a full
     /// snapshot. With dirty pages tracked, the next diff snapshot is
