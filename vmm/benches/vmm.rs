@@ -10,8 +10,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+
 use common::Vmm;
 use serde_json::json;
+use wrenn_agent::store::{Header, LayerStore, MEMORY_BLOCK_SIZE};
+use wrenn_agent::uffd::{accept, Options, PageServer};
 
 const ROUNDS: usize = 5;
 
@@ -54,6 +59,24 @@ fn wait_output(vmm: &Vmm, len: usize) {
     }
 }
 
+/// A page server for `header` on a fresh socket in `dir`, taking one
+/// handover on its own thread.
+fn page_server(
+    dir: &std::path::Path,
+    name: &str,
+    header: Header,
+    layers: &Arc<LayerStore>,
+) -> (std::path::PathBuf, std::thread::JoinHandle<PageServer>) {
+    let socket = dir.join(format!("{name}.pages"));
+    let listener = UnixListener::bind(&socket).unwrap();
+    let layers = Arc::clone(layers);
+    let thread = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        accept(stream, header, layers, &Options::default()).unwrap()
+    });
+    (socket, thread)
+}
+
 fn main() {
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("SKIPPED vmm bench: no /dev/kvm on this host");
@@ -63,6 +86,12 @@ fn main() {
     let (mut start, mut full, mut diff) = (Stats(vec![]), Stats(vec![]), Stats(vec![]));
     let (mut load_file, mut load_copy) = (Stats(vec![]), Stats(vec![]));
     let (mut first_output, mut rss) = (Stats(vec![]), Stats(vec![]));
+    let (mut load_uffd, mut first_output_uffd, mut rss_uffd) =
+        (Stats(vec![]), Stats(vec![]), Stats(vec![]));
+    let (mut fault_rate, mut fault_p99) = (Stats(vec![]), Stats(vec![]));
+    let state_dir = dir.path().join("state");
+    let db = lmdb_schema::Store::open(&state_dir, lmdb_schema::StoreOptions::new()).unwrap();
+    let layers = Arc::new(LayerStore::open(&state_dir, Arc::new(db)).unwrap());
     for round in 0..ROUNDS {
         let t = Instant::now();
         let vmm = Vmm::start(dir.path(), &format!("source-{round}"));
@@ -125,6 +154,71 @@ fn main() {
                 rss.0.push(rss_mib(restored.child.id()));
             }
         }
+
+        // The same snapshot, its memory served from the layer store.
+        let header = layers
+            .snapshot_file(&snapshot.join("memory"), MEMORY_BLOCK_SIZE, None, None)
+            .unwrap();
+        let (socket, server) = page_server(dir.path(), &format!("vm-{round}"), header, &layers);
+        let restored = Vmm::start(dir.path(), &format!("uffd-{round}"));
+        let t = Instant::now();
+        let (status, body) = restored.put(
+            "/snapshot/load",
+            json!({"snapshot_path": snapshot,
+                   "mem_backend": {"backend_type": "Uffd", "backend_path": socket}}),
+        );
+        assert_eq!(status, 204, "{body}");
+        load_uffd.0.push(ms(t));
+        let server = server.join().unwrap();
+        let t = Instant::now();
+        assert_eq!(
+            restored.put("/actions", json!({"action_type": "Resume"})).0,
+            204
+        );
+        wait_output(&restored, 0);
+        first_output_uffd.0.push(ms(t));
+        assert_eq!(
+            restored.put("/actions", json!({"action_type": "Pause"})).0,
+            204
+        );
+        rss_uffd.0.push(rss_mib(restored.child.id()));
+        drop(restored);
+        drop(server);
+
+        // Page server throughput: this process touches every page of the
+        // guest's memory (64 MiB of data, the rest zero) right after a
+        // handover, one thread, no KVM in the way.
+        let header = layers
+            .snapshot_file(&snapshot.join("memory"), MEMORY_BLOCK_SIZE, None, None)
+            .unwrap();
+        let (socket, server) = page_server(dir.path(), &format!("touch-{round}"), header, &layers);
+        let served = wrenn_vmm::uffd::serve_memory(256, &socket).unwrap();
+        let server = server.join().unwrap();
+        let base = {
+            use vm_memory::{GuestAddress, GuestMemoryBackend};
+            served.memory.get_host_address(GuestAddress(0)).unwrap() as usize
+        };
+        let t = Instant::now();
+        let pages = (256usize << 20) / 4096;
+        let mut sum = 0u64;
+        for page in 0..pages {
+            // SAFETY: inside the 256 MiB mapping, which `served` keeps alive.
+            sum = sum.wrapping_add(unsafe {
+                std::ptr::read_volatile((base + page * 4096) as *const u64)
+            });
+        }
+        let seconds = t.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        let stats = server.stats();
+        fault_rate.0.push(stats.faults as f64 / seconds / 1000.0);
+        fault_p99.0.push(
+            stats
+                .latency
+                .percentile(0.99)
+                .map_or(0.0, |d| d.as_secs_f64() * 1e6),
+        );
+        drop(served);
+        drop(server);
     }
     let table = [
         "wrenn-vmm; guest: 1 vCPU, 256 MiB, 64 MiB of it touched (the `ticker` program); \
@@ -139,6 +233,17 @@ fn main() {
         load_copy.row("snapshot load, memory copied", "ms"),
         first_output.row("resume to the guest's next output (file-mapped)", "ms"),
         rss.row("RSS of a restored, paused VMM (file-mapped)", "MiB"),
+        load_uffd.row(
+            "snapshot load, memory from the page server (userfaultfd)",
+            "ms",
+        ),
+        first_output_uffd.row("resume to the guest's next output (userfaultfd)", "ms"),
+        rss_uffd.row("RSS of a restored, paused VMM (userfaultfd)", "MiB"),
+        fault_rate.row(
+            "page server: faults served (256 MiB touched by a host thread)",
+            "k/s",
+        ),
+        fault_p99.row("page server: p99 fault latency", "µs"),
     ]
     .join("\n");
     println!("{table}");

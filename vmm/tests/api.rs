@@ -64,29 +64,33 @@ fn boot_pause_snapshot_resume_and_load_through_the_api() {
     );
     assert_eq!(first.state(), "running");
     // Every thread runs under seccomp; the vCPU thread under its own
-    // filter on top of the VMM's.
-    let mut threads = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{}/task", first.child.id())).unwrap() {
-        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_owned())
-                .unwrap_or_default()
-        };
-        threads.push((field("Name:"), field("Seccomp:"), field("Seccomp_filters:")));
-    }
-    assert!(
-        threads.iter().all(|(_, mode, _)| mode == "2"),
-        "{threads:?}"
-    );
-    assert!(
+    // filter on top of the VMM's (which it installs first thing).
+    let threads = || {
+        let mut threads = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{}/task", first.child.id())).unwrap() {
+            let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default()
+            };
+            threads.push((field("Name:"), field("Seccomp:"), field("Seccomp_filters:")));
+        }
         threads
-            .iter()
-            .any(|(name, _, filters)| name == "vcpu0" && filters == "2"),
-        "{threads:?}"
-    );
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = threads();
+    while !seen
+        .iter()
+        .any(|(name, _, filters)| name == "vcpu0" && filters == "2")
+    {
+        assert!(Instant::now() < deadline, "{seen:?}");
+        std::thread::sleep(Duration::from_millis(5));
+        seen = threads();
+    }
+    assert!(seen.iter().all(|(_, mode, _)| mode == "2"), "{seen:?}");
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         first.put("/actions", json!({"action_type": "Pause"})).0,
