@@ -4,31 +4,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::Vmm;
+use common::{counter_output, kvm_or_skip, Vmm};
 use serde_json::json;
-
-fn kvm_or_skip(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("SKIPPED {test}: no /dev/kvm on this host");
-    false
-}
-
-/// What the counter guest prints when it is not interrupted.
-fn counter_output() -> String {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let target = 1u64 << 18;
-    let mut ring = vec![0u64; 65536];
-    for count in 1..=target {
-        ring[(count & 0xffff) as usize] = count ^ K;
-    }
-    let sum = ring.iter().fold(0u64, |a, w| a.wrapping_add(*w));
-    format!("{target:016x} {sum:016x}\n")
-}
 
 #[test]
 fn boot_pause_snapshot_resume_and_load_through_the_api() {

@@ -2,38 +2,10 @@
 //! /dev/kvm (hardware KVM or this machine's PVM); without it each test says
 //! so and passes.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod common;
 
+use common::{kvm_or_skip, Console};
 use wrenn_vmm::{Exit, Machine, MachineConfig};
-
-/// Serial output collected in memory.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-fn kvm_or_skip(test: &str) -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("SKIPPED {test}: no /dev/kvm on this host");
-    false
-}
 
 /// Runs `program` in a fresh VM and returns how it ended and what it printed.
 fn run(program: &[u8], memory_mb: u32) -> (Exit, String) {

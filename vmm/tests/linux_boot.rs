@@ -3,32 +3,15 @@
 //! PVM KVM a full boot is out of reach (ring-0 code is emulated), so the
 //! test stops at the banner; with hardware KVM it takes milliseconds.
 
-use std::io::Write;
+mod common;
+
+use common::Console;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wrenn_vmm::{Exit, Machine, MachineConfig};
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 /// The base image's kernel as `make image` builds it: the ELF `vmlinux`
 /// (no decompressor to run: ~20 s to the banner here), else the bzImage

@@ -2,53 +2,24 @@
 //! (vmm/guests/counter.s) must print after a restore exactly what an
 //! uninterrupted run prints. Needs /dev/kvm; says so and passes without.
 
-use std::io::Write;
+mod common;
+
+use common::{counter_output, kvm_or_skip, Console, COUNTER_TARGET};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 use wrenn_vmm::{Exit, Machine, MachineConfig, MemoryFrom};
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 const CONFIG: MachineConfig = MachineConfig {
     vcpus: 1,
     memory_mb: 16,
     track_dirty_pages: true,
 };
-const TARGET: u64 = 1 << 18;
 
 fn program() -> Vec<u8> {
     std::fs::read(env!("WRENN_GUEST_COUNTER")).unwrap()
-}
-
-/// What the counter prints when nothing interrupts it.
-fn expected_output() -> String {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut ring = vec![0u64; 65536];
-    for count in 1..=TARGET {
-        ring[(count & 0xffff) as usize] = count ^ K;
-    }
-    let sum = ring.iter().fold(0u64, |a, w| a.wrapping_add(*w));
-    format!("{TARGET:016x} {sum:016x}\n")
 }
 
 /// Runs the counter until it is stopped about `after` into its run.
@@ -79,18 +50,10 @@ fn stopped_midway(after: Duration) -> (Machine, u64) {
                 .unwrap();
             word ^ 0x9e37_79b9_7f4a_7c15
         })
-        .filter(|c| *c <= TARGET)
+        .filter(|c| *c <= COUNTER_TARGET)
         .max()
         .unwrap();
     (machine, count)
-}
-
-fn kvm_or_skip(test: &str) -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("SKIPPED {test}: no /dev/kvm on this host");
-    false
 }
 
 #[test]
@@ -100,7 +63,7 @@ fn a_counter_stopped_saved_and_restored_continues_exactly() {
     }
     for from in [MemoryFrom::File, MemoryFrom::Copy] {
         let (machine, count) = stopped_midway(Duration::from_millis(300));
-        assert!(count > 0 && count < TARGET, "stopped at {count}");
+        assert!(count > 0 && count < COUNTER_TARGET, "stopped at {count}");
         let dir = tempfile::tempdir().unwrap();
         machine.save(dir.path()).unwrap();
         drop(machine);
@@ -110,7 +73,7 @@ fn a_counter_stopped_saved_and_restored_continues_exactly() {
         assert_eq!(restored.run().unwrap(), Exit::Reset, "{from:?}");
         assert_eq!(
             console.text(),
-            expected_output(),
+            counter_output(),
             "restored ({from:?}) from count {count}"
         );
     }
@@ -172,7 +135,7 @@ fn a_full_then_a_diff_snapshot_restore_to_the_later_point() {
     assert_eq!(restored.run().unwrap(), Exit::Reset);
     assert_eq!(
         console.text(),
-        expected_output(),
+        counter_output(),
         "from count {first} and a diff"
     );
 }

@@ -4,39 +4,17 @@
 //! agent's page server. The counter must finish exactly as an
 //! uninterrupted run does. Needs /dev/kvm and userfaultfd.
 
-use std::io::Write;
+mod common;
+
+use common::{counter_output, Console};
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use wrenn_agent::store::{LayerStore, MEMORY_BLOCK_SIZE};
 use wrenn_agent::uffd::{accept, Options};
 use wrenn_vmm::{Exit, Machine, MachineConfig};
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn expected_output() -> String {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let target = 1u64 << 18;
-    let mut ring = vec![0u64; 65536];
-    for count in 1..=target {
-        ring[(count & 0xffff) as usize] = count ^ K;
-    }
-    let sum = ring.iter().fold(0u64, |a, w| a.wrapping_add(*w));
-    format!("{target:016x} {sum:016x}\n")
-}
 
 #[test]
 fn a_snapshot_restored_through_the_page_server_continues_exactly() {
@@ -95,10 +73,7 @@ fn a_snapshot_restored_through_the_page_server_continues_exactly() {
         Machine::restore_served(&snapshot, &socket, Box::new(console.clone())).unwrap();
     let server = server.join().unwrap();
     assert_eq!(restored.run().unwrap(), Exit::Reset);
-    assert_eq!(
-        String::from_utf8_lossy(&console.0.lock().unwrap()),
-        expected_output()
-    );
+    assert_eq!(console.text(), counter_output());
     let stats = server.stats();
     eprintln!("page server: {stats:?}");
     assert!(stats.copied_pages > 0 && stats.zero_pages > 0, "{stats:?}");

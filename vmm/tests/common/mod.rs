@@ -1,5 +1,6 @@
-//! A client for a real `wrenn-vmm --api-sock` process, shared by the API
-//! tests and the benchmark.
+//! Shared by the VMM's tests and its benchmark: a client for a real
+//! `wrenn-vmm --api-sock` process, a console that collects serial output,
+//! and what the `counter` guest prints.
 
 #![allow(dead_code)]
 
@@ -98,4 +99,47 @@ impl Drop for Vmm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Serial output collected in memory.
+#[derive(Clone, Default)]
+pub struct Console(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Whether this host has /dev/kvm; says loudly that `test` is skipped if not.
+pub fn kvm_or_skip(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("SKIPPED {test}: no /dev/kvm on this host");
+    false
+}
+
+/// How far the `counter` guest counts.
+pub const COUNTER_TARGET: u64 = 1 << 18;
+
+/// What the `counter` guest prints when nothing interrupts it.
+pub fn counter_output() -> String {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut ring = vec![0u64; 65536];
+    for count in 1..=COUNTER_TARGET {
+        ring[(count & 0xffff) as usize] = count ^ K;
+    }
+    let sum = ring.iter().fold(0u64, |a, w| a.wrapping_add(*w));
+    format!("{COUNTER_TARGET:016x} {sum:016x}\n")
 }
