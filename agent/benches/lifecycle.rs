@@ -55,17 +55,7 @@ fn layer_bytes(agent: &Agent) -> u64 {
 
 /// Bytes on disk of a sandbox's folder (VM state, disk overlay, logs).
 fn folder_bytes(agent: &Agent, id: &str) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let dir = agent.dir.join("state/sandboxes").join(id);
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.blocks() * 512)
-                .sum()
-        })
-        .unwrap_or(0)
+    wrenn_agent::sandbox::snapshots::dir_size(&agent.dir.join("state/sandboxes").join(id))
 }
 
 fn post_ok(agent: &Agent, path: &str) {

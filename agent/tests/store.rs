@@ -25,41 +25,19 @@ const BS: u64 = MEMORY_BLOCK_SIZE as u64;
 // ---------------------------------------------------------------------------
 // Harness
 
-/// A temporary folder, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let path =
-            std::env::temp_dir().join(format!("wrenn-store-test-{}-{tag}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A state folder with its LMDB store and layer store.
 struct Env {
-    dir: TempDir,
+    dir: tempfile::TempDir,
     db: Arc<Store>,
     store: LayerStore,
 }
 
 impl Env {
     fn new(backend: Backend) -> Env {
-        let dir = TempDir::new(backend.as_str());
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("wrenn-store-test-{}-", backend.as_str()))
+            .tempdir()
+            .unwrap();
         let db = Arc::new(Store::open(dir.path(), StoreOptions::new()).unwrap());
         let store = open_store(dir.path(), &db, backend);
         Env { dir, db, store }

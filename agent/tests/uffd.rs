@@ -8,8 +8,6 @@ use std::fs::{self, File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,30 +27,6 @@ const PAGES: u64 = DEVICE / PAGE;
 
 // ---------------------------------------------------------------------------
 // Harness
-
-/// A temporary folder, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!("wrenn-uffd-test-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A small deterministic generator (xorshift64*).
 struct Rng(u64);
@@ -80,7 +54,7 @@ impl Rng {
 /// generations: `header` (generation 2) maps blocks to the layers of both
 /// generations, to zero extents from written zeros, and to holes.
 struct Snapshot {
-    dir: TempDir,
+    dir: tempfile::TempDir,
     store: Arc<LayerStore>,
     header: Header,
     /// What the device held when generation 2 was taken.
@@ -89,7 +63,10 @@ struct Snapshot {
 
 impl Snapshot {
     fn new() -> Snapshot {
-        let dir = TempDir::new();
+        let dir = tempfile::Builder::new()
+            .prefix("wrenn-uffd-test-")
+            .tempdir()
+            .unwrap();
         let db = Arc::new(Store::open(dir.path(), StoreOptions::new()).unwrap());
         let store = Arc::new(LayerStore::open(dir.path(), db).unwrap());
         let path = dir.path().join("memory");
@@ -595,7 +572,10 @@ fn faults_after_the_record_window_are_not_recorded() {
 
 #[test]
 fn a_missing_prefetch_list_is_none_and_a_damaged_one_an_error() {
-    let dir = TempDir::new();
+    let dir = tempfile::Builder::new()
+        .prefix("wrenn-uffd-test-")
+        .tempdir()
+        .unwrap();
     let id = wrenn_agent::store::HeaderId([7; 32]);
     assert_eq!(load_prefetch(dir.path(), &id).unwrap(), None);
     let path = save_prefetch(dir.path(), &id, &[1, 2, 3]).unwrap();

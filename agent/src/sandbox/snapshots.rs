@@ -480,7 +480,8 @@ fn remove_snapshot_dir(record: &TemplateRecord) {
     }
 }
 
-fn dir_size(dir: &Path) -> u64 {
+/// Bytes on disk (allocated blocks) of the files directly in `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     fs::read_dir(dir)
         .map(|entries| {
