@@ -88,12 +88,7 @@ impl Machine {
         page_server: &Path,
         serial_out: Box<dyn Write + Send>,
     ) -> Result<Machine> {
-        let state = read_state(&dir.join(STATE_FILE))?;
-        let config = MachineConfig {
-            vcpus: state.vcpus_count,
-            memory_mb: state.memory_mb,
-            track_dirty_pages: false,
-        };
+        let (state, config) = read_state(&dir.join(STATE_FILE))?;
         let served = crate::uffd::serve_memory(config.memory_mb, page_server)?;
         let crate::uffd::ServedMemory {
             memory,
@@ -267,19 +262,7 @@ impl Machine {
         memory_from: MemoryFrom,
         serial_out: Box<dyn Write + Send>,
     ) -> Result<Machine> {
-        let state = read_state(&dir.join(STATE_FILE))?;
-        let config = MachineConfig {
-            vcpus: state.vcpus_count,
-            memory_mb: state.memory_mb,
-            track_dirty_pages: false,
-        };
-        if state.vcpus.len() != usize::from(config.vcpus) {
-            return Err(Error::Snapshot(format!(
-                "the VM state has {} vCPUs but says {}",
-                state.vcpus.len(),
-                config.vcpus
-            )));
-        }
+        let (state, config) = read_state(&dir.join(STATE_FILE))?;
         let memory = map_memory(&dir.join(MEMORY_FILE), config.memory_mb, memory_from)?;
         Self::restore_into(state, config, memory, serial_out)
     }
@@ -292,12 +275,7 @@ impl Machine {
             .split_first()
             .ok_or_else(|| Error::Snapshot("no snapshot to restore".into()))?;
         let last = diffs.last().copied().unwrap_or(base);
-        let state = read_state(&last.join(STATE_FILE))?;
-        let config = MachineConfig {
-            vcpus: state.vcpus_count,
-            memory_mb: state.memory_mb,
-            track_dirty_pages: false,
-        };
+        let (state, config) = read_state(&last.join(STATE_FILE))?;
         let memory = map_memory(&base.join(MEMORY_FILE), config.memory_mb, MemoryFrom::Copy)?;
         for diff in diffs {
             let listed = fs::read(diff.join(DIRTY_FILE)).map_err(io(diff))?;
@@ -392,8 +370,8 @@ impl Machine {
     }
 }
 
-/// Reads and checks `vmstate`.
-fn read_state(path: &Path) -> Result<VmState> {
+/// Reads and checks `vmstate`; returns it with the machine it describes.
+fn read_state(path: &Path) -> Result<(VmState, MachineConfig)> {
     let bytes = fs::read(path).map_err(io(path))?;
     let damaged = |why: &str| Error::Snapshot(format!("{} {why}", path.display()));
     if bytes.len() < 5 {
@@ -410,7 +388,21 @@ fn read_state(path: &Path) -> Result<VmState> {
             body[0]
         )));
     }
-    postcard::from_bytes(&body[1..]).map_err(|e| damaged(&format!("cannot be decoded: {e}")))
+    let state: VmState = postcard::from_bytes(&body[1..])
+        .map_err(|e| damaged(&format!("cannot be decoded: {e}")))?;
+    if state.vcpus.len() != usize::from(state.vcpus_count) {
+        return Err(damaged(&format!(
+            "holds {} vCPUs but says {}",
+            state.vcpus.len(),
+            state.vcpus_count
+        )));
+    }
+    let config = MachineConfig {
+        vcpus: state.vcpus_count,
+        memory_mb: state.memory_mb,
+        track_dirty_pages: false,
+    };
+    Ok((state, config))
 }
 
 fn map_memory(path: &Path, memory_mb: u32, from: MemoryFrom) -> Result<GuestMemoryMmap> {
