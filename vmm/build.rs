@@ -1,7 +1,8 @@
 //! Assembles the small guest programs in `guests/` (GNU as and ld, from
 //! binutils) into flat binaries loaded at 0x100000, for the tests and the
 //! benchmarks. Each `guests/NAME.s` becomes `$OUT_DIR/NAME.bin`, named by
-//! the variable `WRENN_GUEST_NAME` at compile time.
+//! the variable `WRENN_GUEST_NAME` at compile time. `guests/*.inc` hold
+//! routines the programs `.include`.
 
 use std::path::Path;
 use std::process::Command;
@@ -21,7 +22,7 @@ fn main() {
         let object = Path::new(&out).join(format!("{name}.o"));
         let binary = Path::new(&out).join(format!("{name}.bin"));
         run(Command::new("as")
-            .args(["--64", "-o"])
+            .args(["--64", "-I", "guests", "-o"])
             .arg(&object)
             .arg(&source));
         run(Command::new("ld")

@@ -40,40 +40,6 @@ sum:
     call    print_hex
     mov     $'\n', %al
     call    putc
-    mov     $0xfe, %al
-    out     %al, $0x64
-halt:
-    hlt
-    jmp     halt
+    jmp     reset
 
-# print_hex: prints %r8 as 16 hex digits.
-print_hex:
-    mov     $16, %rcx
-digit:
-    rol     $4, %r8
-    mov     %r8, %rax
-    and     $0xf, %rax
-    cmp     $10, %al
-    jb      decimal
-    add     $('a' - 10 - '0'), %al
-decimal:
-    add     $'0', %al
-    push    %rcx
-    call    putc
-    pop     %rcx
-    dec     %rcx
-    jnz     digit
-    ret
-
-# putc: writes %al to the serial port once it can take it.
-putc:
-    mov     %al, %ah
-    mov     $0x3fd, %dx
-busy:
-    in      %dx, %al
-    test    $0x20, %al
-    jz      busy
-    mov     $0x3f8, %dx
-    mov     %ah, %al
-    out     %al, %dx
-    ret
+    .include "serial.inc"

@@ -7,7 +7,7 @@
 //! | `GET /` | | `{state, vcpu_count, mem_size_mib, exit}` |
 //! | `PUT /machine-config` | `{vcpu_count, mem_size_mib, track_dirty_pages}` | sets the machine before start |
 //! | `PUT /boot-source` | `{kernel_image_path, initrd_path, boot_args}` or `{program_path}` | what to boot |
-//! | `PUT /actions` | `{action_type: "InstanceStart" \| "Pause" \| "Resume"}` | lifecycle |
+//! | `PUT /actions` | `{action_type: "InstanceStart" \| "Pause" \| "Resume" \| "Shutdown"}` | lifecycle; after `Shutdown` the process ends |
 //! | `PUT /snapshot/create` | `{snapshot_path, snapshot_type: "Full" \| "Diff"}` | saves a paused VM into the folder `snapshot_path` |
 //! | `PUT /snapshot/load` | `{snapshot_path, mem_backend: {backend_type: "File" \| "Copy" \| "Uffd", backend_path}, resume_vm}` | restores into a VM that has not started |
 //!
@@ -144,9 +144,11 @@ impl Api {
                     "InstanceStart" => controller.start()?,
                     "Pause" => controller.pause()?,
                     "Resume" => controller.resume()?,
+                    "Shutdown" => controller.shutdown()?,
                     other => {
                         return Err(ApiError::invalid_argument(format!(
-                            "action_type {other:?} is not one of InstanceStart, Pause, Resume"
+                            "action_type {other:?} is not one of InstanceStart, Pause, Resume, \
+                             Shutdown"
                         )))
                     }
                 }

@@ -13,10 +13,11 @@
 //! | `0xb000` | page directory: 512 entries of 2 MiB |
 //! | below `0x8_0000` | the initial stack (grows down from `STACK_TOP`) |
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
+use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::error::{Error, Result};
+use crate::error::{kvm_err, Error, Result};
 
 pub const GDT_ADDR: u64 = 0x500;
 pub const PML4_ADDR: u64 = 0x9000;
@@ -123,12 +124,117 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 
 /// General registers to enter at `entry` with the initial stack.
 pub fn entry_regs(entry: u64) -> kvm_regs {
+    entry_regs_on(entry, STACK_TOP)
+}
+
+/// Each vCPU a guest program starts on gets this much of the stack area,
+/// vCPU 0 at the top.
+pub const STACK_PER_VCPU: u64 = 0x2000;
+
+/// General registers to enter at `entry` with the stack at `stack`.
+pub fn entry_regs_on(entry: u64, stack: u64) -> kvm_regs {
     kvm_regs {
         rip: entry,
-        rsp: STACK_TOP,
-        rbp: STACK_TOP,
+        rsp: stack,
+        rbp: stack,
         rflags: 0x2,
         ..Default::default()
+    }
+}
+
+const CPUID_HYPERVISOR: u32 = 1 << 31;
+const CPUID_HTT: u32 = 1 << 28;
+
+/// The CPUID of vCPU `index` of `count`: what KVM supports, with this
+/// vCPU's initial APIC ID, the number of logical processors, and the
+/// hypervisor bit. Linux numbers CPUs and builds its topology from these;
+/// KVM passes the supported set through without filling them in.
+pub fn vcpu_cpuid(supported: &CpuId, index: u8, count: u8) -> CpuId {
+    let mut cpuid = supported.clone();
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                entry.ebx =
+                    (entry.ebx & 0xffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
+                entry.ecx |= CPUID_HYPERVISOR;
+                if count > 1 {
+                    entry.edx |= CPUID_HTT;
+                } else {
+                    entry.edx &= !CPUID_HTT;
+                }
+            }
+            // Extended topology: EDX is the x2APIC ID on every sub-leaf.
+            0xb | 0x1f => entry.edx = u32::from(index),
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+/// MSRs a vCPU starts with, set on purpose rather than left to KVM's reset
+/// values: the system-call entry points empty, the TSC at 0, fast strings
+/// on, and the MTRRs enabled with write-back as the default memory type.
+const BOOT_MSRS: &[(u32, u64)] = &[
+    (0x174, 0),             // IA32_SYSENTER_CS
+    (0x175, 0),             // IA32_SYSENTER_ESP
+    (0x176, 0),             // IA32_SYSENTER_EIP
+    (0xc000_0081, 0),       // STAR
+    (0xc000_0082, 0),       // LSTAR
+    (0xc000_0083, 0),       // CSTAR
+    (0xc000_0084, 0),       // SYSCALL_MASK
+    (0xc000_0102, 0),       // KERNEL_GS_BASE
+    (0x10, 0),              // IA32_TSC
+    (0x1a0, 1),             // IA32_MISC_ENABLE: fast strings
+    (0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
+];
+
+/// LAPIC register offsets of the local interrupt pins and their delivery
+/// modes.
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0b100;
+const APIC_MODE_EXTINT: u32 = 0b111;
+
+/// Sets a new vCPU's boot MSRs and its LAPIC's local interrupt pins: LINT0
+/// takes the PIC's interrupts (ExtINT), LINT1 is the NMI, as on a PC.
+pub fn configure_vcpu(vcpu: &VcpuFd) -> Result<()> {
+    let entries: Vec<kvm_msr_entry> = BOOT_MSRS
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    let msrs = Msrs::from_entries(&entries)
+        .map_err(|e| Error::Vcpu(format!("cannot list the boot MSRs: {e:?}")))?;
+    let set = vcpu.set_msrs(&msrs).map_err(kvm_err("set the boot MSRs"))?;
+    if set != entries.len() {
+        return Err(Error::Vcpu(format!(
+            "KVM refused boot MSR {:#x}",
+            entries[set].index
+        )));
+    }
+    let mut lapic = vcpu.get_lapic().map_err(kvm_err("read the LAPIC"))?;
+    for (offset, mode) in [
+        (APIC_LVT_LINT0, APIC_MODE_EXTINT),
+        (APIC_LVT_LINT1, APIC_MODE_NMI),
+    ] {
+        let value = lapic_register(&lapic.regs, offset);
+        let value = (value & !(0b111 << 8)) | (mode << 8);
+        set_lapic_register(&mut lapic.regs, offset, value);
+    }
+    vcpu.set_lapic(&lapic).map_err(kvm_err("set the LAPIC"))
+}
+
+fn lapic_register(regs: &[std::os::raw::c_char], offset: usize) -> u32 {
+    let bytes: [u8; 4] = std::array::from_fn(|i| regs[offset + i] as u8);
+    u32::from_le_bytes(bytes)
+}
+
+fn set_lapic_register(regs: &mut [std::os::raw::c_char], offset: usize, value: u32) {
+    for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+        regs[offset + i] = byte as std::os::raw::c_char;
     }
 }
 
@@ -149,6 +255,42 @@ mod tests {
         assert_eq!((code.l, code.db, code.present, code.type_), (1, 0, 1, 0xb));
         let data = segment(DATA_SELECTOR, GDT[2]);
         assert_eq!((data.l, data.db, data.s, data.type_), (0, 1, 1, 3));
+    }
+
+    #[test]
+    fn each_vcpu_sees_its_own_apic_id_and_the_cpu_count() {
+        let supported = CpuId::from_entries(&[
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0x0000_0800,
+                edx: CPUID_HTT,
+                ..Default::default()
+            },
+            kvm_bindings::kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        let cpuid = vcpu_cpuid(&supported, 3, 4);
+        let leaf1 = &cpuid.as_slice()[0];
+        assert_eq!(leaf1.ebx, 0x0304_0800);
+        assert_ne!(leaf1.ecx & CPUID_HYPERVISOR, 0);
+        assert_ne!(leaf1.edx & CPUID_HTT, 0);
+        assert_eq!(cpuid.as_slice()[1].edx, 3);
+        assert_eq!(
+            vcpu_cpuid(&supported, 0, 1).as_slice()[0].edx & CPUID_HTT,
+            0
+        );
+    }
+
+    #[test]
+    fn lapic_registers_round_trip() {
+        let mut regs = [0 as std::os::raw::c_char; 1024];
+        set_lapic_register(&mut regs, APIC_LVT_LINT1, 0x0001_0400);
+        assert_eq!(lapic_register(&regs, APIC_LVT_LINT1), 0x0001_0400);
+        assert_eq!(lapic_register(&regs, APIC_LVT_LINT0), 0);
     }
 
     #[test]

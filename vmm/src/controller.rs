@@ -1,16 +1,12 @@
 //! The VM's lifecycle behind the control API: configure, start, pause,
-//! resume, snapshot, load a snapshot. The vCPU runs on its own thread; a
-//! pause sets a flag and kicks that thread out of `KVM_RUN` with a signal
-//! until it stops.
+//! resume, snapshot, load a snapshot, shut down. A `vcpus` thread runs the
+//! machine ([`Machine::run_vcpus`]: a thread per vCPU); a pause sets a
+//! flag and wakes it, and it kicks every vCPU out of `KVM_RUN`.
 
-use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
-
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::error::{Error, Result};
 use crate::machine::{Exit, Machine, MachineConfig};
@@ -83,13 +79,6 @@ pub struct Controller {
     seccomp: bool,
 }
 
-/// The signal that kicks a vCPU thread out of `KVM_RUN`.
-fn kick_signal() -> i32 {
-    SIGRTMIN()
-}
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
 impl Controller {
     /// A controller whose guest writes its serial output to `serial`;
     /// `ended` hears when the guest ends by itself.
@@ -98,8 +87,8 @@ impl Controller {
         ended: mpsc::Sender<String>,
         seccomp: bool,
     ) -> Result<Controller> {
-        register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| Error::Vcpu(format!("cannot install the vCPU kick signal: {e}")))?;
+        // Before any seccomp filter: it needs rt_sigaction.
+        crate::machine::install_kick_handler()?;
         Ok(Controller {
             state: Mutex::new(State::NotStarted),
             config: Mutex::new(MachineConfig {
@@ -215,14 +204,16 @@ impl Controller {
             let stop = Arc::clone(&stop);
             let ended = self.ended.clone();
             std::thread::Builder::new()
-                .name("vcpu0".into())
+                .name("vcpus".into())
                 .spawn(move || {
-                    let result = if seccomp {
-                        crate::seccomp::install_vcpu_filter()
-                            .and_then(|()| machine.run_until(&stop))
-                    } else {
-                        machine.run_until(&stop)
+                    let setup = move || {
+                        if seccomp {
+                            crate::seccomp::install_vcpu_filter()
+                        } else {
+                            Ok(())
+                        }
                     };
+                    let result = machine.run_vcpus(&stop, &setup);
                     match &result {
                         Ok(Exit::Paused) => {}
                         Ok(exit) => {
@@ -260,15 +251,8 @@ impl Controller {
             return Err(wrong(&state, "pause", "running"));
         };
         stop.store(true, Ordering::Release);
-        let pthread = thread.as_pthread_t();
-        // The signal may land just before the thread enters KVM_RUN; kick
-        // until it is out.
-        while !thread.is_finished() {
-            // SAFETY: the thread is alive (not yet joined), so its pthread_t
-            // is valid; the signal has a handler that does nothing.
-            unsafe { libc::pthread_kill(pthread, kick_signal()) };
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        // It kicks the vCPUs out of KVM_RUN and ends.
+        thread.thread().unpark();
         let running = std::mem::replace(&mut *state, State::NotStarted);
         *state = self.settle(running);
         match &*state {
@@ -288,6 +272,25 @@ impl Controller {
         };
         drop(state);
         self.run(*machine)
+    }
+
+    /// Stops the guest for good, wherever it is, and frees its memory; the
+    /// process then ends (`ended` hears it).
+    pub fn shutdown(&self) -> Result<()> {
+        let mut state = self.state();
+        if let State::Running { thread, stop } = &*state {
+            stop.store(true, Ordering::Release);
+            thread.thread().unpark();
+        }
+        let now = std::mem::replace(&mut *state, State::NotStarted);
+        if let State::Exited(why) = self.settle(now) {
+            *state = State::Exited(why.clone());
+            return Err(Error::State(format!("the guest has already ended: {why}")));
+        }
+        const WHY: &str = "shut down through the API";
+        *state = State::Exited(WHY.into());
+        let _ = self.ended.send(WHY.into());
+        Ok(())
     }
 
     /// Saves the paused VM into `dir`: full, or only what changed since

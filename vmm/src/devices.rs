@@ -1,10 +1,13 @@
-//! Legacy devices on port I/O: the 8250 serial port at `0x3f8` (IRQ 4),
-//! written to a log, and the i8042 controller, whose reset command (`0xfe`
-//! to port `0x64`) ends the VM.
+//! The devices every vCPU thread reaches through its exits, and the legacy
+//! devices on port I/O: the 8250 serial port at `0x3f8` (IRQ 4), written to
+//! a log, and the i8042 controller, whose reset command (`0xfe` to port
+//! `0x64`) ends the VM.
 
 use std::io::Write;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -34,6 +37,138 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// What a port write asks of the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortWrite {
+    Done,
+    /// The guest asked the i8042 to reset the CPU.
+    Reset,
+}
+
+/// The devices of one VM, shared by its vCPU threads: each exit locks only
+/// the device it is for.
+pub struct Devices {
+    serial: Mutex<SerialPort>,
+}
+
+impl Devices {
+    pub fn new(serial: SerialPort) -> Devices {
+        Devices {
+            serial: Mutex::new(serial),
+        }
+    }
+
+    fn serial(&self) -> MutexGuard<'_, SerialPort> {
+        self.serial.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A guest's `out` to `port`.
+    pub fn port_write(&self, port: u16, data: &[u8]) -> Result<PortWrite> {
+        let value = data.first().copied().unwrap_or(0);
+        if SERIAL_PORTS.contains(&port) {
+            self.serial().write(port, value)?;
+        } else if (port == I8042_COMMAND || port == I8042_DATA)
+            && i8042_write(port, value) == I8042Write::Reset
+        {
+            return Ok(PortWrite::Reset);
+        }
+        Ok(PortWrite::Done)
+    }
+
+    /// A guest's `in` from `port`: ports without a device read as all ones.
+    pub fn port_read(&self, port: u16, data: &mut [u8]) {
+        let value = if SERIAL_PORTS.contains(&port) {
+            self.serial().read(port)
+        } else if port == I8042_COMMAND || port == I8042_DATA {
+            i8042_read(port)
+        } else {
+            0xff
+        };
+        data.fill(value);
+    }
+
+    /// A guest's read of an address no memory backs: no device there yet,
+    /// so all ones, as on a real bus.
+    pub fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    /// A guest's write to an address no memory backs: ignored.
+    pub fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+
+    pub fn flush(&self) {
+        self.serial().flush();
+    }
+
+    /// The devices' state, for a snapshot.
+    pub fn state(&self) -> DevicesState {
+        DevicesState {
+            serial: SerialSaved::from(self.serial().serial.state()),
+        }
+    }
+
+    /// Puts the devices back as `state` describes them.
+    pub fn restore(&self, state: &DevicesState) -> Result<()> {
+        self.serial().restore(&state.serial)
+    }
+}
+
+/// What a snapshot keeps of the devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialSaved,
+}
+
+/// The 8250's registers and unread input, as saved in a snapshot (the
+/// same fields as vm-superio's `SerialState`, which has no serde).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSaved {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSaved {
+    fn from(s: SerialState) -> SerialSaved {
+        SerialSaved {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSaved> for SerialState {
+    fn from(s: &SerialSaved) -> SerialState {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// The serial port with its output.
 pub struct SerialPort {
     serial: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
@@ -44,6 +179,23 @@ impl SerialPort {
         SerialPort {
             serial: Serial::new(IrqTrigger(interrupt), out),
         }
+    }
+
+    /// Takes the registers and input of `saved`, keeping this port's
+    /// interrupt and output.
+    fn restore(&mut self, saved: &SerialSaved) -> Result<()> {
+        let interrupt = self
+            .serial
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(Error::EventFd)?;
+        let sink: Box<dyn Write + Send> = Box::new(std::io::sink());
+        let mut restored = Serial::from_state(&saved.into(), IrqTrigger(interrupt), NoEvents, sink)
+            .map_err(|e| Error::Snapshot(format!("the saved serial port is invalid: {e:?}")))?;
+        std::mem::swap(restored.writer_mut(), self.serial.writer_mut());
+        self.serial = restored;
+        Ok(())
     }
 
     pub fn write(&mut self, port: u16, value: u8) -> Result<()> {

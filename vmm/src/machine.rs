@@ -2,11 +2,16 @@
 //!
 //! The machine has the in-kernel irqchip (both PICs, the IOAPIC, a LAPIC per
 //! vCPU) and PIT; guest memory is one anonymous mapping starting at guest
-//! address 0. The exit loop serves port I/O for the serial port and the
-//! i8042 and ends when the guest resets, halts or triple-faults.
+//! address 0. Each vCPU runs on its own thread (`vcpu0`, `vcpu1`, ...); the
+//! thread that called [`Machine::run_until`] waits for them and stops them
+//! all when one ends or a stop is asked. Their exits reach the shared
+//! [`Devices`]: port I/O for the serial port and the i8042, MMIO for the
+//! rest. The run ends when the guest resets, halts or triple-faults.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+use std::time::Duration;
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
@@ -17,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot;
-use crate::devices::{self, I8042Write, SerialPort, SERIAL_IRQ, SERIAL_PORTS};
+use crate::devices::{Devices, PortWrite, SerialPort, SERIAL_IRQ};
 use crate::error::{kvm_err, Error, Result};
 
 pub const MAX_VCPUS: u8 = 32;
@@ -60,7 +65,7 @@ pub struct Machine {
     pub(crate) vm: VmFd,
     pub(crate) kvm: Kvm,
     pub(crate) memory: GuestMemoryMmap,
-    serial: SerialPort,
+    pub(crate) devices: Arc<Devices>,
     pub(crate) config: MachineConfig,
     /// The userfaultfd and page server connection of served memory: kept
     /// for the VM's life (closing the socket ends the server).
@@ -138,7 +143,9 @@ impl Machine {
             let vcpu = vm
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("create a vCPU"))?;
-            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set the CPUID"))?;
+            vcpu.set_cpuid2(&boot::vcpu_cpuid(&cpuid, id, config.vcpus))
+                .map_err(kvm_err("set the CPUID"))?;
+            boot::configure_vcpu(&vcpu)?;
             vcpus.push(vcpu);
         }
 
@@ -150,7 +157,7 @@ impl Machine {
             vm,
             kvm,
             memory,
-            serial: SerialPort::new(interrupt, serial_out),
+            devices: Arc::new(Devices::new(SerialPort::new(interrupt, serial_out))),
             config,
             page_server: None,
         })
@@ -193,8 +200,10 @@ impl Machine {
         &self.vm
     }
 
-    /// Loads a flat 64-bit program at [`boot::PROGRAM_ADDR`] and points the
-    /// first vCPU at it, in long mode with the first GiB identity-mapped.
+    /// Loads a flat 64-bit program at [`boot::PROGRAM_ADDR`] and points
+    /// every vCPU at it, in long mode with the first GiB identity-mapped,
+    /// each on its own stack ([`boot::STACK_PER_VCPU`] apart). The program
+    /// tells the vCPUs apart by their APIC ID (CPUID leaf 1).
     pub fn load_program(&mut self, program: &[u8]) -> Result<()> {
         let end = boot::PROGRAM_ADDR + program.len() as u64;
         if end > self.memory.last_addr().0 {
@@ -207,77 +216,177 @@ impl Machine {
             .write_slice(program, GuestAddress(boot::PROGRAM_ADDR))
             .map_err(|e| Error::Memory(format!("cannot load the program: {e}")))?;
         boot::write_tables(&self.memory)?;
-        let vcpu = &self.vcpus[0];
-        let sregs = vcpu
-            .get_sregs()
-            .map_err(kvm_err("read special registers"))?;
-        vcpu.set_sregs(&boot::long_mode_sregs(sregs))
-            .map_err(kvm_err("set special registers"))?;
-        vcpu.set_regs(&boot::entry_regs(boot::PROGRAM_ADDR))
-            .map_err(kvm_err("set registers"))?;
+        for (index, vcpu) in self.vcpus.iter().enumerate() {
+            let sregs = vcpu
+                .get_sregs()
+                .map_err(kvm_err("read special registers"))?;
+            vcpu.set_sregs(&boot::long_mode_sregs(sregs))
+                .map_err(kvm_err("set special registers"))?;
+            let stack = boot::STACK_TOP - index as u64 * boot::STACK_PER_VCPU;
+            vcpu.set_regs(&boot::entry_regs_on(boot::PROGRAM_ADDR, stack))
+                .map_err(kvm_err("set registers"))?;
+            // Application processors wait for INIT and SIPI otherwise.
+            vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(kvm_err("set the MP state"))?;
+        }
         Ok(())
     }
 
-    /// Runs the first vCPU until the guest resets, halts or faults.
+    /// Runs every vCPU until the guest resets, halts or faults.
     pub fn run(&mut self) -> Result<Exit> {
         self.run_until(&AtomicBool::new(false))
     }
 
-    /// [`Machine::run`], also returning [`Exit::Paused`] at the first exit
-    /// to the VMM after `stop` is set (the guest's port I/O exits often).
+    /// [`Machine::run`], also returning [`Exit::Paused`] soon after `stop`
+    /// is set: every vCPU is then outside KVM with its pending I/O done.
     pub fn run_until(&mut self, stop: &AtomicBool) -> Result<Exit> {
-        let exit = self.run_vcpu(0, stop);
-        self.serial.flush();
-        exit
+        self.run_vcpus(stop, &|| Ok(()))
     }
 
-    fn run_vcpu(&mut self, index: usize, stop: &AtomicBool) -> Result<Exit> {
-        let Machine { vcpus, serial, .. } = self;
-        let vcpu = &mut vcpus[index];
-        loop {
-            if stop.load(Ordering::Acquire) {
-                complete_pending_io(vcpu)?;
-                return Ok(Exit::Paused);
-            }
-            let exit = match vcpu.run() {
-                Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => return Err(kvm_err("run a vCPU")(e)),
-            };
-            match exit {
-                VcpuExit::IoOut(port, data) => {
-                    let value = data.first().copied().unwrap_or(0);
-                    if SERIAL_PORTS.contains(&port) {
-                        serial.write(port, value)?;
-                    } else if (port == devices::I8042_COMMAND || port == devices::I8042_DATA)
-                        && devices::i8042_write(port, value) == I8042Write::Reset
-                    {
-                        return Ok(Exit::Reset);
+    /// Runs each vCPU on its own thread, which first calls `setup` (to
+    /// install its seccomp filter) and ends the run if that fails. This
+    /// thread waits, waking every [`STOP_POLL`] or when unparked, and once
+    /// a vCPU has ended or `stop` is set, stops the others by setting a
+    /// flag and kicking them out of `KVM_RUN` with a signal. The result is
+    /// the first vCPU's (by index) that did not pause, or [`Exit::Paused`].
+    pub(crate) fn run_vcpus(
+        &mut self,
+        stop: &AtomicBool,
+        setup: &(dyn Fn() -> Result<()> + Sync),
+    ) -> Result<Exit> {
+        install_kick_handler()?;
+        let Machine { vcpus, devices, .. } = self;
+        let devices: &Devices = devices;
+        let halt = AtomicBool::new(false);
+        let threads: Vec<AtomicU64> = vcpus.iter().map(|_| AtomicU64::new(0)).collect();
+        let waiter = std::thread::current();
+        let results = std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            let mut failed = None;
+            for (index, vcpu) in vcpus.iter_mut().enumerate() {
+                let (halt, thread, waiter) = (&halt, &threads[index], waiter.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("vcpu{index}"))
+                    .spawn_scoped(scope, move || {
+                        // SAFETY: pthread_self has no preconditions.
+                        thread.store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
+                        let result = setup().and_then(|()| run_vcpu(vcpu, devices, stop, halt));
+                        halt.store(true, Ordering::Release);
+                        waiter.unpark();
+                        result
+                    });
+                match spawned {
+                    Ok(handle) => handles.push(handle),
+                    Err(e) => {
+                        // Stop those already running, then report.
+                        halt.store(true, Ordering::Release);
+                        failed = Some(Error::Vcpu(format!("cannot start a vCPU thread: {e}")));
+                        break;
                     }
                 }
-                VcpuExit::IoIn(port, data) => {
-                    let value = if SERIAL_PORTS.contains(&port) {
-                        serial.read(port)
-                    } else if port == devices::I8042_COMMAND || port == devices::I8042_DATA {
-                        devices::i8042_read(port)
-                    } else {
-                        0xff
-                    };
-                    data.fill(value);
-                }
-                VcpuExit::MmioRead(_, data) => data.fill(0xff),
-                VcpuExit::MmioWrite(..) => {}
-                VcpuExit::Hlt => return Ok(Exit::Halted),
-                VcpuExit::Shutdown => return Ok(Exit::Shutdown),
-                VcpuExit::InternalError => {
-                    // SAFETY: after KVM_EXIT_INTERNAL_ERROR, the `internal`
-                    // member is the one KVM filled in.
-                    let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    return Err(Error::Internal(suberror));
-                }
-                VcpuExit::FailEntry(reason, _) => return Err(Error::FailEntry(reason)),
-                other => return Err(Error::UnexpectedExit(format!("{other:?}"))),
             }
+            while !handles.iter().all(|h| h.is_finished()) {
+                if stop.load(Ordering::Acquire) || halt.load(Ordering::Acquire) {
+                    halt.store(true, Ordering::Release);
+                    kick(&threads, &handles);
+                    std::thread::park_timeout(Duration::from_micros(200));
+                } else {
+                    std::thread::park_timeout(STOP_POLL);
+                }
+            }
+            let results: Vec<Result<Exit>> = handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Vcpu("a vCPU thread panicked".into())))
+                })
+                .collect();
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(results),
+            }
+        });
+        devices.flush();
+        results?
+            .into_iter()
+            .find(|r| !matches!(r, Ok(Exit::Paused)))
+            .unwrap_or(Ok(Exit::Paused))
+    }
+}
+
+/// How often a waiting [`Machine::run_until`] looks at its stop flag when
+/// nobody unparks it.
+pub const STOP_POLL: Duration = Duration::from_millis(20);
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler of the kick signal, once per process; its
+/// default action would end the process.
+pub fn install_kick_handler() -> Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| Error::Vcpu(format!("cannot install the vCPU kick signal: {e}")));
+    });
+    result
+}
+
+/// Signals every vCPU thread that has started and not finished.
+fn kick<T>(threads: &[AtomicU64], handles: &[std::thread::ScopedJoinHandle<'_, T>]) {
+    for (thread, handle) in threads.iter().zip(handles) {
+        let id = thread.load(Ordering::Acquire);
+        if id != 0 && !handle.is_finished() {
+            // SAFETY: the thread is scoped and not yet joined, so its
+            // pthread_t is valid; the signal's handler does nothing.
+            unsafe { libc::pthread_kill(id as libc::pthread_t, kick_signal()) };
+        }
+    }
+}
+
+/// One vCPU's exit loop.
+fn run_vcpu(
+    vcpu: &mut VcpuFd,
+    devices: &Devices,
+    stop: &AtomicBool,
+    halt: &AtomicBool,
+) -> Result<Exit> {
+    loop {
+        if stop.load(Ordering::Acquire) || halt.load(Ordering::Acquire) {
+            complete_pending_io(vcpu)?;
+            return Ok(Exit::Paused);
+        }
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => return Err(kvm_err("run a vCPU")(e)),
+        };
+        match exit {
+            VcpuExit::IoOut(port, data) => {
+                if devices.port_write(port, data)? == PortWrite::Reset {
+                    return Ok(Exit::Reset);
+                }
+            }
+            VcpuExit::IoIn(port, data) => devices.port_read(port, data),
+            VcpuExit::MmioRead(addr, data) => devices.mmio_read(addr, data),
+            VcpuExit::MmioWrite(addr, data) => devices.mmio_write(addr, data),
+            VcpuExit::Hlt => return Ok(Exit::Halted),
+            VcpuExit::Shutdown => return Ok(Exit::Shutdown),
+            VcpuExit::InternalError => {
+                // SAFETY: after KVM_EXIT_INTERNAL_ERROR, the `internal`
+                // member is the one KVM filled in.
+                let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                return Err(Error::Internal(suberror));
+            }
+            VcpuExit::FailEntry(reason, _) => return Err(Error::FailEntry(reason)),
+            other => return Err(Error::UnexpectedExit(format!("{other:?}"))),
         }
     }
 }
@@ -300,6 +409,6 @@ fn complete_pending_io(vcpu: &mut VcpuFd) -> Result<()> {
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        self.serial.flush();
+        self.devices.flush();
     }
 }

@@ -99,6 +99,9 @@ fn serve(socket: &std::path::Path, flags: &Flags) -> Result<String, String> {
     let why = guest_end
         .recv()
         .map_err(|_| "the VM's controller went away".to_owned())?;
+    // A Shutdown request is answered after it is told here: let the answer
+    // go out before the process ends.
+    std::thread::sleep(std::time::Duration::from_millis(100));
     let _ = std::fs::remove_file(socket);
     Ok(why)
 }

@@ -12,9 +12,9 @@
 //! - `dirty` (diff snapshots only): those pages' indices (4 KiB pages), each
 //!   a little-endian u64, ascending.
 //!
-//! Restore order: VM, irqchip and PIT, memory, vCPUs (each: special
-//! registers, registers, XSAVE, XCRs, MSRs, LAPIC, MP state, events, debug
-//! registers), then the irqchip's and PIT's state and the KVM clock. The
+//! Restore order: VM, irqchip and PIT, memory, devices (the serial port),
+//! vCPUs (each: special registers, registers, XSAVE, XCRs, MSRs, LAPIC, MP
+//! state, events, debug registers), then the irqchip's and PIT's state and the KVM clock. The
 //! memory file is mapped privately, so pages are read when the guest first
 //! touches them and its writes never reach the snapshot.
 
@@ -32,11 +32,13 @@ use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
+use crate::devices::DevicesState;
 use crate::error::{kvm_err, Error, Result};
 use crate::machine::{Machine, MachineConfig};
 
 /// The version byte of `vmstate`.
-pub const FORMAT_VERSION: u8 = 1;
+/// 2: the devices' state was added.
+pub const FORMAT_VERSION: u8 = 2;
 pub const STATE_FILE: &str = "vmstate";
 pub const MEMORY_FILE: &str = "memory";
 pub const DIRTY_FILE: &str = "dirty";
@@ -68,6 +70,8 @@ pub struct VmState {
     pub ioapic: kvm_irqchip,
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
+    /// The serial port's registers and unread input.
+    pub devices: DevicesState,
 }
 
 /// Where a restored VM's memory comes from.
@@ -215,6 +219,7 @@ impl Machine {
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
             pit: self.vm.get_pit2().map_err(kvm_err("read the PIT"))?,
             clock: self.vm.get_clock().map_err(kvm_err("read the KVM clock"))?,
+            devices: self.devices.state(),
         })
     }
 
@@ -312,6 +317,7 @@ impl Machine {
         serial_out: Box<dyn Write + Send>,
     ) -> Result<Machine> {
         let machine = Machine::with_memory(config, memory, serial_out)?;
+        machine.devices.restore(&state.devices)?;
         for (vcpu, saved) in machine.vcpus.iter().zip(&state.vcpus) {
             vcpu.set_sregs(&saved.sregs)
                 .map_err(kvm_err("set special registers"))?;

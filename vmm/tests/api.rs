@@ -189,3 +189,49 @@ fn bad_requests_get_4xx_with_a_message() {
         }
     }
 }
+
+#[test]
+fn two_vcpus_run_under_their_filters_and_shutdown_ends_the_process() {
+    if !kvm_or_skip("vmm api smp") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut vmm = Vmm::start(dir.path(), "smp");
+    let config = json!({"vcpu_count": 2, "mem_size_mib": 16});
+    assert_eq!(vmm.put("/machine-config", config).0, 204);
+    let program = json!({"program_path": env!("WRENN_GUEST_SMP")});
+    assert_eq!(vmm.put("/boot-source", program).0, 204);
+    assert_eq!(
+        vmm.put("/actions", json!({"action_type": "InstanceStart"}))
+            .0,
+        204
+    );
+    // The guest prints once both vCPUs have checked in; it then counts on
+    // both until it is stopped.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !vmm.serial().contains("cpus 0000000000000003") {
+        assert!(Instant::now() < deadline, "no output: {:?}", vmm.serial());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let filters = |name: &str| {
+        std::fs::read_dir(format!("/proc/{}/task", vmm.child.id()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("status")).ok())
+            .find(|s| s.lines().any(|l| l == format!("Name:\t{name}")))
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+                    .map(|v| v.trim().to_owned())
+            })
+    };
+    assert_eq!(filters("vcpu0").as_deref(), Some("2"));
+    assert_eq!(filters("vcpu1").as_deref(), Some("2"));
+    assert_eq!(vmm.put("/actions", json!({"action_type": "Pause"})).0, 204);
+    assert_eq!(vmm.state(), "paused");
+    assert_eq!(filters("vcpu0"), None, "paused vCPUs leave no threads");
+    assert_eq!(vmm.put("/actions", json!({"action_type": "Resume"})).0, 204);
+    assert_eq!(vmm.state(), "running");
+    let (status, body) = vmm.put("/actions", json!({"action_type": "Shutdown"}));
+    assert_eq!(status, 204, "{body}");
+    assert!(vmm.wait().success());
+}
