@@ -222,9 +222,11 @@ impl From<Error> for ApiError {
         let message = error.to_string();
         match error {
             Error::State(_) => ApiError::conflict(message),
-            Error::Vcpus(_) | Error::MemorySize(_) | Error::Kernel(_) | Error::Snapshot(_) => {
-                ApiError::invalid_argument(message)
-            }
+            Error::Vcpus(_)
+            | Error::MemorySize(_)
+            | Error::Kernel(_)
+            | Error::Acpi(_)
+            | Error::Snapshot(_) => ApiError::invalid_argument(message),
             Error::ProgramTooLarge { .. } => ApiError::invalid_argument(message),
             _ => ApiError::internal(message),
         }

@@ -30,6 +30,8 @@ pub enum Error {
     Serial(String),
     #[error("kernel: {0}")]
     Kernel(String),
+    #[error("ACPI tables: {0}")]
+    Acpi(String),
     #[error("seccomp: {0}; the VMM does not run a guest without its filters")]
     Seccomp(String),
     #[error("{0}")]

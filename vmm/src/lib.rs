@@ -1,5 +1,6 @@
 //! `wrenn-vmm`: Wrenn's KVM microVM monitor, one process per sandbox.
 //!
+//! - [`acpi`]: the ACPI tables that describe the machine to Linux.
 //! - [`api`]: the control API on a Unix socket.
 //! - [`controller`]: the VM's lifecycle behind the API, the vCPU thread.
 //! - [`machine`]: the VM: KVM file descriptors, guest memory, vCPUs, the
@@ -13,6 +14,7 @@
 //! - [`uffd`]: guest memory placed by a page server over userfaultfd.
 //! - [`error`]: failures and what to do about them.
 
+pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod controller;

@@ -1,13 +1,14 @@
 //! Loading a Linux kernel for the 64-bit boot protocol: a bzImage (or an
 //! ELF vmlinux) placed by linux-loader, the command line, an optional
-//! initramfs, and the zero page (boot parameters with the e820 map); the
-//! first vCPU enters the kernel's 64-bit entry in long mode with `rsi`
-//! pointing at the zero page.
+//! initramfs, the ACPI tables, and the zero page (boot parameters with the
+//! e820 map and the RSDP's address); the first vCPU enters the kernel's
+//! 64-bit entry in long mode with `rsi` pointing at the zero page.
 //!
 //! | guest address | what |
 //! |---|---|
 //! | `0x7000` | zero page (`boot_params`) |
 //! | `0x20000` | command line (at most 4 KiB) |
+//! | `0xe0000` | ACPI tables, RSDP first (see [`crate::acpi`]) |
 //! | `0x100000` | the kernel |
 //! | below the end of memory | the initramfs, page aligned |
 
@@ -21,6 +22,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::acpi::{self, MmioSlot};
 use crate::boot;
 use crate::error::{kvm_err, Error, Result};
 use crate::machine::Machine;
@@ -32,21 +34,37 @@ const HIGH_MEMORY: u64 = 0x10_0000;
 /// Where conventional memory ends (the EBDA starts).
 const EBDA_START: u64 = 0x9_fc00;
 const E820_RAM: u32 = 1;
+/// ACPI data: the tables live there, so Linux does not use it as RAM.
+const E820_ACPI: u32 = 3;
 /// The bzImage's 64-bit entry is this far into the protected-mode kernel.
 const BZIMAGE_ENTRY_64: u64 = 0x200;
 const KERNEL_ALIGNMENT: u32 = 0x100_0000;
 const PAGE: u64 = 4096;
 
 impl Machine {
-    /// Loads `kernel` (bzImage or ELF), `initrd` and `cmdline` and points
-    /// the first vCPU at the kernel's 64-bit entry.
+    /// Loads `kernel` (bzImage or ELF), `initrd` and `cmdline`, writes the
+    /// ACPI tables for a machine without virtio devices, and points the
+    /// first vCPU at the kernel's 64-bit entry.
     pub fn load_linux(
         &mut self,
         kernel: &Path,
         initrd: Option<&Path>,
         cmdline: &str,
     ) -> Result<()> {
+        self.load_linux_with_devices(kernel, initrd, cmdline, &[])
+    }
+
+    /// [`Machine::load_linux`] with the virtio-mmio `devices` declared in
+    /// the ACPI tables (device `i` as `_UID` `i`).
+    pub fn load_linux_with_devices(
+        &mut self,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        cmdline: &str,
+        devices: &[MmioSlot],
+    ) -> Result<()> {
         let memory = &self.memory;
+        let tables = acpi::write_tables(memory, self.config.vcpus, devices)?;
         let mut image = File::open(kernel).map_err(|e| load_error(kernel, e))?;
         let loaded = BzImage::load(memory, None, &mut image, Some(GuestAddress(HIGH_MEMORY)));
         let (loaded, entry) = match loaded {
@@ -105,13 +123,18 @@ impl Machine {
             params.hdr.ramdisk_size = data.len() as u32;
         }
 
-        let e820 = [(0, EBDA_START), (HIGH_MEMORY, memory_end - HIGH_MEMORY)];
-        for (i, (addr, size)) in e820.into_iter().enumerate() {
-            params.e820_table[i] = boot_e820_entry {
-                addr,
-                size,
-                r#type: E820_RAM,
-            };
+        params.acpi_rsdp_addr = tables.start;
+        let e820 = [
+            (0, EBDA_START, E820_RAM),
+            (
+                tables.start,
+                (tables.end - tables.start).next_multiple_of(PAGE),
+                E820_ACPI,
+            ),
+            (HIGH_MEMORY, memory_end - HIGH_MEMORY, E820_RAM),
+        ];
+        for (i, (addr, size, r#type)) in e820.into_iter().enumerate() {
+            params.e820_table[i] = boot_e820_entry { addr, size, r#type };
         }
         params.e820_entries = e820.len() as u8;
         LinuxBootConfigurator::write_bootparams::<vm_memory::GuestMemoryMmap>(
