@@ -70,6 +70,11 @@ pub struct Machine {
     /// The userfaultfd and page server connection of served memory: kept
     /// for the VM's life (closing the socket ends the server).
     pub(crate) page_server: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
+    /// Whether guest memory is anonymous memory whose pages the process
+    /// has never touched are zero (a fresh or a copied machine), so a full
+    /// snapshot can skip them without reading them. Not so for a file
+    /// mapping or memory a page server fills.
+    pub(crate) untouched_pages_are_zero: bool,
 }
 
 impl Machine {
@@ -80,7 +85,9 @@ impl Machine {
         let size = usize::try_from(config.memory_mb).unwrap_or(usize::MAX) << 20;
         let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
             .map_err(|e| Error::Memory(format!("cannot map {} MiB: {e}", config.memory_mb)))?;
-        Self::with_memory(config, memory, serial_out)
+        let mut machine = Self::with_memory(config, memory, serial_out)?;
+        machine.untouched_pages_are_zero = true;
+        Ok(machine)
     }
 
     pub(crate) fn check(config: MachineConfig) -> Result<()> {
@@ -160,6 +167,7 @@ impl Machine {
             devices: Arc::new(Devices::new(SerialPort::new(interrupt, serial_out))),
             config,
             page_server: None,
+            untouched_pages_are_zero: false,
         })
     }
 

@@ -30,7 +30,9 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+};
 
 use crate::devices::DevicesState;
 use crate::error::{kvm_err, Error, Result};
@@ -223,15 +225,33 @@ impl Machine {
         })
     }
 
-    /// Writes guest memory to `file`, leaving holes for zero pages.
+    /// Writes guest memory to `file`, leaving holes for zero pages. Where
+    /// untouched pages are known to be zero, chunks the process has never
+    /// touched (per `/proc/self/pagemap`) are skipped without reading them:
+    /// reading them would fault in every page of an idle guest.
     fn write_memory(&self, file: &mut File) -> std::io::Result<()> {
         const CHUNK: usize = 2 << 20;
         let size = u64::from(self.config.memory_mb) << 20;
         file.set_len(size)?;
+        let touched = if self.untouched_pages_are_zero {
+            Some(TouchedPages::open()?)
+        } else {
+            None
+        };
         let mut chunk = vec![0u8; CHUNK];
         let mut offset = 0u64;
         while offset < size {
             let len = CHUNK.min((size - offset) as usize);
+            if let Some(touched) = &touched {
+                let host = self
+                    .memory
+                    .get_host_address(GuestAddress(offset))
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                if !touched.any(host as usize, len)? {
+                    offset += len as u64;
+                    continue;
+                }
+            }
             let chunk = &mut chunk[..len];
             self.memory
                 .read_slice(chunk, GuestAddress(offset))
@@ -269,7 +289,9 @@ impl Machine {
     ) -> Result<Machine> {
         let (state, config) = read_state(&dir.join(STATE_FILE))?;
         let memory = map_memory(&dir.join(MEMORY_FILE), config.memory_mb, memory_from)?;
-        Self::restore_into(state, config, memory, serial_out)
+        let mut machine = Self::restore_into(state, config, memory, serial_out)?;
+        machine.untouched_pages_are_zero = memory_from == MemoryFrom::Copy;
+        Ok(machine)
     }
 
     /// A machine restored from a full snapshot and the diff snapshots taken
@@ -307,7 +329,9 @@ impl Machine {
                     .map_err(|e| Error::Memory(e.to_string()))?;
             }
         }
-        Self::restore_into(state, config, memory, serial_out)
+        let mut machine = Self::restore_into(state, config, memory, serial_out)?;
+        machine.untouched_pages_are_zero = true;
+        Ok(machine)
     }
 
     fn restore_into(
@@ -443,6 +467,31 @@ fn map_memory(path: &Path, memory_mb: u32, from: MemoryFrom) -> Result<GuestMemo
                 .map_err(|e| Error::Memory(format!("cannot read {}: {e}", path.display())))?;
             Ok(memory)
         }
+    }
+}
+
+/// This process's page table as `/proc/self/pagemap` shows it: one u64 per
+/// virtual page, bit 63 set if the page is in memory, bit 62 if swapped.
+struct TouchedPages(File);
+
+impl TouchedPages {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+
+    fn open() -> std::io::Result<TouchedPages> {
+        File::open("/proc/self/pagemap").map(TouchedPages)
+    }
+
+    /// Whether any page of `[addr, addr + len)` is in memory or swapped.
+    fn any(&self, addr: usize, len: usize) -> std::io::Result<bool> {
+        let pages = len.div_ceil(PAGE);
+        let mut entries = vec![0u8; pages * 8];
+        self.0
+            .read_exact_at(&mut entries, (addr / PAGE * 8) as u64)?;
+        Ok(entries.chunks_exact(8).any(|e| {
+            let entry = u64::from_le_bytes(e.try_into().unwrap_or_default());
+            entry & (Self::PRESENT | Self::SWAPPED) != 0
+        }))
     }
 }
 
