@@ -39,6 +39,10 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_connect,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
+    // The devices thread's wait: filters stack, so every call it makes
+    // must pass this filter too.
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_wait,
     libc::SYS_eventfd2,
     libc::SYS_exit,
     libc::SYS_exit_group,
@@ -118,9 +122,7 @@ const DEVICES_CALLS: &[i64] = &[
     libc::SYS_mremap,
     libc::SYS_munmap,
     libc::SYS_pread64,
-    libc::SYS_preadv,
     libc::SYS_pwrite64,
-    libc::SYS_pwritev,
     libc::SYS_read,
     libc::SYS_readv,
     libc::SYS_rt_sigprocmask,

@@ -232,3 +232,199 @@ fn block_requests_resume_after_a_snapshot_taken_between_them() {
         assert_eq!(first, s << 32, "sector {s}");
     }
 }
+
+/// A network namespace with one tap in it, both removed when dropped.
+struct NetNs {
+    name: String,
+    tap: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl NetNs {
+    /// `wrenn-test-<pid>` with an up tap in it, IPv6 off so the host
+    /// sends the guest nothing of its own.
+    fn create() -> Result<NetNs, String> {
+        let pid = std::process::id();
+        let name = format!("wrenn-test-{pid}");
+        ip(&["netns", "add", &name])?;
+        let netns = NetNs {
+            name,
+            tap: format!("wtap{}", pid % 1_000_000),
+        };
+        let n = netns.name.as_str();
+        let sysctl = "net.ipv6.conf.default.disable_ipv6=1";
+        ip(&["netns", "exec", n, "sysctl", "-qw", sysctl])?;
+        ip(&["-n", n, "tuntap", "add", "dev", &netns.tap, "mode", "tap"])?;
+        ip(&["-n", n, "link", "set", &netns.tap, "up"])?;
+        Ok(netns)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["-n", &self.name, "link", "del", &self.tap]);
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+const GUEST_MAC: [u8; 6] = [0x06, 0x00, 0xac, 0x10, 0x00, 0x02];
+const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+const ETHERTYPE: u16 = 0x88b5;
+
+/// In a thread that entered `netns`: waits for the guest's frame on
+/// `tap`, answers it, and returns it. `ready` hears when the socket is
+/// bound.
+fn answer_one_frame(
+    netns: &str,
+    tap: &str,
+    ready: std::sync::mpsc::Sender<()>,
+) -> Result<Vec<u8>, String> {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(format!("/var/run/netns/{netns}")).map_err(|e| e.to_string())?;
+    // SAFETY: setns on a namespace file we hold open; it changes only
+    // this thread's network namespace.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("setns: {}", std::io::Error::last_os_error()));
+    }
+    let protocol = ETHERTYPE.to_be();
+    // SAFETY: plain socket call; the descriptor is owned right after.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
+    if fd < 0 {
+        return Err(format!("socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a new descriptor nobody else owns.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let name = std::ffi::CString::new(tap).unwrap();
+    // SAFETY: a NUL-terminated name that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(format!("no interface {tap} in {netns}"));
+    }
+    // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = protocol;
+    addr.sll_ifindex = index as i32;
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+    // SAFETY: addr is a sockaddr_ll of `len` bytes.
+    if unsafe { libc::bind(socket.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
+        return Err(format!("bind: {}", std::io::Error::last_os_error()));
+    }
+    let timeout = libc::timeval {
+        tv_sec: 60,
+        tv_usec: 0,
+    };
+    // SAFETY: a timeval that outlives the call.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let _ = ready.send(());
+    let mut frame = vec![0u8; 2048];
+    // SAFETY: the buffer is writable for its length.
+    let got = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            frame.as_mut_ptr().cast(),
+            frame.len(),
+            0,
+        )
+    };
+    if got < 0 {
+        return Err(format!("recv: {}", std::io::Error::last_os_error()));
+    }
+    frame.truncate(got as usize);
+
+    let mut reply = Vec::new();
+    reply.extend_from_slice(&GUEST_MAC);
+    reply.extend_from_slice(&HOST_MAC);
+    reply.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    reply.extend_from_slice(b"hello from the host");
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&GUEST_MAC);
+    // SAFETY: the reply and addr outlive the call.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            reply.as_ptr().cast(),
+            reply.len(),
+            0,
+            (&raw const addr).cast(),
+            len,
+        )
+    };
+    if sent != reply.len() as isize {
+        return Err(format!("sendto: {}", std::io::Error::last_os_error()));
+    }
+    Ok(frame)
+}
+
+#[test]
+fn a_guest_frame_reaches_the_tap_and_the_answer_reaches_the_guest() {
+    if !kvm_or_skip("virtio-net") {
+        return;
+    }
+    let netns = match NetNs::create() {
+        Ok(netns) => netns,
+        Err(e) => {
+            panic!("cannot make a network namespace with a tap (root and iproute2 needed): {e}")
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut vmm = common::Vmm::start_with(dir.path(), "net", &["ip", "netns", "exec", &netns.name]);
+    let (ready, bound) = std::sync::mpsc::channel();
+    let peer = {
+        let (name, tap) = (netns.name.clone(), netns.tap.clone());
+        std::thread::spawn(move || answer_one_frame(&name, &tap, ready))
+    };
+    bound
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the packet socket is bound");
+    let (status, body) = vmm.put(
+        "/network-interfaces/eth0",
+        serde_json::json!({"iface_id": "eth0", "host_dev_name": netns.tap, "guest_mac": "06:00:ac:10:00:02"}),
+    );
+    assert_eq!(status, 204, "{body}");
+    let program = serde_json::json!({"program_path": env!("WRENN_GUEST_VIRTIO_NET")});
+    assert_eq!(vmm.put("/boot-source", program).0, 204);
+    let (status, body) = vmm.put(
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    assert_eq!(status, 204, "{body}");
+
+    let frame = peer.join().unwrap().expect("the guest's frame");
+    assert!(vmm.wait().success());
+    assert_eq!(&frame[..6], &[0xff; 6], "broadcast");
+    assert_eq!(&frame[6..12], &GUEST_MAC, "from the guest's MAC");
+    assert_eq!(&frame[12..14], &ETHERTYPE.to_be_bytes());
+    assert_eq!(&frame[14..], b"wrenn guest frame");
+    assert_eq!(
+        vmm.serial(),
+        "mac 06:00:ac:10:00:02\nsent\ngot hello from the host\ninterrupts yes\n"
+    );
+    drop(vmm);
+    drop(netns);
+}
