@@ -6,7 +6,7 @@
 # a read-only drive the write's status is 01 (VIRTIO_BLK_S_IOERR).
     .code64
     .globl _start
-    .include "guests/macros.inc"
+    .include "macros.inc"
 _start:
     call    setup
     mov     $1, %r12d
@@ -20,7 +20,7 @@ _start:
     mov     %rax, %r15
     mov     %rax, %r8
     mov     $16, %ecx
-    call    print_hex
+    call    print_digits
     say     newline
 
     mov     $3, %al
@@ -50,7 +50,7 @@ fill:
     say     read_text
     pop     %r8
     mov     $2, %ecx
-    call    print_hex
+    call    print_digits
     say     space
     mov     $data, %esi
     mov     $16, %ecx
@@ -65,7 +65,7 @@ sum:
     dec     %ecx
     jnz     sum
     mov     $16, %ecx
-    call    print_hex
+    call    print_digits
     say     newline
 
     mov     $4, %eax                    # VIRTIO_BLK_T_FLUSH
@@ -86,7 +86,7 @@ sum:
     say     id_text
     pop     %r8
     mov     $2, %ecx
-    call    print_hex
+    call    print_digits
     say     space
     mov     $data, %esi
     mov     $20, %ecx
@@ -123,12 +123,13 @@ no_interrupts:
 # print_status: prints %r8's low byte in hex and a newline.
 print_status:
     mov     $2, %ecx
-    call    print_hex
+    call    print_digits
     say     newline
     ret
 
-    .include "guests/virtio.inc"
-    .include "guests/blk.inc"
+    .include "virtio.inc"
+    .include "serial.inc"
+    .include "blk.inc"
     text    capacity_text, "capacity "
     text    write_text, "write "
     text    read_text, "read "

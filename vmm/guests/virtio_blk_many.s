@@ -5,7 +5,7 @@
 # print the same sum, and the disk must hold every sector.
     .code64
     .globl _start
-    .include "guests/macros.inc"
+    .include "macros.inc"
     first = 2
     end = 130
 _start:
@@ -59,7 +59,7 @@ sum:
     say     wrote_text
     mov     %r12, %r8
     mov     $16, %ecx
-    call    print_hex
+    call    print_digits
     say     newline
     jmp     reset
 failed:
@@ -67,15 +67,16 @@ failed:
     say     failed_text
     mov     %r15, %r8
     mov     $4, %ecx
-    call    print_hex
+    call    print_digits
     say     space
     pop     %r8
     mov     $2, %ecx
-    call    print_hex
+    call    print_digits
     say     newline
     jmp     reset
 
-    .include "guests/virtio.inc"
-    .include "guests/blk.inc"
+    .include "virtio.inc"
+    .include "serial.inc"
+    .include "blk.inc"
     text    wrote_text, "wrote 128 sum "
     text    failed_text, "failed at sector "

@@ -5,7 +5,7 @@
 # of other types are skipped), printing its payload.
     .code64
     .globl _start
-    .include "guests/macros.inc"
+    .include "macros.inc"
     rxbuf = 0x400000
     txbuf = 0x401000
     header = 12                         # virtio_net_hdr_v1
@@ -19,7 +19,7 @@ _start:
 mac_byte:
     movzbl  0x100(%rbx,%r15), %r8d      # config: mac[i], one byte wide
     mov     $2, %ecx
-    call    print_hex
+    call    print_digits
     inc     %r15d
     cmp     $6, %r15d
     je      mac_done
@@ -100,7 +100,8 @@ no_interrupts:
     say     no_text
     jmp     reset
 
-    .include "guests/virtio.inc"
+    .include "virtio.inc"
+    .include "serial.inc"
     text    tx_payload, "wrenn guest frame"
     text    mac_text, "mac "
     text    sent_text, "sent\n"

@@ -110,6 +110,8 @@ const VMM_CALLS: &[i64] = &[
 /// what a thread with a heap needs.
 const DEVICES_CALLS: &[i64] = &[
     libc::SYS_brk,
+    // Its epoll descriptor, when it ends.
+    libc::SYS_close,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_wait,
     libc::SYS_exit,
