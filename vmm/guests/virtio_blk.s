@@ -111,6 +111,7 @@ id_done:
     pop     %r8
     call    print_status
 
+    call    await_irq
     say     interrupts_text
     cmpq    $0, irqs(%rip)
     je      no_interrupts

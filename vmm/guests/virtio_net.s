@@ -91,6 +91,7 @@ received:
     call    print
     say     newline
 
+    call    await_irq
     say     interrupts_text
     cmpq    $0, irqs(%rip)
     je      no_interrupts

@@ -289,12 +289,14 @@ const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 const ETHERTYPE: u16 = 0x88b5;
 
 /// In a thread that entered `netns`: waits for the guest's frame on
-/// `tap`, answers it, and returns it. `ready` hears when the socket is
-/// bound.
-fn answer_one_frame(
+/// `tap`, answers it until `done` (a host's transmit to a tap can be
+/// dropped, as on a wire), and returns it. `ready` hears when the socket
+/// is bound.
+fn answer_guest_frame(
     netns: &str,
     tap: &str,
     ready: std::sync::mpsc::Sender<()>,
+    done: &AtomicBool,
 ) -> Result<Vec<u8>, String> {
     use std::os::fd::AsRawFd;
     let ns = std::fs::File::open(format!("/var/run/netns/{netns}")).map_err(|e| e.to_string())?;
@@ -364,19 +366,23 @@ fn answer_one_frame(
     reply.extend_from_slice(b"hello from the host");
     addr.sll_halen = 6;
     addr.sll_addr[..6].copy_from_slice(&GUEST_MAC);
-    // SAFETY: the reply and addr outlive the call.
-    let sent = unsafe {
-        libc::sendto(
-            socket.as_raw_fd(),
-            reply.as_ptr().cast(),
-            reply.len(),
-            0,
-            (&raw const addr).cast(),
-            len,
-        )
-    };
-    if sent != reply.len() as isize {
-        return Err(format!("sendto: {}", std::io::Error::last_os_error()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done.load(Ordering::Acquire) && Instant::now() < deadline {
+        // SAFETY: the reply and addr outlive the call.
+        let sent = unsafe {
+            libc::sendto(
+                socket.as_raw_fd(),
+                reply.as_ptr().cast(),
+                reply.len(),
+                0,
+                (&raw const addr).cast(),
+                len,
+            )
+        };
+        if sent != reply.len() as isize {
+            return Err(format!("sendto: {}", std::io::Error::last_os_error()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(frame)
 }
@@ -395,9 +401,10 @@ fn a_guest_frame_reaches_the_tap_and_the_answer_reaches_the_guest() {
     let dir = tempfile::tempdir().unwrap();
     let mut vmm = common::Vmm::start_with(dir.path(), "net", &["ip", "netns", "exec", &netns.name]);
     let (ready, bound) = std::sync::mpsc::channel();
+    let done = Arc::new(AtomicBool::new(false));
     let peer = {
-        let (name, tap) = (netns.name.clone(), netns.tap.clone());
-        std::thread::spawn(move || answer_one_frame(&name, &tap, ready))
+        let (name, tap, done) = (netns.name.clone(), netns.tap.clone(), Arc::clone(&done));
+        std::thread::spawn(move || answer_guest_frame(&name, &tap, ready, &done))
     };
     bound
         .recv_timeout(Duration::from_secs(10))
@@ -415,8 +422,10 @@ fn a_guest_frame_reaches_the_tap_and_the_answer_reaches_the_guest() {
     );
     assert_eq!(status, 204, "{body}");
 
+    let exited = vmm.wait();
+    done.store(true, Ordering::Release);
     let frame = peer.join().unwrap().expect("the guest's frame");
-    assert!(vmm.wait().success());
+    assert!(exited.success());
     assert_eq!(&frame[..6], &[0xff; 6], "broadcast");
     assert_eq!(&frame[6..12], &GUEST_MAC, "from the guest's MAC");
     assert_eq!(&frame[12..14], &ETHERTYPE.to_be_bytes());
