@@ -240,7 +240,10 @@ impl Controller {
                 kernel,
                 initrd,
                 cmdline,
-            } => machine.load_linux(kernel, initrd.as_deref(), cmdline)?,
+            } => {
+                let devices = machine.virtio().slots();
+                machine.load_linux_with_devices(kernel, initrd.as_deref(), cmdline, &devices)?
+            }
         }
         self.run(machine)
     }

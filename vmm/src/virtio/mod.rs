@@ -32,6 +32,8 @@ use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use crate::acpi::MmioSlot;
+
 use self::block::{Block, DriveConfig};
 use self::event_loop::DeviceThread;
 use self::mmio::MmioTransport;
@@ -47,38 +49,25 @@ pub const FIRST_GSI: u32 = 5;
 /// How many devices fit between [`FIRST_GSI`] and the IOAPIC's 24 lines.
 pub const MAX_DEVICES: usize = 24 - FIRST_GSI as usize;
 
-/// Where one device lives in the guest: what ACPI tables or the kernel
-/// command line must declare for the guest to find it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MmioSlot {
-    /// Guest physical address of its registers.
-    pub addr: u64,
-    /// Length of its register window.
-    pub len: u64,
-    /// Its interrupt (an IOAPIC pin, and a PIC line below 16).
-    pub gsi: u32,
+/// Where device number `index` lives: its register window and GSI.
+pub fn slot(index: usize) -> MmioSlot {
+    MmioSlot {
+        addr: MMIO_BASE + index as u64 * MMIO_SLOT_LEN,
+        len: MMIO_SLOT_LEN,
+        gsi: FIRST_GSI + index as u32,
+    }
 }
 
-impl MmioSlot {
-    /// The slot of device number `index`.
-    pub fn of(index: usize) -> MmioSlot {
-        MmioSlot {
-            addr: MMIO_BASE + index as u64 * MMIO_SLOT_LEN,
-            len: MMIO_SLOT_LEN,
-            gsi: FIRST_GSI + index as u32,
-        }
-    }
-
-    /// The slot as Linux's `virtio_mmio.device=` parameter describes it
-    /// (for kernels built with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`).
-    pub fn cmdline_arg(&self) -> String {
-        format!(
-            "virtio_mmio.device={}K@{:#x}:{}",
-            self.len / 1024,
-            self.addr,
-            self.gsi
-        )
-    }
+/// `slot` as Linux's `virtio_mmio.device=` parameter describes it (for
+/// kernels built with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`; others find
+/// the devices in the ACPI tables).
+pub fn cmdline_arg(slot: &MmioSlot) -> String {
+    format!(
+        "virtio_mmio.device={}K@{:#x}:{}",
+        slot.len / 1024,
+        slot.addr,
+        slot.gsi
+    )
 }
 
 /// A device that cannot be set up, restored or run.
@@ -273,7 +262,7 @@ impl Devices {
         if slots.len() >= MAX_DEVICES {
             return Err(DeviceError::TooMany);
         }
-        let mmio = MmioSlot::of(slots.len());
+        let mmio = slot(slots.len());
         let event = |what| move |source| DeviceError::Event { what, source };
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(event("an interrupt"))?;
         vm.register_irqfd(&irqfd, mmio.gsi)
@@ -440,5 +429,37 @@ impl crate::Machine {
     /// The virtio devices: their slots, their thread.
     pub fn virtio(&self) -> &Devices {
         &self.devices.virtio
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_serial_port_and_each_other() {
+        let first = slot(0);
+        assert_eq!((first.addr, first.len, first.gsi), (0xd000_0000, 0x1000, 5));
+        assert_eq!(slot(2).addr, 0xd000_2000);
+        assert_eq!(slot(MAX_DEVICES - 1).gsi, 23);
+        assert_eq!(cmdline_arg(&first), "virtio_mmio.device=4K@0xd0000000:5");
+    }
+
+    #[test]
+    fn macs_parse_and_print_and_bad_ones_say_why() {
+        let mac: net::MacAddr = "06:00:AC:10:00:02".parse().unwrap();
+        assert_eq!(mac.to_string(), "06:00:ac:10:00:02");
+        for bad in [
+            "",
+            "06:00:ac:10:00",
+            "06:00:ac:10:00:02:03",
+            "6:00:ac:10:00:02",
+            "zz:00:00:00:00:00",
+        ] {
+            let err = bad.parse::<net::MacAddr>().unwrap_err().to_string();
+            assert!(err.contains("not a MAC address"), "{bad}: {err}");
+        }
+        let err = "01:00:5e:00:00:01".parse::<net::MacAddr>().unwrap_err();
+        assert!(err.to_string().contains("unicast"), "{err}");
     }
 }
