@@ -9,11 +9,12 @@
 //! | `PUT /boot-source` | `{kernel_image_path, initrd_path, boot_args}` or `{program_path}` | what to boot |
 //! | `PUT /actions` | `{action_type: "InstanceStart" \| "Pause" \| "Resume" \| "Shutdown"}` | lifecycle; after `Shutdown` the process ends |
 //! | `PUT /snapshot/create` | `{snapshot_path, snapshot_type: "Full" \| "Diff"}` | saves a paused VM into the folder `snapshot_path` |
-//! | `PUT /snapshot/load` | `{snapshot_path, mem_backend: {backend_type: "File" \| "Copy" \| "Uffd", backend_path}, resume_vm}` | restores into a VM that has not started |
+//! | `PUT /drives/{drive_id}` | `{drive_id, path_on_host, is_root_device, is_read_only}` | adds or replaces a virtio-blk drive before start |
+//! | `PUT /network-interfaces/{iface_id}` | `{iface_id, host_dev_name, guest_mac}` | adds or replaces a virtio-net interface on a tap before start |
+//! | `PUT /snapshot/load` | `{snapshot_path, mem_backend: {backend_type: "File" \| "Copy" \| "Uffd", backend_path}, drive_overrides: [{drive_id, path_on_host}], resume_vm}` | restores into a VM that has not started |
 //!
 //! Answers are 204 on success (`GET /` is 200), else 4xx with
-//! `{"error": {"code", "message"}}`. Drives and network interfaces come
-//! with the next steps of the VMM.
+//! `{"error": {"code", "message"}}`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +27,9 @@ use crate::controller::{BootSource, Controller, Memory, Phase};
 use crate::error::Error;
 use crate::machine::MachineConfig;
 use crate::snapshot::MemoryFrom;
+use crate::virtio::block::DriveConfig;
+use crate::virtio::net::{MacAddr, NetConfig};
+use crate::virtio::{DeviceError, DriveOverrides};
 
 /// The API's request handler.
 pub struct Api {
@@ -82,7 +86,54 @@ struct SnapshotLoadBody {
     snapshot_path: PathBuf,
     mem_backend: Option<MemBackend>,
     #[serde(default)]
+    drive_overrides: Vec<DriveOverride>,
+    #[serde(default)]
     resume_vm: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DriveOverride {
+    drive_id: String,
+    path_on_host: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DriveBody {
+    drive_id: String,
+    path_on_host: PathBuf,
+    is_root_device: bool,
+    #[serde(default)]
+    is_read_only: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkInterfaceBody {
+    iface_id: String,
+    host_dev_name: String,
+    guest_mac: String,
+}
+
+/// The id in a resource's path: it must be the body's, and a short name.
+fn check_id(what: &str, in_path: &str, in_body: &str) -> Result<(), ApiError> {
+    if in_path != in_body {
+        return Err(ApiError::invalid_argument(format!(
+            "the path names {what} {in_path:?} but the body's id is {in_body:?}; they must be the same"
+        )));
+    }
+    let ok = !in_body.is_empty()
+        && in_body.len() <= 64
+        && in_body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !ok {
+        return Err(ApiError::invalid_argument(format!(
+            "{what} {in_body:?}: use 1 to 64 letters, digits, '_' or '-'"
+        )));
+    }
+    Ok(())
 }
 
 const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=-1";
@@ -92,6 +143,34 @@ impl Api {
         let path = ex.path().trim_end_matches('/').to_owned();
         let method = ex.method().clone();
         let controller = &self.controller;
+        if let Some(id) = path.strip_prefix("/drives/") {
+            if method != Method::Put {
+                return Err(ApiError::method_not_allowed(method.as_str(), &path, "PUT"));
+            }
+            let body: DriveBody = ex.json()?;
+            check_id("drive", id, &body.drive_id)?;
+            controller.set_drive(DriveConfig {
+                drive_id: body.drive_id,
+                path: body.path_on_host,
+                is_root_device: body.is_root_device,
+                read_only: body.is_read_only,
+            })?;
+            return Ok(Reply::NoContent);
+        }
+        if let Some(id) = path.strip_prefix("/network-interfaces/") {
+            if method != Method::Put {
+                return Err(ApiError::method_not_allowed(method.as_str(), &path, "PUT"));
+            }
+            let body: NetworkInterfaceBody = ex.json()?;
+            check_id("network interface", id, &body.iface_id)?;
+            let mac: MacAddr = body.guest_mac.parse().map_err(Error::Virtio)?;
+            controller.set_net(NetConfig {
+                iface_id: body.iface_id,
+                tap_name: body.host_dev_name,
+                mac,
+            })?;
+            return Ok(Reply::NoContent);
+        }
         match (path.as_str(), &method) {
             ("", Method::Get) => {
                 let config = controller.config();
@@ -192,7 +271,19 @@ impl Api {
                         )))
                     }
                 };
-                controller.load(&body.snapshot_path, memory, body.resume_vm)?;
+                let mut drives = DriveOverrides::new();
+                for item in body.drive_overrides {
+                    if drives
+                        .insert(item.drive_id.clone(), item.path_on_host)
+                        .is_some()
+                    {
+                        return Err(ApiError::invalid_argument(format!(
+                            "drive_overrides names drive {:?} twice",
+                            item.drive_id
+                        )));
+                    }
+                }
+                controller.load(&body.snapshot_path, memory, &drives, body.resume_vm)?;
                 Ok(Reply::NoContent)
             }
             (
@@ -228,6 +319,10 @@ impl From<Error> for ApiError {
             | Error::Acpi(_)
             | Error::Snapshot(_) => ApiError::invalid_argument(message),
             Error::ProgramTooLarge { .. } => ApiError::invalid_argument(message),
+            Error::Virtio(DeviceError::Event { .. } | DeviceError::Thread(_)) => {
+                ApiError::internal(message)
+            }
+            Error::Virtio(_) => ApiError::invalid_argument(message),
             _ => ApiError::internal(message),
         }
     }

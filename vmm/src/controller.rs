@@ -11,6 +11,9 @@ use std::thread::JoinHandle;
 use crate::error::{Error, Result};
 use crate::machine::{Exit, Machine, MachineConfig};
 use crate::snapshot::MemoryFrom;
+use crate::virtio::block::DriveConfig;
+use crate::virtio::net::NetConfig;
+use crate::virtio::DriveOverrides;
 
 /// What the VM boots.
 #[derive(Debug, Clone)]
@@ -72,6 +75,10 @@ pub struct Controller {
     state: Mutex<State>,
     config: Mutex<MachineConfig>,
     boot: Mutex<Option<BootSource>>,
+    /// Devices plugged in at start: drives then network interfaces, each
+    /// in the order first configured (the root drive first).
+    drives: Mutex<Vec<DriveConfig>>,
+    nets: Mutex<Vec<NetConfig>>,
     serial: SharedWriter,
     /// Told once when the guest has ended on its own.
     ended: mpsc::Sender<String>,
@@ -97,6 +104,8 @@ impl Controller {
                 track_dirty_pages: false,
             }),
             boot: Mutex::new(None),
+            drives: Mutex::new(Vec::new()),
+            nets: Mutex::new(Vec::new()),
             serial: SharedWriter(Arc::new(Mutex::new(serial))),
             ended,
             seccomp,
@@ -151,6 +160,44 @@ impl Controller {
         Ok(())
     }
 
+    /// Adds a drive, or replaces the one with the same id; the file must
+    /// open (read-only drives need only read access), and only one drive
+    /// may be the root device.
+    pub fn set_drive(&self, config: DriveConfig) -> Result<()> {
+        self.not_started("change drives")?;
+        crate::virtio::block::check(&config)?;
+        let mut drives = self.drives.lock().unwrap_or_else(PoisonError::into_inner);
+        if config.is_root_device {
+            if let Some(root) = drives
+                .iter()
+                .find(|d| d.is_root_device && d.drive_id != config.drive_id)
+            {
+                return Err(Error::Virtio(crate::virtio::DeviceError::SecondRoot {
+                    root: root.drive_id.clone(),
+                    drive_id: config.drive_id,
+                }));
+            }
+        }
+        match drives.iter_mut().find(|d| d.drive_id == config.drive_id) {
+            Some(drive) => *drive = config,
+            None => drives.push(config),
+        }
+        Ok(())
+    }
+
+    /// Adds a network interface, or replaces the one with the same id;
+    /// its tap is opened at start.
+    pub fn set_net(&self, config: NetConfig) -> Result<()> {
+        self.not_started("change network interfaces")?;
+        crate::virtio::net::check_tap_name(&config.iface_id, &config.tap_name)?;
+        let mut nets = self.nets.lock().unwrap_or_else(PoisonError::into_inner);
+        match nets.iter_mut().find(|n| n.iface_id == config.iface_id) {
+            Some(net) => *net = config,
+            None => nets.push(config),
+        }
+        Ok(())
+    }
+
     fn serial(&self) -> Box<dyn std::io::Write + Send> {
         Box::new(self.serial.clone())
     }
@@ -165,6 +212,24 @@ impl Controller {
             .clone()
             .ok_or_else(|| Error::State("no boot source: PUT /boot-source first".into()))?;
         let mut machine = Machine::new(self.config(), self.serial())?;
+        let mut drives = self
+            .drives
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        // The root drive is the first device (vda).
+        drives.sort_by_key(|d| !d.is_root_device);
+        for drive in drives {
+            machine.add_drive(drive)?;
+        }
+        let nets = self
+            .nets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for net in nets {
+            machine.add_net(net)?;
+        }
         match &boot {
             BootSource::Program(path) => {
                 let program = std::fs::read(path)
@@ -175,18 +240,29 @@ impl Controller {
                 kernel,
                 initrd,
                 cmdline,
-            } => machine.load_linux(kernel, initrd.as_deref(), cmdline)?,
+            } => {
+                let devices = machine.virtio().slots();
+                machine.load_linux_with_devices(kernel, initrd.as_deref(), cmdline, &devices)?
+            }
         }
         self.run(machine)
     }
 
-    /// Restores the snapshot in `dir`; the VM is paused afterwards unless
-    /// `resume`.
-    pub fn load(&self, dir: &std::path::Path, memory: Memory, resume: bool) -> Result<()> {
+    /// Restores the snapshot in `dir`, with the drives named in `drives`
+    /// at those paths; the VM is paused afterwards unless `resume`.
+    pub fn load(
+        &self,
+        dir: &std::path::Path,
+        memory: Memory,
+        drives: &DriveOverrides,
+        resume: bool,
+    ) -> Result<()> {
         self.not_started("load a snapshot")?;
         let machine = match memory {
-            Memory::From(from) => Machine::restore(dir, from, self.serial())?,
-            Memory::Served(socket) => Machine::restore_served(dir, &socket, self.serial())?,
+            Memory::From(from) => Machine::restore_with_drives(dir, from, self.serial(), drives)?,
+            Memory::Served(socket) => {
+                Machine::restore_served_with_drives(dir, &socket, self.serial(), drives)?
+            }
         };
         *self.config.lock().unwrap_or_else(PoisonError::into_inner) = machine.config;
         if resume {
@@ -200,6 +276,9 @@ impl Controller {
     fn run(&self, mut machine: Machine) -> Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
         let seccomp = self.seccomp;
+        // From this (API) thread, so that it inherits the VMM filter, not
+        // the vCPU's.
+        machine.virtio().start(seccomp)?;
         let thread = {
             let stop = Arc::clone(&stop);
             let ended = self.ended.clone();
@@ -237,7 +316,10 @@ impl Controller {
             return state;
         };
         match thread.join() {
-            Ok((machine, Ok(Exit::Paused))) => State::Paused(Box::new(machine)),
+            Ok((machine, Ok(Exit::Paused))) => match machine.virtio().stop() {
+                Ok(()) => State::Paused(Box::new(machine)),
+                Err(e) => State::Exited(e.to_string()),
+            },
             Ok((_, Ok(exit))) => State::Exited(format!("{exit:?}")),
             Ok((_, Err(e))) => State::Exited(e.to_string()),
             Err(_) => State::Exited("the vCPU thread panicked".into()),

@@ -49,12 +49,15 @@ pub enum PortWrite {
 /// the device it is for.
 pub struct Devices {
     serial: Mutex<SerialPort>,
+    /// The virtio-mmio devices, each behind its own lock.
+    pub(crate) virtio: crate::virtio::Devices,
 }
 
 impl Devices {
-    pub fn new(serial: SerialPort) -> Devices {
+    pub fn new(serial: SerialPort, virtio: crate::virtio::Devices) -> Devices {
         Devices {
             serial: Mutex::new(serial),
+            virtio,
         }
     }
 
@@ -87,14 +90,19 @@ impl Devices {
         data.fill(value);
     }
 
-    /// A guest's read of an address no memory backs: no device there yet,
-    /// so all ones, as on a real bus.
-    pub fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
-        data.fill(0xff);
+    /// A guest's read of an address no memory backs: a virtio device's
+    /// register, or all ones where there is no device, as on a real bus.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.virtio.mmio_read(addr, data) {
+            data.fill(0xff);
+        }
     }
 
-    /// A guest's write to an address no memory backs: ignored.
-    pub fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+    /// A guest's write to an address no memory backs: to a virtio
+    /// device's register, or ignored.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.virtio.mmio_write(addr, data);
+    }
 
     pub fn flush(&self) {
         self.serial().flush();

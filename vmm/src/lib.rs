@@ -10,6 +10,8 @@
 //! - [`devices`]: the legacy devices: 8250 serial, i8042 reset.
 //! - [`linux`]: loading a Linux kernel, its command line and initramfs.
 //! - [`snapshot`]: saving a paused machine and restoring it.
+//! - [`virtio`]: virtio-mmio block and network devices and the thread that
+//!   serves their queues.
 //! - [`seccomp`]: the system call filters of the VMM and vCPU threads.
 //! - [`uffd`]: guest memory placed by a page server over userfaultfd.
 //! - [`error`]: failures and what to do about them.
@@ -25,6 +27,7 @@ pub mod machine;
 pub mod seccomp;
 pub mod snapshot;
 pub mod uffd;
+pub mod virtio;
 
 pub use error::{Error, Result};
 pub use machine::{Exit, Machine, MachineConfig};

@@ -159,12 +159,13 @@ impl Machine {
         let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd(&interrupt, SERIAL_IRQ)
             .map_err(kvm_err("connect the serial interrupt"))?;
+        let virtio = crate::virtio::Devices::new(memory.clone());
         Ok(Machine {
             vcpus,
             vm,
             kvm,
             memory,
-            devices: Arc::new(Devices::new(SerialPort::new(interrupt, serial_out))),
+            devices: Arc::new(Devices::new(SerialPort::new(interrupt, serial_out), virtio)),
             config,
             page_server: None,
             untouched_pages_are_zero: false,
@@ -242,9 +243,13 @@ impl Machine {
         Ok(())
     }
 
-    /// Runs every vCPU until the guest resets, halts or faults.
+    /// Runs every vCPU (and the virtio devices' thread, without a seccomp
+    /// filter) until the guest resets, halts or faults.
     pub fn run(&mut self) -> Result<Exit> {
-        self.run_until(&AtomicBool::new(false))
+        self.virtio().start(false)?;
+        let exit = self.run_until(&AtomicBool::new(false));
+        self.virtio().stop()?;
+        exit
     }
 
     /// [`Machine::run`], also returning [`Exit::Paused`] soon after `stop`

@@ -3,6 +3,9 @@
 //! - **VMM** (installed on the main thread before the API thread starts, so
 //!   the API's threads and the vCPU thread inherit it): the system calls
 //!   the control API, snapshot files and KVM set-up need.
+//! - **devices** (added by the `devices` thread on top of the inherited
+//!   one): epoll waits, reads and writes of disk files, taps and event
+//!   descriptors, fsync, memory and exit calls; no `ioctl`, no `open`.
 //! - **vCPU** (added by the vCPU thread on top of the inherited one): only
 //!   `ioctl(KVM_RUN)`, writes to the serial log, the futexes and signal
 //!   returns of its loop, and what a thread needs to end.
@@ -34,6 +37,12 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_clone3,
     libc::SYS_close,
     libc::SYS_connect,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    // The devices thread's wait: filters stack, so every call it makes
+    // must pass this filter too.
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_wait,
     libc::SYS_eventfd2,
     libc::SYS_exit,
     libc::SYS_exit_group,
@@ -97,6 +106,35 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_writev,
 ];
 
+/// The `devices` thread: waiting, queue I/O on disk files and taps, and
+/// what a thread with a heap needs.
+const DEVICES_CALLS: &[i64] = &[
+    libc::SYS_brk,
+    // Its epoll descriptor, when it ends.
+    libc::SYS_close,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_wait,
+    libc::SYS_exit,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_futex,
+    libc::SYS_madvise,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_munmap,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sched_yield,
+    libc::SYS_sigaltstack,
+    libc::SYS_write,
+    libc::SYS_writev,
+];
+
 const VCPU_CALLS: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_exit,
@@ -139,6 +177,13 @@ pub fn install_vmm_filter() -> Result<()> {
         .map_err(|e| Error::Seccomp(format!("cannot install the VMM filter: {e}")))
 }
 
+/// Installs the devices filter on the calling (`devices`) thread.
+pub fn install_devices_filter() -> Result<()> {
+    let program = compile(DEVICES_CALLS, None)?;
+    seccompiler::apply_filter(&program)
+        .map_err(|e| Error::Seccomp(format!("cannot install the devices filter: {e}")))
+}
+
 /// Installs the vCPU filter on the calling (vCPU) thread.
 pub fn install_vcpu_filter() -> Result<()> {
     let kvm_run = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, KVM_RUN)
@@ -156,6 +201,7 @@ mod tests {
     #[test]
     fn both_filters_compile() {
         assert!(!compile(VMM_CALLS, None).unwrap().is_empty());
+        assert!(!compile(DEVICES_CALLS, None).unwrap().is_empty());
         let kvm_run =
             SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, KVM_RUN).unwrap();
         let rule = SeccompRule::new(vec![kvm_run]).unwrap();

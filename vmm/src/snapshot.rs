@@ -12,7 +12,8 @@
 //! - `dirty` (diff snapshots only): those pages' indices (4 KiB pages), each
 //!   a little-endian u64, ascending.
 //!
-//! Restore order: VM, irqchip and PIT, memory, devices (the serial port),
+//! Restore order: VM, irqchip and PIT, memory, devices (the serial port,
+//! then the virtio devices, reopening their files and taps),
 //! vCPUs (each: special registers, registers, XSAVE, XCRs, MSRs, LAPIC, MP
 //! state, events, debug registers), then the irqchip's and PIT's state and the KVM clock. The
 //! memory file is mapped privately, so pages are read when the guest first
@@ -37,10 +38,11 @@ use vm_memory::{
 use crate::devices::DevicesState;
 use crate::error::{kvm_err, Error, Result};
 use crate::machine::{Machine, MachineConfig};
+use crate::virtio::DriveOverrides;
 
 /// The version byte of `vmstate`.
-/// 2: the devices' state was added.
-pub const FORMAT_VERSION: u8 = 2;
+/// 2: the devices' state was added. 3: the virtio devices' too.
+pub const FORMAT_VERSION: u8 = 3;
 pub const STATE_FILE: &str = "vmstate";
 pub const MEMORY_FILE: &str = "memory";
 pub const DIRTY_FILE: &str = "dirty";
@@ -74,6 +76,8 @@ pub struct VmState {
     pub clock: kvm_clock_data,
     /// The serial port's registers and unread input.
     pub devices: DevicesState,
+    /// The virtio devices, in slot order.
+    pub virtio: Vec<crate::virtio::persist::DeviceState>,
 }
 
 /// Where a restored VM's memory comes from.
@@ -94,6 +98,17 @@ impl Machine {
         page_server: &Path,
         serial_out: Box<dyn Write + Send>,
     ) -> Result<Machine> {
+        Self::restore_served_with_drives(dir, page_server, serial_out, &DriveOverrides::new())
+    }
+
+    /// [`Machine::restore_served`], opening the drives named in `drives`
+    /// at the paths given there instead of the snapshot's.
+    pub fn restore_served_with_drives(
+        dir: &Path,
+        page_server: &Path,
+        serial_out: Box<dyn Write + Send>,
+        drives: &DriveOverrides,
+    ) -> Result<Machine> {
         let (state, config) = read_state(&dir.join(STATE_FILE))?;
         let served = crate::uffd::serve_memory(config.memory_mb, page_server)?;
         let crate::uffd::ServedMemory {
@@ -101,7 +116,7 @@ impl Machine {
             _uffd,
             _socket,
         } = served;
-        let mut machine = Self::restore_into(state, config, memory, serial_out)?;
+        let mut machine = Self::restore_into(state, config, memory, serial_out, drives)?;
         machine.page_server = Some((_uffd, _socket));
         Ok(machine)
     }
@@ -222,6 +237,7 @@ impl Machine {
             pit: self.vm.get_pit2().map_err(kvm_err("read the PIT"))?,
             clock: self.vm.get_clock().map_err(kvm_err("read the KVM clock"))?,
             devices: self.devices.state(),
+            virtio: self.virtio().save()?,
         })
     }
 
@@ -287,9 +303,21 @@ impl Machine {
         memory_from: MemoryFrom,
         serial_out: Box<dyn Write + Send>,
     ) -> Result<Machine> {
+        Self::restore_with_drives(dir, memory_from, serial_out, &DriveOverrides::new())
+    }
+
+    /// [`Machine::restore`], opening the drives named in `drives` at the
+    /// paths given there instead of the snapshot's (a snapshot restored
+    /// into another sandbox uses that sandbox's disk).
+    pub fn restore_with_drives(
+        dir: &Path,
+        memory_from: MemoryFrom,
+        serial_out: Box<dyn Write + Send>,
+        drives: &DriveOverrides,
+    ) -> Result<Machine> {
         let (state, config) = read_state(&dir.join(STATE_FILE))?;
         let memory = map_memory(&dir.join(MEMORY_FILE), config.memory_mb, memory_from)?;
-        let mut machine = Self::restore_into(state, config, memory, serial_out)?;
+        let mut machine = Self::restore_into(state, config, memory, serial_out, drives)?;
         machine.untouched_pages_are_zero = memory_from == MemoryFrom::Copy;
         Ok(machine)
     }
@@ -329,7 +357,8 @@ impl Machine {
                     .map_err(|e| Error::Memory(e.to_string()))?;
             }
         }
-        let mut machine = Self::restore_into(state, config, memory, serial_out)?;
+        let mut machine =
+            Self::restore_into(state, config, memory, serial_out, &DriveOverrides::new())?;
         machine.untouched_pages_are_zero = true;
         Ok(machine)
     }
@@ -339,9 +368,13 @@ impl Machine {
         config: MachineConfig,
         memory: GuestMemoryMmap,
         serial_out: Box<dyn Write + Send>,
+        drives: &DriveOverrides,
     ) -> Result<Machine> {
         let machine = Machine::with_memory(config, memory, serial_out)?;
         machine.devices.restore(&state.devices)?;
+        machine
+            .virtio()
+            .restore(&machine.vm, &state.virtio, drives)?;
         for (vcpu, saved) in machine.vcpus.iter().zip(&state.vcpus) {
             vcpu.set_sregs(&saved.sregs)
                 .map_err(kvm_err("set special registers"))?;

@@ -21,9 +21,24 @@ pub struct Vmm {
 
 impl Vmm {
     pub fn start(dir: &Path, name: &str) -> Vmm {
+        Self::start_with(dir, name, &[])
+    }
+
+    /// [`Vmm::start`] under a wrapper command that execs the VMM (such as
+    /// `ip netns exec NAME`), so the child's PID is still the VMM's.
+    pub fn start_with(dir: &Path, name: &str, wrapper: &[&str]) -> Vmm {
         let socket = dir.join(format!("{name}.sock"));
         let serial = dir.join(format!("{name}.serial"));
-        let child = Command::new(env!("CARGO_BIN_EXE_wrenn-vmm"))
+        let vmm = env!("CARGO_BIN_EXE_wrenn-vmm");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(vmm);
+                command
+            }
+            None => Command::new(vmm),
+        };
+        let child = command
             .arg("--api-sock")
             .arg(&socket)
             .arg("--serial-log")
