@@ -5,7 +5,6 @@
 //! 64-bit guest program (`--program`) or a Linux kernel (`--kernel`, with
 //! `--initrd` and `--cmdline`) straight away.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,7 +41,8 @@ struct Flags {
     /// Virtual CPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// Where the guest's serial output goes (default: standard output).
+    /// Where the guest's serial output goes, appended (default: standard
+    /// output).
     #[arg(long)]
     serial_log: Option<PathBuf>,
 }
@@ -109,7 +109,13 @@ fn serve(socket: &std::path::Path, flags: &Flags) -> Result<String, String> {
 fn serial_out(flags: &Flags) -> Result<Box<dyn Write + Send>, String> {
     Ok(match &flags.serial_log {
         Some(path) => Box::new(
-            File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?,
+            // Appended to: a VM restored into the same folder keeps the
+            // log of its earlier life.
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?,
         ),
         None => Box::new(std::io::stdout()),
     })
