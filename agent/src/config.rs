@@ -60,6 +60,9 @@ pub struct RuntimeConfig {
     pub kind: String,
     /// `auto`, `kvm` or `tcg` (QEMU only).
     pub accel: String,
+    /// The `wrenn-vmm` binary of the native runtime; empty: the one next to
+    /// `wrenn-agent`, else the one on `PATH`.
+    pub vmm_binary: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -114,6 +117,7 @@ pub struct Overrides {
     pub node_name: Option<String>,
     pub runtime: Option<String>,
     pub accel: Option<String>,
+    pub vmm_binary: Option<PathBuf>,
     /// A plain API key; stored only as its hash.
     pub api_key: Option<String>,
 }
@@ -129,6 +133,7 @@ impl Overrides {
             node_name: get("WRENN_NODE_NAME"),
             runtime: get("WRENN_RUNTIME"),
             accel: get("WRENN_ACCEL"),
+            vmm_binary: get("WRENN_VMM_BINARY").map(PathBuf::from),
             api_key: get("WRENN_API_KEY"),
         }
     }
@@ -142,6 +147,7 @@ impl Overrides {
             node_name: later.node_name.or(self.node_name),
             runtime: later.runtime.or(self.runtime),
             accel: later.accel.or(self.accel),
+            vmm_binary: later.vmm_binary.or(self.vmm_binary),
             api_key: later.api_key.or(self.api_key),
         }
     }
@@ -198,6 +204,9 @@ impl Config {
         }
         if let Some(accel) = &o.accel {
             self.runtime.accel = accel.clone();
+        }
+        if let Some(binary) = &o.vmm_binary {
+            self.runtime.vmm_binary = binary.clone();
         }
         if let Some(key) = &o.api_key {
             self.api.key_hashes.push(hash_api_key(key));

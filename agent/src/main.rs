@@ -13,8 +13,10 @@ use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use wrenn_agent::api::Api;
 use wrenn_agent::config::{Config, Overrides};
-use wrenn_agent::runtime::probe::{probe_host, Accel};
+use wrenn_agent::runtime::native::{self, NativeRuntime};
+use wrenn_agent::runtime::probe::{choose, HostFacts, HostProbe, RuntimeKind};
 use wrenn_agent::runtime::qemu::QemuRuntime;
+use wrenn_agent::runtime::Runtime;
 use wrenn_agent::sandbox::templates::Templates;
 use wrenn_agent::sandbox::{HostCapacity, Manager};
 use wrenn_agent::store::LayerStore;
@@ -48,6 +50,10 @@ struct Flags {
     /// QEMU acceleration: auto, kvm or tcg.
     #[arg(long)]
     accel: Option<String>,
+    /// The wrenn-vmm binary (native runtime); default: next to wrenn-agent,
+    /// else on PATH.
+    #[arg(long)]
+    vmm_binary: Option<PathBuf>,
     /// An API key to accept (needed to listen beyond loopback).
     #[arg(long)]
     api_key: Option<String>,
@@ -62,6 +68,7 @@ impl Flags {
             node_name: self.node_name.clone(),
             runtime: self.runtime.clone(),
             accel: self.accel.clone(),
+            vmm_binary: self.vmm_binary.clone(),
             api_key: self.api_key.clone(),
         }
     }
@@ -100,26 +107,7 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
     let env = std::env::vars().collect();
     let overrides = Overrides::from_env(&env).then(flags.overrides());
     let config = Config::load(flags.config.as_deref(), &overrides).map_err(|e| e.to_string())?;
-    let mut probe = probe_host();
-    match config.runtime.accel.as_str() {
-        "kvm" => {
-            probe.accel = Accel::Kvm;
-            probe.reason = "QEMU with KVM, as configured (runtime.accel = kvm)".into();
-        }
-        "tcg" => {
-            probe.accel = Accel::Tcg;
-            probe.reason = "QEMU with TCG emulation, as configured (runtime.accel = tcg)".into();
-        }
-        _ => {}
-    }
-    if config.runtime.kind == "native" {
-        return Err(
-            "runtime \"native\" (wrenn-vmm) is not part of this build yet: \
-                    use runtime = \"qemu\" or \"auto\""
-                .into(),
-        );
-    }
-    tracing::info!(runtime = "qemu", accel = probe.accel.as_str(), reason = %probe.reason, "runtime chosen");
+    let (probe, runtime) = choose_runtime(&config)?;
     let store = lmdb_schema::Store::open(&config.node.state_dir, lmdb_schema::StoreOptions::new())
         .map_err(|e| format!("cannot open the node's state: {e}"))?;
     let store = Arc::new(store);
@@ -129,7 +117,7 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
     let manager = Arc::new(Manager::new(
         store,
         Arc::new(layers),
-        Arc::new(QemuRuntime::new(probe.accel)),
+        runtime,
         config.clone(),
         Templates::new(config.images_dir()),
         HostCapacity::probe(),
@@ -170,6 +158,34 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
     let server = Server::bind(server_config, api).map_err(|e| e.to_string())?;
     tracing::info!(listen = %config.api.listen, "wrenn-agent ready");
     server.run()
+}
+
+/// Picks the runtime from the configuration and the host, and says which
+/// and why; a loud warning when the choice works but not well.
+fn choose_runtime(config: &Config) -> Result<(HostProbe, Arc<dyn Runtime>), String> {
+    let facts = HostFacts::read();
+    let vmm = native::find_binary(&config.runtime.vmm_binary);
+    let probe = choose(
+        &facts,
+        &config.runtime.kind,
+        &config.runtime.accel,
+        vmm.as_ref().map(drop).map_err(String::as_str),
+    )?;
+    let runtime: Arc<dyn Runtime> = match (probe.runtime, vmm) {
+        (RuntimeKind::Native, Ok(binary)) => {
+            tracing::info!(binary = %binary.display(), "wrenn-vmm found");
+            Arc::new(NativeRuntime::new(binary))
+        }
+        (RuntimeKind::Native, Err(why)) => return Err(why),
+        (RuntimeKind::Qemu, _) => Arc::new(QemuRuntime::new(probe.accel)),
+    };
+    tracing::info!(runtime = probe.runtime.as_str(), accel = probe.accel.as_str(),
+        reason = %probe.reason, "runtime chosen");
+    if let Some(warning) = &probe.warning {
+        tracing::warn!(runtime = probe.runtime.as_str(), "{warning}");
+        eprintln!("wrenn-agent: WARNING: {warning}");
+    }
+    Ok((probe, runtime))
 }
 
 /// Waits for SIGTERM or SIGINT, pauses every running sandbox if configured

@@ -112,6 +112,7 @@ impl Api {
                     "name": manager.runtime().name(),
                     "accel": self.probe.accel.as_str(),
                     "reason": self.probe.reason,
+                    "warning": self.probe.warning,
                 },
                 "capacity": {
                     "vcpus": capacity.vcpus,

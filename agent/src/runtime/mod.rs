@@ -5,18 +5,35 @@
 //! API or networking: the sandbox layer hands it a ready network namespace
 //! and a folder, and records the [`VmHandle`] it gets back.
 //!
+//! - [`native`]: `wrenn-vmm`, our own VMM, on hardware KVM; driven over
+//!   its HTTP API ([`vmm_api`]); raw disks ([`disk`]).
 //! - [`qemu`]: `qemu-system-x86_64 -M microvm`, KVM where the host has
-//!   hardware virtualization, TCG elsewhere.
-//! - [`probe`]: what this host offers and which runtime to use.
+//!   hardware virtualization, TCG elsewhere; driven over QMP ([`qmp`]).
+//! - [`probe`]: what this host offers and which runtime to use, and why.
+//! - [`process`]: VM processes by PID, without being their parent.
 
+pub mod disk;
+pub mod native;
 pub mod probe;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod vmm_api;
 
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
+
+// Files every runtime keeps in a sandbox's folder.
+
+/// The guest's serial console.
+pub const CONSOLE_LOG: &str = "console.log";
+/// The VM process's PID, for finding it again when no record names it.
+pub const PID_FILE: &str = "vmm.pid";
+/// Guest RAM as a file. QEMU maps it shared while the VM runs; wrenn-vmm
+/// writes it when pausing. Either way, once a VM is paused this file holds
+/// its memory, and a restore finds it here.
+pub const MEMORY_FILE: &str = "memory";
 
 /// Everything a runtime needs to boot one sandbox VM.
 #[derive(Debug, Clone)]
@@ -29,9 +46,10 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// The template's root file system; never written.
     pub base_rootfs: PathBuf,
-    /// Its format: `raw` for a base image, `qcow2` for a snapshot's disk.
+    /// Its format: `raw` for a base image and a native snapshot's disk,
+    /// `qcow2` for a QEMU snapshot's disk.
     pub base_format: &'static str,
-    /// The sandbox's own folder: disk overlay, sockets, console log.
+    /// The sandbox's own folder: disk, sockets, console log.
     pub dir: PathBuf,
     /// Network namespace holding `tap0`, entered before the VM starts.
     pub netns: String,
@@ -85,6 +103,15 @@ pub enum RuntimeError {
     Migration(String),
     #[error("VM process {pid} did not exit after SIGKILL")]
     Unkillable { pid: u32 },
+    #[error("{0}")]
+    Disk(String),
+    #[error("cannot start wrenn-vmm ({binary}): {source}; build it with `cargo build -p wrenn-vmm` (or `make build`)")]
+    VmmSpawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("wrenn-vmm: {0}")]
+    Vmm(String),
 }
 
 /// A way of running sandbox VMs.
@@ -119,4 +146,39 @@ pub trait Runtime: Send + Sync {
 
     /// CPU and memory use of the VM's process.
     fn stats(&self, handle: &VmHandle) -> Option<VmStats>;
+
+    /// The control socket a VM of the sandbox folder `dir` serves.
+    fn control_socket(&self, dir: &Path) -> PathBuf;
+
+    /// The name a snapshot gives its copy of the disk; its extension says
+    /// the format (`disk.qcow2`, `disk.raw`), so a node can tell which
+    /// runtime took a snapshot.
+    fn snapshot_disk_file(&self) -> &'static str;
+
+    /// Writes the disk of the paused sandbox in `sandbox_dir` to `dest` as
+    /// a snapshot's disk (not synced: the caller syncs the snapshot).
+    /// `base_raw` is the raw base image the sandbox's disk started from.
+    fn snapshot_disk(
+        &self,
+        sandbox_dir: &Path,
+        base_raw: &Path,
+        dest: &Path,
+    ) -> Result<(), RuntimeError>;
+}
+
+/// The runtime whose snapshots store their disk as `file`, by the file's
+/// extension: `qemu` for qcow2, `native` for raw.
+pub fn runtime_of_snapshot_disk(file: &Path) -> &'static str {
+    match file.extension().and_then(|e| e.to_str()) {
+        Some("qcow2") => "qemu",
+        _ => "native",
+    }
+}
+
+/// Maps an I/O error on `path` to a [`RuntimeError::Prepare`].
+pub(crate) fn prepare(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
+    move |source| RuntimeError::Prepare {
+        path: path.to_path_buf(),
+        source,
+    }
 }

@@ -1,7 +1,8 @@
 //! Facts about host processes from `/proc`: whether a PID is still the
-//! process we started (PIDs are recycled), its memory and CPU time, and
-//! ending it by PID.
+//! process we started (PIDs are recycled), its memory and CPU time, which
+//! VM processes belong to a sandbox folder, and ending a process by PID.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -74,6 +75,58 @@ pub fn signal(pid: u32, ticks: u64, signal: Signal) {
     }
 }
 
+/// Program names of the VM processes the runtimes start.
+const VM_PROGRAMS: [&str; 2] = ["qemu-system", "wrenn-vmm"];
+
+/// PIDs of the VM processes (QEMU or wrenn-vmm) of the sandbox folder `dir`:
+/// the one its PID file names, and any whose command line names a file in
+/// the folder (one started by an agent that died before writing the PID
+/// file). Only VM programs count, so no other process is ever picked.
+pub fn vm_pids_in(dir: &Path) -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.extend(read_pid_file(dir));
+    pids.sort_unstable();
+    pids.dedup();
+    pids.retain(|pid| is_vm_of(*pid, dir));
+    pids
+}
+
+/// The PID in the sandbox folder's PID file, if it holds one.
+pub fn read_pid_file(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join(super::PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` is a VM program whose arguments name a file in `dir`.
+fn is_vm_of(pid: u32, dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned());
+    let program = args.next().unwrap_or_default();
+    let name = Path::new(&program)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !VM_PROGRAMS.iter().any(|p| name.starts_with(p)) {
+        return false;
+    }
+    let folder = format!("{}/", dir.to_string_lossy().trim_end_matches('/'));
+    args.any(|arg| arg.contains(&folder))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +138,19 @@ mod tests {
         assert!(is_same_process(pid, ticks));
         assert!(!is_same_process(pid, ticks + 1));
         assert!(stats(pid).expect("own stats").rss_bytes > 0);
+    }
+
+    #[test]
+    fn only_vm_programs_naming_the_folder_are_its_vms() {
+        // This test process names no sandbox folder and is no VM program.
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join(super::super::PID_FILE),
+            std::process::id().to_string(),
+        )
+        .expect("pid file");
+        assert_eq!(read_pid_file(dir.path()), Some(std::process::id()));
+        assert!(vm_pids_in(dir.path()).is_empty());
     }
 
     #[test]

@@ -21,16 +21,18 @@ use serde_json::{json, Value};
 use super::probe::Accel;
 use super::process;
 use super::qmp::Qmp;
-use super::{Runtime, RuntimeError, VmHandle, VmSpec, VmState, VmStats};
+use super::{prepare, Runtime, RuntimeError, VmHandle, VmSpec, VmState, VmStats};
 
-/// Files of a VM inside its sandbox folder.
+// The names every runtime shares, here too for callers that know QEMU.
+pub use super::{CONSOLE_LOG, MEMORY_FILE, PID_FILE};
+
+/// Files of a VM inside its sandbox folder (and those above). The memory
+/// file is guest RAM that QEMU maps shared: it outlives the QEMU process, so
+/// a pause only has to save device state, and a restore maps it lazily.
 pub const OVERLAY: &str = "rootfs.qcow2";
 pub const QMP_SOCKET: &str = "qmp.sock";
-pub const PID_FILE: &str = "qemu.pid";
-pub const CONSOLE_LOG: &str = "console.log";
-/// Guest RAM, a file QEMU maps shared: it outlives the QEMU process, so a
-/// pause only has to save device state, and a restore maps it lazily.
-pub const MEMORY_FILE: &str = "memory";
+/// A snapshot's disk: the overlay flattened over the raw base image.
+pub const SNAPSHOT_DISK: &str = "disk.qcow2";
 
 /// Kernel arguments every guest gets. `tsc_early_khz` and `lpj` skip a TSC
 /// calibration that hangs TCG boots under load.
@@ -314,6 +316,40 @@ impl Runtime for QemuRuntime {
             None
         }
     }
+
+    fn control_socket(&self, dir: &Path) -> PathBuf {
+        dir.join(QMP_SOCKET)
+    }
+
+    fn snapshot_disk_file(&self) -> &'static str {
+        SNAPSHOT_DISK
+    }
+
+    /// The overlay flattened into one qcow2 file over the raw base image, so
+    /// snapshots of sandboxes made from snapshots never chain.
+    fn snapshot_disk(
+        &self,
+        sandbox_dir: &Path,
+        base_raw: &Path,
+        dest: &Path,
+    ) -> Result<(), RuntimeError> {
+        let out = Command::new("qemu-img")
+            .args(["convert", "-q", "-O", "qcow2", "-F", "raw", "-B"])
+            .arg(base_raw)
+            .arg(sandbox_dir.join(OVERLAY))
+            .arg(dest)
+            .output()
+            .map_err(|e| RuntimeError::QemuImg(format!("cannot run qemu-img: {e}")))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(RuntimeError::QemuImg(format!(
+                "could not copy the disk in {}: {}",
+                sandbox_dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
 }
 
 /// QMP arguments that keep shared memory (the memory file) out of a saved
@@ -346,14 +382,6 @@ fn wait_migration(qmp: &mut Qmp) -> Result<(), RuntimeError> {
         "not finished after {}s",
         MIGRATION_TIMEOUT.as_secs()
     )))
-}
-
-/// Maps an I/O error on `path` to a [`RuntimeError::Prepare`].
-fn prepare(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
-    move |source| RuntimeError::Prepare {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn path(p: &Path) -> String {

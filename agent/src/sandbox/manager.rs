@@ -17,19 +17,22 @@ use lmdb_schema::{
 };
 use serde_json::Value;
 
-use super::envd::{EnvdClient, ExecResult, ENVD_PORT};
+use super::envd::{EnvdClient, EnvdError, ExecResult, ENVD_PORT};
 use super::error::SandboxError;
 use super::templates::Templates;
 use crate::config::Config;
 use crate::network;
-use crate::runtime::qemu::MEMORY_FILE;
-use crate::runtime::{Runtime, VmHandle, VmSpec, VmState};
+use crate::runtime::{
+    process, runtime_of_snapshot_disk, Runtime, VmHandle, VmSpec, VmState, CONSOLE_LOG, MEMORY_FILE,
+};
 use crate::store::{Header, HeaderId, LayerStore, MEMORY_BLOCK_SIZE};
 
 /// The VM's saved device and CPU state, in the sandbox folder.
 const VM_STATE: &str = "vmstate";
 /// How long a new VM may take to have envd answer (TCG boots take seconds).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How often a boot checks that the VM still runs while envd is silent.
+const BOOT_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// What a caller asks for when creating a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +189,9 @@ impl Manager {
         if snapshot.is_none() && !self.templates.exists(&name) {
             return Err(SandboxError::TemplateNotFound(name.to_string()));
         }
+        if let Some(t) = &snapshot {
+            self.check_snapshot_runtime(t)?;
+        }
         let (vcpus, memory_mb) = match &snapshot {
             Some(t) => {
                 let (vcpus, memory_mb) = (t.vcpus.unwrap_or(1), t.memory_mb.unwrap_or(512));
@@ -332,16 +338,34 @@ impl Manager {
         self.finish_boot(record, template.envd_token.clone())
     }
 
+    /// A snapshot restores only under the runtime that took it: the VM
+    /// state formats differ, and so do the disks (qcow2 or raw).
+    fn check_snapshot_runtime(&self, snapshot: &TemplateRecord) -> Result<(), SandboxError> {
+        let taken_by = runtime_of_snapshot_disk(Path::new(&snapshot.rootfs));
+        let here = self.runtime.name();
+        if taken_by == here {
+            return Ok(());
+        }
+        Err(SandboxError::Conflict(format!(
+            "snapshot {} was taken by the {taken_by} runtime, but this node runs {here}:              create it on a node that runs {taken_by} (runtime = \"{taken_by}\"), or take              the snapshot again here",
+            snapshot.name
+        )))
+    }
+
     fn vm_spec(&self, record: &SandboxRecord, netns: String) -> Result<VmSpec, SandboxError> {
         let (paths, base_format) = match self.snapshot_record(&record.template)? {
-            Some(t) => (
-                super::templates::TemplateFiles {
+            Some(t) => {
+                let format = match runtime_of_snapshot_disk(Path::new(&t.rootfs)) {
+                    "qemu" => "qcow2",
+                    _ => "raw",
+                };
+                let files = super::templates::TemplateFiles {
                     kernel: t.kernel.into(),
                     initramfs: t.initramfs.into(),
                     rootfs: t.rootfs.into(),
-                },
-                "qcow2",
-            ),
+                };
+                (files, format)
+            }
             None => (self.templates.files(&record.template)?, "raw"),
         };
         Ok(VmSpec {
@@ -518,6 +542,14 @@ impl Manager {
         mut record: SandboxRecord,
     ) -> Result<SandboxRecord, SandboxError> {
         let id = &record.id.clone();
+        let here = self.runtime.name();
+        if record.runtime != here {
+            return Err(SandboxError::Conflict(format!(
+                "sandbox {id} was paused under the {} runtime, but this node now runs {here}: \
+                 start the agent with runtime = \"{}\" to resume it",
+                record.runtime, record.runtime
+            )));
+        }
         let slots = self.slot_range();
         record.set_status(SandboxStatus::Resuming, now_ms());
         record.slot = Some(self.store.write_with(|txn| {
@@ -601,13 +633,57 @@ impl Manager {
     ) -> Result<(), SandboxError> {
         let addr = self.envd_addr(record)?;
         let envd = EnvdClient::new(addr, guest_token.or_else(|| record.envd_token.clone()));
-        let ready = envd.wait_ready(BOOT_TIMEOUT)?;
+        let ready = self.wait_envd(record, &envd)?;
         let token = record.envd_token.clone().unwrap_or_default();
         envd.init(&token, &record.env)?;
         record.set_status(SandboxStatus::Running, now_ms());
         self.save(record)?;
         tracing::info!(sandbox = %record.id, ready_ms = ready.as_millis() as u64, "sandbox running");
         Ok(())
+    }
+
+    /// Waits for envd to answer, giving up early when the VM has stopped;
+    /// a failure says how far the guest got, from its console.
+    fn wait_envd(
+        &self,
+        record: &SandboxRecord,
+        envd: &EnvdClient,
+    ) -> Result<Duration, SandboxError> {
+        let started = std::time::Instant::now();
+        loop {
+            let left = BOOT_TIMEOUT.saturating_sub(started.elapsed());
+            if envd.wait_ready(left.min(BOOT_CHECK_EVERY)).is_ok() {
+                return Ok(started.elapsed());
+            }
+            let vm_gone = record
+                .vmm
+                .as_ref()
+                .is_some_and(|vmm| self.runtime.attach(&handle_of(vmm)) == VmState::Gone);
+            if !vm_gone && started.elapsed() < BOOT_TIMEOUT {
+                continue;
+            }
+            let why = if vm_gone {
+                format!(
+                    "the VM ({} runtime) stopped after {}s, before its guest agent answered",
+                    self.runtime.name(),
+                    started.elapsed().as_secs()
+                )
+            } else {
+                format!(
+                    "no answer within {}s from the VM ({} runtime)",
+                    BOOT_TIMEOUT.as_secs(),
+                    self.runtime.name()
+                )
+            };
+            let console = self.console_log(&record.id, 4096).unwrap_or_default();
+            let text = String::from_utf8_lossy(&console);
+            let last: Vec<&str> = text.lines().rev().take(3).collect();
+            let last: Vec<&str> = last.into_iter().rev().collect();
+            return Err(SandboxError::Envd(EnvdError::Unreachable(format!(
+                "{why}; the guest console's last lines: {:?}",
+                last.join(" | ")
+            ))));
+        }
     }
 
     fn envd_addr(&self, record: &SandboxRecord) -> Result<std::net::SocketAddr, SandboxError> {
@@ -760,7 +836,7 @@ impl Manager {
     /// The guest's serial console, at most its last `limit` bytes.
     pub fn console_log(&self, id: &SandboxId, limit: u64) -> Result<Vec<u8>, SandboxError> {
         self.get(id)?;
-        let path = self.sandbox_dir(id).join(crate::runtime::qemu::CONSOLE_LOG);
+        let path = self.sandbox_dir(id).join(CONSOLE_LOG);
         read_tail(&path, limit)
             .map_err(|e| SandboxError::Internal(format!("{}: {e}", path.display())))
     }
@@ -965,41 +1041,21 @@ impl Manager {
 }
 
 /// Stops every VM process of the sandbox folder `dir`: the one its PID file
-/// names, and any QEMU whose command line names the folder (one started by
-/// an agent that died before the PID file was written).
+/// names, and any QEMU or wrenn-vmm whose command line names the folder (one
+/// started by an agent that died before the PID file was written).
 fn stop_orphan_vm(runtime: &dyn Runtime, dir: &Path) {
-    let folder = dir.to_string_lossy().into_owned();
-    let pid_file = dir.join(crate::runtime::qemu::PID_FILE);
-    let mut pids: Vec<u32> = std::fs::read_to_string(&pid_file)
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-        .into_iter()
-        .collect();
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        pids.extend(
-            entries
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()),
-        );
-    }
-    pids.sort_unstable();
-    pids.dedup();
-    for pid in pids {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        // Ours: a QEMU whose PID file is in this very folder.
-        let ours = cmdline.starts_with("qemu-system")
-            && cmdline.contains(&format!("{folder}/{}", crate::runtime::qemu::PID_FILE));
-        if let (true, Some(ticks)) = (ours, crate::runtime::process::start_time_ticks(pid)) {
-            let handle = VmHandle {
-                pid,
-                start_time_ticks: ticks,
-                control_socket: dir.join(crate::runtime::qemu::QMP_SOCKET),
-            };
-            tracing::info!(pid, dir = %dir.display(), "stopping a VM no record names");
-            if let Err(e) = runtime.stop(&handle) {
-                tracing::error!(pid, error = %e, "cannot stop an orphaned VM");
-            }
+    for pid in process::vm_pids_in(dir) {
+        let Some(ticks) = process::start_time_ticks(pid) else {
+            continue;
+        };
+        let handle = VmHandle {
+            pid,
+            start_time_ticks: ticks,
+            control_socket: runtime.control_socket(dir),
+        };
+        tracing::info!(pid, dir = %dir.display(), "stopping a VM no record names");
+        if let Err(e) = runtime.stop(&handle) {
+            tracing::error!(pid, error = %e, "cannot stop an orphaned VM");
         }
     }
 }

@@ -5,30 +5,31 @@
 //! `<state dir>/snapshots/<name>-<random>/` holding:
 //!
 //! - `vmstate`: the VM's device and CPU state;
-//! - `disk.qcow2`: the sandbox's disk above its base image, flattened into
-//!   one qcow2 file over that raw image (so snapshots of sandboxes made from
-//!   snapshots never chain);
+//! - the disk, as the runtime writes it ([`crate::runtime::Runtime::snapshot_disk`]):
+//!   QEMU's `disk.qcow2`, the sandbox's disk above its base image flattened
+//!   into one qcow2 file over that raw image (so snapshots of sandboxes made
+//!   from snapshots never chain); the native runtime's `disk.raw`, a raw
+//!   copy (reflinked where the file system can) of the sandbox's disk;
 //!
 //! and the memory as a layer-store header (`memory_header`), whose layers it
-//! holds references on. A sandbox made from it holds references on the same
-//! layers, restores into a fresh overlay on `disk.qcow2`, and, when paused,
+//! holds references on. The disk's extension says which runtime took the
+//! snapshot; only that runtime restores it. A sandbox made from it holds
+//! references on the same layers, starts from a fresh overlay on (QEMU) or
+//! copy of (native) the snapshot's disk, and, when paused,
 //! stores only the memory blocks it changed. The record is written after the
 //! folder is complete, so a folder without a record is a leftover, removed
 //! at start.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use lmdb_schema::{SandboxId, SandboxStatus, TemplateKind, TemplateName, TemplateRecord};
 
 use super::error::SandboxError;
 use super::manager::{now_ms, Manager};
-use crate::runtime::qemu::OVERLAY;
 use crate::store::{Header, HeaderId};
 
 const VM_STATE: &str = "vmstate";
-const DISK: &str = "disk.qcow2";
 const TEMP_PREFIX: &str = ".tmp-";
 
 /// What a caller asks for when taking a snapshot.
@@ -208,7 +209,7 @@ impl Manager {
             memory_mb: Some(sandbox.memory_mb),
             kernel,
             initramfs,
-            rootfs: path_text(&final_dir.join(DISK)),
+            rootfs: path_text(&final_dir.join(self.runtime().snapshot_disk_file())),
             size_bytes: files_size + memory_size,
             sha256: None,
             parent_sandbox: Some(sandbox.id.clone()),
@@ -257,7 +258,8 @@ impl Manager {
         Ok(record)
     }
 
-    /// `vmstate` copied, the disk flattened over `disk_base`, all synced.
+    /// `vmstate` copied, the disk written by the runtime (flattened over
+    /// `disk_base` or copied), all synced.
     fn write_snapshot_files(
         &self,
         sandbox: &lmdb_schema::SandboxRecord,
@@ -267,22 +269,9 @@ impl Manager {
         fs::create_dir(dir).map_err(io_error(dir))?;
         let state = dir.join(VM_STATE);
         fs::copy(self.state_file(&sandbox.id), &state).map_err(io_error(&state))?;
-        let disk = dir.join(DISK);
-        let overlay = self.sandbox_dir(&sandbox.id).join(OVERLAY);
-        let out = Command::new("qemu-img")
-            .args(["convert", "-q", "-O", "qcow2", "-F", "raw", "-B"])
-            .arg(disk_base)
-            .arg(&overlay)
-            .arg(&disk)
-            .output()
-            .map_err(|e| SandboxError::Internal(format!("cannot run qemu-img: {e}")))?;
-        if !out.status.success() {
-            return Err(SandboxError::Internal(format!(
-                "qemu-img could not copy the disk of sandbox {}: {}",
-                sandbox.id,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
+        let disk = dir.join(self.runtime().snapshot_disk_file());
+        self.runtime()
+            .snapshot_disk(&self.sandbox_dir(&sandbox.id), disk_base, &disk)?;
         for file in [&state, &disk] {
             File::open(file)
                 .and_then(|f| f.sync_all())
