@@ -15,6 +15,30 @@ use super::handover::Region;
 /// Bytes of a page, which is one block of a memory snapshot.
 pub(crate) const PAGE: u64 = MEMORY_BLOCK_SIZE as u64;
 
+/// Pages of the VMM's address space backed by consecutive device blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Span {
+    /// Host address of the first page.
+    pub(crate) host: u64,
+    /// Device block of the first page.
+    pub(crate) block: u64,
+    /// Number of pages.
+    pub(crate) pages: u64,
+}
+
+impl Span {
+    /// The host address just past the last page.
+    pub(crate) fn end(&self) -> u64 {
+        self.host + self.pages * PAGE
+    }
+
+    /// Whether `next` starts where this one ends, in host addresses and in
+    /// device blocks alike.
+    pub(crate) fn followed_by(&self, next: &Span) -> bool {
+        next.host == self.end() && next.block == self.block + self.pages
+    }
+}
+
 /// A range of the VMM's address space backed by consecutive device bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Piece {
@@ -76,6 +100,23 @@ impl Layout {
     pub(crate) fn device_block(&self, addr: u64) -> Option<u64> {
         let piece = self.piece_at(addr)?;
         Some((piece.offset + (addr - piece.host)) / PAGE)
+    }
+
+    /// The window of `pages` pages (a power of two) around the page at
+    /// `addr`: aligned to `pages` device blocks and cut to the piece that
+    /// maps `addr`, so that it is contiguous in both spaces. `None` outside
+    /// the map.
+    pub(crate) fn window(&self, addr: u64, pages: u64) -> Option<Span> {
+        let piece = self.piece_at(addr)?;
+        let block = (piece.offset + (addr / PAGE * PAGE - piece.host)) / PAGE;
+        let (piece_first, piece_end) = (piece.offset / PAGE, (piece.offset + piece.len) / PAGE);
+        let first = (block / pages * pages).max(piece_first);
+        let end = (block / pages * pages).saturating_add(pages).min(piece_end);
+        Some(Span {
+            host: piece.host + (first * PAGE - piece.offset),
+            block: first,
+            pages: end - first,
+        })
     }
 
     /// The host address of device block `block`; `None` when no piece maps
@@ -282,6 +323,25 @@ mod tests {
         assert_eq!(layout.host_addr(11), Some(0x10_3000));
         assert_eq!(layout.host_addr(2), None);
         assert_eq!(layout.device_blocks(0x1800, 0x10_2000), vec![0..2, 8..10]);
+    }
+
+    #[test]
+    fn windows_are_aligned_in_device_blocks_and_stay_in_their_piece() {
+        // Device blocks 8..12 at 0x10_0000, blocks 0..2 at 0x1000.
+        let layout = Layout::new(
+            &[region(0x10_0000, 0x4000, 0x8000), region(0x1000, 0x2000, 0)],
+            &header(0x10000),
+        )
+        .unwrap();
+        let span = |host, block, pages| Span { host, block, pages };
+        assert_eq!(layout.window(0x10_2fff, 4), Some(span(0x10_0000, 8, 4)));
+        assert_eq!(layout.window(0x10_2000, 2), Some(span(0x10_2000, 10, 2)));
+        assert_eq!(layout.window(0x10_3000, 16), Some(span(0x10_0000, 8, 4)));
+        assert_eq!(layout.window(0x2000, 8), Some(span(0x1000, 0, 2)));
+        assert_eq!(layout.window(0x10_1000, 1), Some(span(0x10_1000, 9, 1)));
+        assert_eq!(layout.window(0x3000, 8), None);
+        assert!(span(0x1000, 0, 1).followed_by(&span(0x2000, 1, 1)));
+        assert!(!span(0x1000, 0, 1).followed_by(&span(0x2000, 5, 1)));
     }
 
     #[test]

@@ -12,29 +12,35 @@
 //! - `handover.rs`: the protocol, both sides.
 //! - `layout.rs`: regions checked against the snapshot; addresses to
 //!   device blocks.
-//! - `server.rs`: the thread: prefetch, events, faults.
+//! - `server.rs`: the thread: prefetch, events, faults and their windows.
+//! - `place.rs`: the copy and zeropage ioctls over ranges of pages.
 //! - `prefetch.rs`: recorded first-touch lists and their files.
 //! - `stats.rs`: counters and fault latencies.
 //!
-//! Not here: creating the userfaultfd or mapping memory (the VMM's job),
-//! and deciding when to record or save a prefetch list (the caller's).
+//! [`accept`] serves one handover; [`accept_with_prefetch`] also loads the
+//! snapshot's prefetch list and saves what the restore learnt.
+//!
+//! Not here: creating the userfaultfd or mapping memory (the VMM's job).
 
 mod error;
 pub mod handover;
 mod layout;
+mod place;
 mod prefetch;
 mod server;
 mod stats;
 
+use std::collections::HashSet;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{info, warn};
 
-use crate::store::{Header, LayerStore};
+use crate::store::{Header, HeaderId, LayerStore};
 
 pub use error::{Error, Result};
 pub use handover::{Received, Region};
@@ -47,6 +53,9 @@ use server::{Server, Shared};
 
 /// How long after the handover faults are recorded by default.
 pub const RECORD_FOR: Duration = Duration::from_secs(1);
+/// Pages placed per fault by default (64 KiB, the kernel's own fault-around
+/// for file mappings).
+pub const FAULT_AROUND: u64 = 16;
 
 /// How to start a [`PageServer`].
 #[derive(Clone, Copy, Debug)]
@@ -56,6 +65,12 @@ pub struct Options<'a> {
     pub prefetch: &'a [u64],
     /// How long after the start faults are recorded.
     pub record_for: Duration,
+    /// Pages placed per fault: the aligned window of this many device
+    /// blocks around the faulting page, cut to its region (a power of two
+    /// from 1 to 256; other values are rounded up or cut to that range).
+    /// The prefetch places the window around each listed block too. 1
+    /// places only the faulting page.
+    pub fault_around: u64,
     /// The sandbox, for logs.
     pub sandbox: &'a str,
 }
@@ -65,6 +80,7 @@ impl Default for Options<'_> {
         Options {
             prefetch: &[],
             record_for: RECORD_FOR,
+            fault_around: FAULT_AROUND,
             sandbox: "",
         }
     }
@@ -76,6 +92,7 @@ pub struct PageServer {
     stop: Arc<EventFd>,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<Result<Exit>>>,
+    saver: Option<Saver>,
     sandbox: String,
 }
 
@@ -115,6 +132,117 @@ pub fn accept(
     }
 }
 
+/// Serves a restore of the snapshot `header` with the prefetch list that
+/// earlier restores of it saved, and saves what this one learns: loads
+/// `<state_dir>/prefetch/<header id>` ([`load_prefetch`]), accepts the
+/// handover on `socket` ([`accept`]) with that list as
+/// [`Options::prefetch`] (`options.prefetch` is not used), and once
+/// [`Options::record_for`] has passed, or sooner when the server ends,
+/// saves the list followed by the blocks this restore faulted on that it
+/// lacked, if there are any ([`save_prefetch`]). A damaged list is deleted
+/// and the restore goes on without one; a list that cannot be read or
+/// written is logged, never an error of the restore.
+pub fn accept_with_prefetch(
+    socket: UnixStream,
+    header: Header,
+    store: Arc<LayerStore>,
+    state_dir: &Path,
+    options: &Options<'_>,
+) -> Result<PageServer> {
+    let id = header.id()?;
+    let list = match load_prefetch(state_dir, &id) {
+        Ok(list) => list.unwrap_or_default(),
+        Err(e) => {
+            warn!(sandbox = %options.sandbox, error = %e, "restoring without a prefetch list");
+            if matches!(e, Error::PrefetchCorrupt { .. }) {
+                let _ = std::fs::remove_file(prefetch_path(state_dir, &id));
+            }
+            Vec::new()
+        }
+    };
+    let with_list = Options {
+        prefetch: &list,
+        ..*options
+    };
+    let mut server = accept(socket, header, store, &with_list)?;
+    let saver = Saver::start(
+        Arc::clone(&server.shared),
+        state_dir.to_owned(),
+        id,
+        list,
+        Instant::now() + options.record_for,
+        server.sandbox.clone(),
+    )?;
+    server.saver = Some(saver);
+    Ok(server)
+}
+
+/// A thread that saves a server's record as the next prefetch list when
+/// the record window closes or the server ends.
+struct Saver {
+    /// Dropped to save at once.
+    now: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Saver {
+    fn start(
+        shared: Arc<Shared>,
+        state_dir: PathBuf,
+        id: HeaderId,
+        list: Vec<u64>,
+        at: Instant,
+        sandbox: String,
+    ) -> Result<Saver> {
+        let (now, wait) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("wrenn-prefetch".to_owned())
+            .spawn(move || {
+                // Returns at `at`, or when the sender is dropped.
+                let _ = wait.recv_timeout(at.saturating_duration_since(Instant::now()));
+                save_learnt(&state_dir, &id, list, &shared.record(), &sandbox);
+            })
+            .map_err(Error::setup("start its prefetch saver"))?;
+        Ok(Saver { now, thread })
+    }
+
+    /// Saves now (unless done already) and waits for it.
+    fn finish(self, sandbox: &str) {
+        drop(self.now);
+        if self.thread.join().is_err() {
+            warn!(sandbox = %sandbox, "the prefetch saver panicked");
+        }
+    }
+}
+
+/// Saves `list` followed by the blocks of `recorded` it lacks, when there
+/// are any.
+fn save_learnt(
+    state_dir: &Path,
+    id: &HeaderId,
+    mut list: Vec<u64>,
+    recorded: &[u64],
+    sandbox: &str,
+) {
+    let mut known: HashSet<u64> = list.iter().copied().collect();
+    let before = list.len();
+    list.extend(
+        recorded
+            .iter()
+            .copied()
+            .filter(|&block| known.insert(block)),
+    );
+    list.truncate(MAX_PREFETCH);
+    if list.len() == before {
+        return;
+    }
+    match save_prefetch(state_dir, id, &list) {
+        Ok(path) => info!(sandbox = %sandbox, pages = list.len(), new = list.len() - before,
+            path = %path.display(), "prefetch list saved"),
+        Err(e) => warn!(sandbox = %sandbox, error = %e, "cannot save the prefetch list"),
+    }
+}
+
 impl PageServer {
     /// Starts serving a received handover: checks its regions against
     /// `header` (a memory snapshot), then runs the server on its own
@@ -145,6 +273,7 @@ impl PageServer {
             layout,
             Arc::clone(&shared),
             sandbox.clone(),
+            options.fault_around,
         );
         let thread = std::thread::Builder::new()
             .name("wrenn-uffd".to_owned())
@@ -154,6 +283,7 @@ impl PageServer {
             stop,
             shared,
             thread: Some(thread),
+            saver: None,
             sandbox,
         })
     }
@@ -194,23 +324,27 @@ impl PageServer {
     }
 
     fn join(&mut self) -> Result<Exit> {
-        let Some(thread) = self.thread.take() else {
-            return Ok(Exit::Stopped);
+        let result = match self.thread.take() {
+            None => Ok(Exit::Stopped),
+            Some(thread) => thread.join().unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(Error::Panicked(message))
+            }),
         };
-        thread.join().unwrap_or_else(|panic| {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(Error::Panicked(message))
-        })
+        if let Some(saver) = self.saver.take() {
+            saver.finish(&self.sandbox);
+        }
+        result
     }
 }
 
 impl Drop for PageServer {
     fn drop(&mut self) {
-        if self.thread.is_some() {
+        if self.thread.is_some() || self.saver.is_some() {
             self.signal_stop();
             if let Err(e) = self.join() {
                 warn!(sandbox = %self.sandbox, error = %e, "page server ended with an error");

@@ -3,12 +3,16 @@
 //!
 //! One thread per VM. It polls three descriptors: the userfaultfd, the
 //! handover socket (closed by the VMM when it exits) and an eventfd that
-//! asks it to stop. Faults read together are resolved together: zero
-//! blocks and freed pages with `UFFDIO_ZEROPAGE`, no I/O; layer blocks read
-//! in one `LayerStore::read_blocks` batch and placed with `UFFDIO_COPY`.
-//! Events other than faults (remove, unmap, remap, fork) are handled in
-//! the order they were read, between the faults around them.
+//! asks it to stop. Up to 64 messages are read at once, and the faults
+//! among them are resolved together: each by placing the window of pages
+//! around it (`Options::fault_around`), every window once. Zero blocks and
+//! freed pages go in with one `UFFDIO_ZEROPAGE` per run, no I/O; layer
+//! blocks are read in one `LayerStore::read_blocks` batch and placed with
+//! one `UFFDIO_COPY` per run. Removes take effect before any placement of
+//! the batch that read them; unmaps, remaps and forks are handled in the
+//! order they were read, between the faults around them.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -25,14 +29,17 @@ use userfaultfd::{Event, EventBuffer, Uffd};
 use crate::store::{Block, Header, LayerStore};
 
 use super::error::{errno, Error, Result};
-use super::layout::{Layout, PAGE};
+use super::layout::{Layout, Span, PAGE};
+use super::place::{self, Outcome};
 use super::prefetch::Recorder;
 use super::stats::Counters;
 
 /// Events read at once.
 const EVENTS: usize = 64;
-/// Pages the prefetch places between two looks at pending faults.
-const PREFETCH_BATCH: usize = 256;
+/// The largest window in pages (1 MiB): also the most pages read from
+/// layers at once, and about what the prefetch places between two looks
+/// at pending faults.
+pub(crate) const MAX_WINDOW: u64 = 256;
 /// How soon placements the kernel refused with `EAGAIN` are tried again.
 const RETRY_AFTER: Duration = Duration::from_millis(1);
 
@@ -74,20 +81,6 @@ impl Shared {
     }
 }
 
-/// What the kernel did with one page placement.
-enum Placed {
-    /// The page is in place.
-    Mapped,
-    /// It was already there (`EEXIST`); waiters were woken.
-    Present,
-    /// Try again after reading events (`EAGAIN`).
-    Again,
-    /// The range is no longer registered (`ENOENT`): nobody waits on it.
-    Unregistered,
-    /// The VM's address space is gone (`ESRCH`).
-    Gone,
-}
-
 /// What one poll found.
 #[derive(Default)]
 struct Ready {
@@ -97,15 +90,15 @@ struct Ready {
     stop: bool,
 }
 
-/// Pages the guest freed, by device block: served as zero from then on.
-struct Freed {
+/// A set of device blocks, one bit each.
+struct Blocks {
     words: Vec<u64>,
     blocks: u64,
 }
 
-impl Freed {
-    fn new(blocks: u64) -> Freed {
-        Freed {
+impl Blocks {
+    fn new(blocks: u64) -> Blocks {
+        Blocks {
             words: vec![0; blocks.div_ceil(64) as usize],
             blocks,
         }
@@ -117,7 +110,7 @@ impl Freed {
             .is_some_and(|w| w & (1 << (block % 64)) != 0)
     }
 
-    /// Marks `blocks` and returns how many were not marked before.
+    /// Adds `blocks` and returns how many were not in the set before.
     fn insert(&mut self, blocks: std::ops::Range<u64>) -> u64 {
         let mut added = 0;
         for block in blocks.start..blocks.end.min(self.blocks) {
@@ -128,6 +121,14 @@ impl Freed {
             }
         }
         added
+    }
+
+    fn remove(&mut self, blocks: std::ops::Range<u64>) {
+        for block in blocks.start..blocks.end.min(self.blocks) {
+            if let Some(word) = self.words.get_mut((block / 64) as usize) {
+                *word &= !(1 << (block % 64));
+            }
+        }
     }
 }
 
@@ -141,7 +142,16 @@ pub(crate) struct Server {
     pub(crate) layout: Layout,
     pub(crate) shared: Arc<Shared>,
     pub(crate) sandbox: String,
-    freed: Freed,
+    /// Pages placed around a fault, a power of two.
+    window: u64,
+    /// Pages the guest freed (`UFFD_EVENT_REMOVE`), by device block:
+    /// served as zero from then on.
+    freed: Blocks,
+    /// Pages this server placed or found in place, by device block, until
+    /// the guest frees them: left out of other faults' windows. (The VMM
+    /// may drop a page without telling; it then faults and is placed
+    /// again, since a faulting page is never left out.)
+    placed: Blocks,
     /// Fault addresses to place again (the kernel said `EAGAIN`).
     deferred: Vec<u64>,
     /// When the oldest deferred fault was read.
@@ -161,8 +171,10 @@ impl Server {
         layout: Layout,
         shared: Arc<Shared>,
         sandbox: String,
+        window: u64,
     ) -> Server {
-        let freed = Freed::new(header.block_count());
+        let freed = Blocks::new(header.block_count());
+        let placed = Blocks::new(header.block_count());
         Server {
             uffd,
             socket,
@@ -172,11 +184,13 @@ impl Server {
             layout,
             shared,
             sandbox,
+            window: window.clamp(1, MAX_WINDOW).next_power_of_two(),
             freed,
+            placed,
             deferred: Vec::new(),
             deferred_since: Instant::now(),
             events: EventBuffer::new(EVENTS),
-            buf: vec![0; PREFETCH_BATCH.max(EVENTS) * PAGE as usize],
+            buf: vec![0; (MAX_WINDOW * PAGE) as usize],
         }
     }
 
@@ -279,26 +293,30 @@ impl Server {
     // -----------------------------------------------------------------------
     // Prefetch
 
-    /// Places the pages of `blocks` before they fault, in batches, serving
-    /// faults that arrive meanwhile between batches. Best effort: a page
-    /// the kernel refuses now faults later like any other.
+    /// Places the windows of `blocks` before they fault, a few windows at a
+    /// time, serving faults that arrive meanwhile between batches. Best
+    /// effort: a page the kernel refuses now faults later like any other.
     fn prefetch(&mut self, blocks: &[u64]) -> Result<Option<Exit>> {
         let started = Instant::now();
-        let mut listed = HashSet::new();
-        for batch in blocks.chunks(PREFETCH_BATCH) {
+        let mut windows = HashSet::new();
+        let per_batch = (MAX_WINDOW / self.window).max(1) as usize;
+        for batch in blocks.chunks(per_batch) {
             if self.stop_requested()? {
                 return Ok(Some(Exit::Stopped));
             }
             if let Some(exit) = self.serve_pending()? {
                 return Ok(Some(exit));
             }
-            let pages: Vec<u64> = batch
+            let addrs = batch
                 .iter()
-                .filter(|&&block| listed.insert(block))
                 .filter_map(|&block| self.layout.host_addr(block))
+                .collect::<Vec<_>>();
+            let spans: Vec<Span> = self
+                .spans(&addrs)
+                .into_iter()
+                .filter(|span| windows.insert(span.block))
                 .collect();
-            let placed = self.place_pages(&pages, None)?;
-            let Some(placed) = placed else {
+            let Some(placed) = self.place_spans(&spans, &[], None)? else {
                 return Ok(Some(Exit::VmGone));
             };
             Counters::add(&self.shared.counters.prefetched_pages, placed);
@@ -328,6 +346,13 @@ impl Server {
                 break;
             }
             let read_at = Instant::now();
+            // Reading a remove event lets its madvise go on and zap the
+            // range at once, so no page of this batch may be placed before
+            // the freed blocks are marked: a placement after the zap would
+            // bring the old data back. A fault read before the remove then
+            // gets zeros, which is one order the racing read and free could
+            // have had.
+            self.mark_removed(&events);
             let mut faults = Vec::new();
             for event in events {
                 if let Event::Pagefault { addr, .. } = event {
@@ -348,12 +373,14 @@ impl Server {
             }
         }
         // Deferred faults were counted and recorded when read.
-        let deferred = std::mem::take(&mut self.deferred);
+        let mut deferred = std::mem::take(&mut self.deferred);
         if deferred.is_empty() {
             return Ok(None);
         }
+        deferred.sort_unstable();
+        let spans = self.spans(&deferred);
         let since = self.deferred_since;
-        match self.place_pages(&deferred, Some(since))? {
+        match self.place_spans(&spans, &deferred, Some(since))? {
             Some(_) => Ok(None),
             None => Ok(Some(Exit::VmGone)),
         }
@@ -381,20 +408,37 @@ impl Server {
         Ok(Ok(events))
     }
 
-    /// Handles an event other than a fault.
+    /// Marks the device blocks of every remove event of `events` as freed,
+    /// each through the map as it stands at that event (after the unmaps
+    /// and remaps read before it).
+    fn mark_removed(&mut self, events: &[Event]) {
+        let mut layout = Cow::Borrowed(&self.layout);
+        for event in events {
+            match *event {
+                Event::Remove { start, end } => {
+                    let (start, end) = (start as u64, end as u64);
+                    let mut added = 0;
+                    for blocks in layout.device_blocks(start, end) {
+                        added += self.freed.insert(blocks.clone());
+                        self.placed.remove(blocks);
+                    }
+                    Counters::add(&self.shared.counters.freed_pages, added);
+                    debug!(sandbox = %self.sandbox, start, end, pages = added,
+                        "guest freed pages; they are zero from now on");
+                }
+                Event::Unmap { start, end } => layout.to_mut().unmap(start as u64, end as u64),
+                Event::Remap { from, to, len } => {
+                    layout.to_mut().remap(from as u64, to as u64, len as u64);
+                }
+                Event::Pagefault { .. } | Event::Fork { .. } => {}
+            }
+        }
+    }
+
+    /// Handles an event other than a fault or a remove (marked already).
     fn handle_event(&mut self, event: Event) {
         match event {
-            Event::Pagefault { .. } => {}
-            Event::Remove { start, end } => {
-                let (start, end) = (start as u64, end as u64);
-                let mut added = 0;
-                for blocks in self.layout.device_blocks(start, end) {
-                    added += self.freed.insert(blocks);
-                }
-                Counters::add(&self.shared.counters.freed_pages, added);
-                debug!(sandbox = %self.sandbox, start, end, pages = added,
-                    "guest freed pages; they are zero from now on");
-            }
+            Event::Pagefault { .. } | Event::Remove { .. } => {}
             Event::Unmap { start, end } => {
                 self.layout.unmap(start as u64, end as u64);
                 info!(sandbox = %self.sandbox, start = start as u64, end = end as u64,
@@ -420,17 +464,18 @@ impl Server {
     // Faults
 
     /// Resolves faults on the pages at `addrs` (page-aligned, read at
-    /// `read_at`): records them, places each page once, counts them.
+    /// `read_at`): records them, places the window around each once,
+    /// counts them.
     fn serve_faults(&mut self, addrs: &[u64], read_at: Instant) -> Result<Option<Exit>> {
         if addrs.is_empty() {
             return Ok(None);
         }
         self.record(addrs)?;
-        let mut pages = addrs.to_vec();
-        pages.sort_unstable();
-        pages.dedup();
         Counters::add(&self.shared.counters.faults, addrs.len() as u64);
-        match self.place_pages(&pages, Some(read_at))? {
+        let mut faults = addrs.to_vec();
+        faults.sort_unstable();
+        let spans = self.spans(&faults);
+        match self.place_spans(&spans, &faults, Some(read_at))? {
             Some(_) => Ok(None),
             None => Ok(Some(Exit::VmGone)),
         }
@@ -457,105 +502,255 @@ impl Server {
         Ok(())
     }
 
-    /// Places the pages at `pages` (distinct, page-aligned host addresses
-    /// the layout maps): zero blocks and freed pages with ZEROPAGE, layer
-    /// blocks read in batches and copied. `read_at` is set for faults: a
-    /// latency is recorded per page, and a page the kernel refuses with
-    /// `EAGAIN` is deferred; for the prefetch such a page is skipped (it
-    /// faults later). Returns how many pages this call mapped, or `None`
-    /// when the VM is gone.
-    fn place_pages(&mut self, pages: &[u64], read_at: Option<Instant>) -> Result<Option<u64>> {
-        let mut zero = Vec::new();
-        let mut copy = Vec::new();
-        let mut blocks = Vec::new();
-        for &addr in pages {
-            let Some(block) = self.layout.device_block(addr) else {
-                continue;
-            };
-            match self.header.resolve(block) {
-                Some(Block::Layer { .. }) if !self.freed.contains(block) => {
-                    copy.push(addr);
-                    blocks.push(block);
-                }
-                Some(_) => zero.push(addr),
-                None => {}
+    /// The windows around the pages at `addrs`, sorted by host address,
+    /// each once, those that follow on in both spaces joined. Addresses the
+    /// map does not hold are left out.
+    fn spans(&self, addrs: &[u64]) -> Vec<Span> {
+        let mut windows: Vec<Span> = addrs
+            .iter()
+            .filter_map(|&addr| self.layout.window(addr, self.window))
+            .collect();
+        windows.sort_unstable_by_key(|span| span.host);
+        // Windows of one piece are equal or disjoint, pieces are disjoint.
+        windows.dedup();
+        let mut spans: Vec<Span> = Vec::with_capacity(windows.len());
+        for window in windows {
+            match spans.last_mut() {
+                Some(last) if last.followed_by(&window) => last.pages += window.pages,
+                _ => spans.push(window),
             }
         }
+        spans
+    }
+
+    /// Places the pages of `spans`: zero blocks and freed pages with one
+    /// ZEROPAGE per run, layer blocks read in one batch per [`MAX_WINDOW`]
+    /// pages and copied with one COPY per run. `faults` are the faulting
+    /// pages inside the spans (sorted, repeats kept), read at `read_at`: a
+    /// latency is recorded for each once its page is placed, and those the
+    /// kernel refuses with `EAGAIN` are deferred. Returns how many pages
+    /// this call mapped, or `None` when the VM is gone.
+    fn place_spans(
+        &mut self,
+        spans: &[Span],
+        faults: &[u64],
+        read_at: Option<Instant>,
+    ) -> Result<Option<u64>> {
+        let (zero, layer) = self.runs(spans, faults);
         let mut placed = 0;
-        for &addr in &zero {
-            let Some(n) = self.place(addr, None, read_at)? else {
+        for run in &zero {
+            let Some(n) = self.place_run(run, None, faults, read_at)? else {
                 return Ok(None);
             };
             placed += n;
         }
-        let per_read = self.buf.len() / PAGE as usize;
-        for first in (0..copy.len()).step_by(per_read) {
-            let last = (first + per_read).min(copy.len());
-            let bytes = (last - first) * PAGE as usize;
-            self.store
-                .read_blocks(&self.header, &blocks[first..last], &mut self.buf[..bytes])?;
+        let mut group: Vec<Span> = Vec::new();
+        let mut group_pages = 0;
+        for run in layer {
+            let mut rest = run;
+            while rest.pages > 0 {
+                let take = rest.pages.min(MAX_WINDOW - group_pages);
+                group.push(Span {
+                    pages: take,
+                    ..rest
+                });
+                group_pages += take;
+                rest = Span {
+                    host: rest.host + take * PAGE,
+                    block: rest.block + take,
+                    pages: rest.pages - take,
+                };
+                if group_pages == MAX_WINDOW {
+                    let Some(n) = self.copy_group(&group, faults, read_at)? else {
+                        return Ok(None);
+                    };
+                    placed += n;
+                    group.clear();
+                    group_pages = 0;
+                }
+            }
+        }
+        let Some(n) = self.copy_group(&group, faults, read_at)? else {
+            return Ok(None);
+        };
+        Ok(Some(placed + n))
+    }
+
+    /// The pages of `spans` as runs to zero and runs to copy from layers,
+    /// leaving out pages known to be in place unless they fault.
+    fn runs(&self, spans: &[Span], faults: &[u64]) -> (Vec<Span>, Vec<Span>) {
+        let (mut zero, mut layer): (Vec<Span>, Vec<Span>) = (Vec::new(), Vec::new());
+        for span in spans {
+            for i in 0..span.pages {
+                let block = span.block + i;
+                let page = Span {
+                    host: span.host + i * PAGE,
+                    block,
+                    pages: 1,
+                };
+                if self.placed.contains(block) && faults.binary_search(&page.host).is_err() {
+                    continue;
+                }
+                let runs = match self.header.resolve(block) {
+                    Some(Block::Layer { .. }) if !self.freed.contains(block) => &mut layer,
+                    Some(_) => &mut zero,
+                    None => continue,
+                };
+                match runs.last_mut() {
+                    Some(last) if last.followed_by(&page) => last.pages += 1,
+                    _ => runs.push(page),
+                }
+            }
+        }
+        (zero, layer)
+    }
+
+    /// Reads the layer blocks of `runs` (at most [`MAX_WINDOW`] pages) in
+    /// one `read_blocks` and copies each run.
+    fn copy_group(
+        &mut self,
+        runs: &[Span],
+        faults: &[u64],
+        read_at: Option<Instant>,
+    ) -> Result<Option<u64>> {
+        if runs.is_empty() {
+            return Ok(Some(0));
+        }
+        let blocks: Vec<u64> = runs
+            .iter()
+            .flat_map(|run| run.block..run.block + run.pages)
+            .collect();
+        let bytes = blocks.len() * PAGE as usize;
+        // The buffer is taken out for the copies, which need `self` too.
+        let mut buf = std::mem::take(&mut self.buf);
+        let read = self
+            .store
+            .read_blocks(&self.header, &blocks, &mut buf[..bytes]);
+        let result = read.map_err(Error::from).and_then(|()| {
             Counters::add(&self.shared.counters.layer_reads, 1);
-            for (slot, &addr) in copy[first..last].iter().enumerate() {
-                let Some(n) = self.place(addr, Some(slot), read_at)? else {
+            let mut placed = 0;
+            let mut at = 0;
+            for run in runs {
+                let len = (run.pages * PAGE) as usize;
+                let src = &buf[at..at + len];
+                at += len;
+                let Some(n) = self.place_run(run, Some(src), faults, read_at)? else {
                     return Ok(None);
                 };
                 placed += n;
+            }
+            Ok(Some(placed))
+        });
+        self.buf = buf;
+        result
+    }
+
+    /// Places one run: zero pages, or the bytes of `src` (as long as the
+    /// run). The kernel may stop partway; the run goes on after the pages
+    /// it placed and past pages already there. Returns how many pages this
+    /// call mapped, `None` when the VM is gone.
+    fn place_run(
+        &mut self,
+        run: &Span,
+        src: Option<&[u8]>,
+        faults: &[u64],
+        read_at: Option<Instant>,
+    ) -> Result<Option<u64>> {
+        let counters = Arc::clone(&self.shared);
+        let counters = &counters.counters;
+        let fd = self.uffd.as_fd();
+        let mut placed = 0;
+        let mut at = 0;
+        // Pages per ioctl: the whole rest of the run, or one at a time once
+        // the kernel said the range is not one registered mapping.
+        let mut single = false;
+        while at < run.pages {
+            let dst = run.host + at * PAGE;
+            let pages = if single { 1 } else { run.pages - at };
+            let outcome = match src {
+                None => place::zeropage(fd, dst, pages * PAGE),
+                Some(src) => {
+                    let from = (at * PAGE) as usize;
+                    place::copy(fd, dst, &src[from..from + (pages * PAGE) as usize])
+                }
+            };
+            let action = if src.is_some() { "copy" } else { "zeropage" };
+            let outcome = outcome.map_err(|e| Error::Uffd {
+                action,
+                addr: dst,
+                source: errno(e),
+            })?;
+            match outcome {
+                Outcome::Placed(bytes) if bytes >= PAGE => {
+                    let n = (bytes / PAGE).min(pages);
+                    if src.is_some() {
+                        Counters::add(&counters.copied_pages, n);
+                        Counters::add(&counters.bytes_copied, n * PAGE);
+                    } else {
+                        Counters::add(&counters.zero_pages, n);
+                    }
+                    Self::done(counters, faults, dst, dst + n * PAGE, read_at);
+                    let block = run.block + at;
+                    self.placed.insert(block..block + n);
+                    placed += n;
+                    at += n;
+                }
+                Outcome::Exists => {
+                    let block = run.block + at;
+                    self.placed.insert(block..block + 1);
+                    let waiting = Self::done(counters, faults, dst, dst + PAGE, read_at);
+                    if waiting > 0 {
+                        // Threads may still sleep on the page: wake them.
+                        Counters::add(&counters.already_mapped, waiting);
+                        self.wake(dst)?;
+                    }
+                    at += 1;
+                }
+                Outcome::Placed(_) | Outcome::Again => {
+                    Counters::add(&counters.retries, 1);
+                    if let Some(read_at) = read_at {
+                        let end = run.end();
+                        let from = faults.partition_point(|&f| f < dst);
+                        let to = faults.partition_point(|&f| f < end);
+                        for &fault in &faults[from..to] {
+                            self.defer(fault, read_at);
+                        }
+                    }
+                    return Ok(Some(placed));
+                }
+                Outcome::Unregistered if !single && pages > 1 => single = true,
+                Outcome::Unregistered => {
+                    debug!(sandbox = %self.sandbox, addr = dst, "page no longer registered; dropped");
+                    Self::done(counters, faults, dst, dst + PAGE, read_at);
+                    at += 1;
+                }
+                Outcome::Gone => return Ok(None),
             }
         }
         Ok(Some(placed))
     }
 
-    /// Places one page (zero, or slot `slot` of the buffer) and counts it.
-    /// Returns 1 when this call mapped it, 0 when not, `None` when the VM
-    /// is gone. For a fault (`read_at`), records its latency or defers it.
-    fn place(
-        &mut self,
-        addr: u64,
-        slot: Option<usize>,
+    /// Records the latency of the faults on pages `from..to`, now resolved;
+    /// returns how many there were.
+    fn done(
+        counters: &Counters,
+        faults: &[u64],
+        from: u64,
+        to: u64,
         read_at: Option<Instant>,
-    ) -> Result<Option<u64>> {
-        let placed = match slot {
-            None => self.zeropage(addr)?,
-            Some(slot) => self.copy(addr, slot * PAGE as usize)?,
+    ) -> u64 {
+        let Some(read_at) = read_at else {
+            return 0;
         };
-        let counters = &self.shared.counters;
-        // The latency first: once a page is counted, its latency is too.
-        if let (Some(at), Placed::Mapped | Placed::Present | Placed::Unregistered) =
-            (read_at, &placed)
-        {
-            counters.record_latency(at.elapsed());
+        let first = faults.partition_point(|&f| f < from);
+        let last = faults.partition_point(|&f| f < to);
+        if last > first {
+            let latency = read_at.elapsed();
+            for _ in first..last {
+                counters.record_latency(latency);
+            }
         }
-        let mapped = match placed {
-            Placed::Mapped => {
-                match slot {
-                    None => Counters::add(&counters.zero_pages, 1),
-                    Some(_) => {
-                        Counters::add(&counters.copied_pages, 1);
-                        Counters::add(&counters.bytes_copied, PAGE);
-                    }
-                }
-                1
-            }
-            Placed::Present => {
-                if read_at.is_some() {
-                    Counters::add(&counters.already_mapped, 1);
-                }
-                0
-            }
-            Placed::Again => {
-                Counters::add(&counters.retries, 1);
-                if let Some(at) = read_at {
-                    self.defer(addr, at);
-                }
-                return Ok(Some(0));
-            }
-            Placed::Unregistered => {
-                debug!(sandbox = %self.sandbox, addr, "page no longer registered; dropped");
-                0
-            }
-            Placed::Gone => return Ok(None),
-        };
-        Ok(Some(mapped))
+        (last - first) as u64
     }
 
     /// Queues a fault read at `read_at` to be placed again.
@@ -564,65 +759,6 @@ impl Server {
             self.deferred_since = read_at;
         }
         self.deferred.push(addr);
-    }
-
-    /// `UFFDIO_ZEROPAGE` of one page.
-    fn zeropage(&self, addr: u64) -> Result<Placed> {
-        // SAFETY: the kernel checks that `addr` is a registered, missing
-        // page of the VMM's address space and only then maps the zero page
-        // there; no memory of this process is written.
-        let result = unsafe { self.uffd.zeropage(addr as *mut c_void, PAGE as usize, true) };
-        match result {
-            Ok(_) => Ok(Placed::Mapped),
-            Err(userfaultfd::Error::ZeropageFailed(e)) => {
-                self.refused("zeropage", addr, Errno::from_raw(e as i32))
-            }
-            Err(e) => Err(uffd_error("zeropage", addr, e)),
-        }
-    }
-
-    /// `UFFDIO_COPY` of one page from the buffer at byte `at`.
-    fn copy(&self, addr: u64, at: usize) -> Result<Placed> {
-        let src = self.buf[at..at + PAGE as usize].as_ptr();
-        // SAFETY: `src` points to PAGE readable bytes of our buffer, which
-        // outlives the call; the kernel writes only to `addr`, after
-        // checking that it is a registered, missing page.
-        let result = unsafe {
-            self.uffd.copy(
-                src.cast::<c_void>(),
-                addr as *mut c_void,
-                PAGE as usize,
-                true,
-            )
-        };
-        match result {
-            Ok(n) if n == PAGE as usize => Ok(Placed::Mapped),
-            // A one-page copy is all or nothing; anything else is EAGAIN.
-            Ok(_) | Err(userfaultfd::Error::PartiallyCopied(_)) => Ok(Placed::Again),
-            Err(userfaultfd::Error::CopyFailed(e)) => {
-                self.refused("copy", addr, Errno::from_raw(e as i32))
-            }
-            Err(e) => Err(uffd_error("copy", addr, e)),
-        }
-    }
-
-    /// What a refused placement means.
-    fn refused(&self, action: &'static str, addr: u64, e: Errno) -> Result<Placed> {
-        match e {
-            Errno::EEXIST => {
-                // Threads may still sleep on the page: wake them.
-                self.wake(addr)?;
-                Ok(Placed::Present)
-            }
-            Errno::EAGAIN => Ok(Placed::Again),
-            Errno::ENOENT => Ok(Placed::Unregistered),
-            Errno::ESRCH => Ok(Placed::Gone),
-            e => Err(Error::Uffd {
-                action,
-                addr,
-                source: errno(e),
-            }),
-        }
     }
 
     fn wake(&self, addr: u64) -> Result<()> {
@@ -659,13 +795,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn freed_pages_are_counted_once() {
-        let mut freed = Freed::new(130);
+    fn block_sets_count_new_blocks_and_forget_removed_ones() {
+        let mut freed = Blocks::new(130);
         assert_eq!(freed.insert(60..70), 10);
         assert_eq!(freed.insert(65..75), 5);
         assert!(freed.contains(64) && freed.contains(74));
         assert!(!freed.contains(75) && !freed.contains(59));
         assert_eq!(freed.insert(129..200), 1);
         assert!(!freed.contains(1000));
+        freed.remove(60..66);
+        assert!(!freed.contains(65) && freed.contains(66));
+        assert_eq!(freed.insert(60..70), 6);
     }
 }
