@@ -198,23 +198,9 @@ const APIC_MODE_EXTINT: u32 = 0b111;
 /// Sets a new vCPU's boot MSRs and its LAPIC's local interrupt pins: LINT0
 /// takes the PIC's interrupts (ExtINT), LINT1 is the NMI, as on a PC.
 pub fn configure_vcpu(vcpu: &VcpuFd) -> Result<()> {
-    let entries: Vec<kvm_msr_entry> = BOOT_MSRS
-        .iter()
-        .map(|&(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        })
-        .collect();
-    let msrs = Msrs::from_entries(&entries)
-        .map_err(|e| Error::Vcpu(format!("cannot list the boot MSRs: {e:?}")))?;
-    let set = vcpu.set_msrs(&msrs).map_err(kvm_err("set the boot MSRs"))?;
-    if set != entries.len() {
-        return Err(Error::Vcpu(format!(
-            "KVM refused boot MSR {:#x}",
-            entries[set].index
-        )));
-    }
+    set_msrs(vcpu, BOOT_MSRS, |index| {
+        Error::Vcpu(format!("KVM refused boot MSR {index:#x}"))
+    })?;
     let mut lapic = vcpu.get_lapic().map_err(kvm_err("read the LAPIC"))?;
     for (offset, mode) in [
         (APIC_LVT_LINT0, APIC_MODE_EXTINT),
@@ -225,6 +211,30 @@ pub fn configure_vcpu(vcpu: &VcpuFd) -> Result<()> {
         set_lapic_register(&mut lapic.regs, offset, value);
     }
     vcpu.set_lapic(&lapic).map_err(kvm_err("set the LAPIC"))
+}
+
+/// Sets each (index, value) of `msrs` on `vcpu`; `refused` names the first
+/// MSR KVM did not take.
+pub(crate) fn set_msrs(
+    vcpu: &VcpuFd,
+    msrs: &[(u32, u64)],
+    refused: impl FnOnce(u32) -> Error,
+) -> Result<()> {
+    let entries: Vec<kvm_msr_entry> = msrs
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    let list = Msrs::from_entries(&entries)
+        .map_err(|e| Error::Vcpu(format!("cannot list {} MSRs: {e:?}", entries.len())))?;
+    let set = vcpu.set_msrs(&list).map_err(kvm_err("set MSRs"))?;
+    match entries.get(set) {
+        Some(entry) => Err(refused(entry.index)),
+        None => Ok(()),
+    }
 }
 
 fn lapic_register(regs: &[std::os::raw::c_char], offset: usize) -> u32 {

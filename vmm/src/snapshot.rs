@@ -384,24 +384,9 @@ impl Machine {
             // KVM and is handed back unchanged.
             unsafe { vcpu.set_xsave(&saved.xsave) }.map_err(kvm_err("set XSAVE state"))?;
             vcpu.set_xcrs(&saved.xcrs).map_err(kvm_err("set XCRs"))?;
-            let entries: Vec<kvm_msr_entry> = saved
-                .msrs
-                .iter()
-                .map(|&(index, data)| kvm_msr_entry {
-                    index,
-                    data,
-                    ..Default::default()
-                })
-                .collect();
-            let msrs = Msrs::from_entries(&entries)
-                .map_err(|e| Error::Snapshot(format!("too many MSRs: {e:?}")))?;
-            let set = vcpu.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
-            if set != entries.len() {
-                return Err(Error::Snapshot(format!(
-                    "KVM refused MSR {:#x} from the snapshot",
-                    entries[set].index
-                )));
-            }
+            crate::boot::set_msrs(vcpu, &saved.msrs, |index| {
+                Error::Snapshot(format!("KVM refused MSR {index:#x} from the snapshot"))
+            })?;
             vcpu.set_lapic(&saved.lapic)
                 .map_err(kvm_err("set the LAPIC"))?;
             vcpu.set_mp_state(saved.mp_state)

@@ -144,8 +144,15 @@ pub trait Runtime: Send + Sync {
     /// devices and CPUs from `state`.
     fn restore_new(&self, spec: &VmSpec, state: &Path) -> Result<VmHandle, RuntimeError>;
 
-    /// CPU and memory use of the VM's process.
-    fn stats(&self, handle: &VmHandle) -> Option<VmStats>;
+    /// CPU and memory use of the VM's process (every runtime runs a VM as
+    /// one process).
+    fn stats(&self, handle: &VmHandle) -> Option<VmStats> {
+        if process::is_same_process(handle.pid, handle.start_time_ticks) {
+            process::stats(handle.pid)
+        } else {
+            None
+        }
+    }
 
     /// The control socket a VM of the sandbox folder `dir` serves.
     fn control_socket(&self, dir: &Path) -> PathBuf;

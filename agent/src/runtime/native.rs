@@ -33,8 +33,7 @@ use super::disk::copy_sparse;
 use super::process;
 use super::vmm_api::VmmApi;
 use super::{
-    prepare, Runtime, RuntimeError, VmHandle, VmSpec, VmState, VmStats, CONSOLE_LOG, MEMORY_FILE,
-    PID_FILE,
+    prepare, Runtime, RuntimeError, VmHandle, VmSpec, VmState, CONSOLE_LOG, MEMORY_FILE, PID_FILE,
 };
 
 /// Files of a VM inside its sandbox folder (and the shared ones above).
@@ -488,14 +487,6 @@ impl Runtime for NativeRuntime {
         std::fs::create_dir_all(&spec.dir).map_err(prepare(&spec.dir))?;
         self.make_disk(spec)?;
         self.load(spec, state)
-    }
-
-    fn stats(&self, handle: &VmHandle) -> Option<VmStats> {
-        if process::is_same_process(handle.pid, handle.start_time_ticks) {
-            process::stats(handle.pid)
-        } else {
-            None
-        }
     }
 
     fn control_socket(&self, dir: &Path) -> PathBuf {

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use super::probe::Accel;
 use super::process;
 use super::qmp::Qmp;
-use super::{prepare, Runtime, RuntimeError, VmHandle, VmSpec, VmState, VmStats};
+use super::{prepare, Runtime, RuntimeError, VmHandle, VmSpec, VmState};
 
 // The names every runtime shares, here too for callers that know QEMU.
 pub use super::{CONSOLE_LOG, MEMORY_FILE, PID_FILE};
@@ -306,14 +306,6 @@ impl Runtime for QemuRuntime {
             Ok(())
         } else {
             Err(RuntimeError::Unkillable { pid })
-        }
-    }
-
-    fn stats(&self, handle: &VmHandle) -> Option<VmStats> {
-        if process::is_same_process(handle.pid, handle.start_time_ticks) {
-            process::stats(handle.pid)
-        } else {
-            None
         }
     }
 
