@@ -105,6 +105,18 @@ pub enum Error {
         block: u64,
     },
 
+    /// A written-block list file is damaged.
+    #[error(
+        "written-block list {path} is damaged ({reason}); the overlay beside it cannot be \
+         trusted: start the disk from its base again, or restore the pair from a snapshot"
+    )]
+    WrittenListCorrupt {
+        /// The list file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A read past the end of the device.
     #[error("bytes {offset}..{end} are past the end of the device, which is {size} bytes")]
     OutOfRange {

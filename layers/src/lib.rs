@@ -9,6 +9,8 @@
 //!   lookup.
 //! - [`Reader`] (`reader.rs`): any byte range of a header's device, read
 //!   with `pread` from the layer files.
+//! - [`WrittenBlocks`] (`written.rs`): the list of blocks a layered disk
+//!   wrote into its overlay, kept in a file beside the overlay.
 //! - [`Error`] (`error.rs`).
 //!
 //! Not here: writing layers, reference counts, garbage collection (the
@@ -18,6 +20,7 @@ mod error;
 mod header;
 mod id;
 mod reader;
+mod written;
 
 pub use error::{Error, Result};
 pub use header::{
@@ -26,3 +29,4 @@ pub use header::{
 };
 pub use id::{parse_hex32, HeaderId, InvalidId, LayerId};
 pub use reader::Reader;
+pub use written::{list_path, WrittenBlocks};
