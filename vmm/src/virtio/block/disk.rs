@@ -52,7 +52,7 @@ impl DriveSource {
 /// An open drive.
 pub(crate) enum Disk {
     Raw(File),
-    Layered(LayeredDisk),
+    Layered(Box<LayeredDisk>),
 }
 
 impl Disk {
@@ -68,7 +68,8 @@ impl Disk {
         match source {
             DriveSource::Raw { path } => open_raw(drive_id, path, read_only).map(Disk::Raw),
             DriveSource::Layered(layered) => {
-                LayeredDisk::open(drive_id, layered, read_only, overlay_blocks).map(Disk::Layered)
+                LayeredDisk::open(drive_id, layered, read_only, overlay_blocks)
+                    .map(|disk| Disk::Layered(Box::new(disk)))
             }
         }
     }
