@@ -358,6 +358,8 @@ fn layered_writes_before_a_snapshot_are_read_back_after_the_restore() {
         &overrides,
     )
     .unwrap();
+    let state = restored.virtio().save().unwrap();
+    assert_eq!(state[0].transport, saved[0].transport);
     let list = WrittenBlocks::load(&list_path(&copy.overlay))
         .unwrap()
         .unwrap();
