@@ -15,7 +15,7 @@ use std::time::Instant;
 use lmdb_schema::{LayerId, Store, StoreOptions};
 use sha2::{Digest, Sha256};
 use wrenn_agent::store::{
-    Backend, Block, Error, Header, HeaderId, Io, LayerStore, Options, DISK_BLOCK_SIZE,
+    Backend, Block, Error, FormatError, Header, HeaderId, Io, LayerStore, Options, DISK_BLOCK_SIZE,
     MEMORY_BLOCK_SIZE,
 };
 
@@ -574,7 +574,10 @@ fn a_partial_last_block_and_a_wrong_parent() {
         .store
         .snapshot_file(&other.path, 12_288, None, None)
         .unwrap_err();
-    assert!(matches!(err, Error::BlockSize { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Format(FormatError::BlockSize { .. })),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -811,7 +814,10 @@ fn a_damaged_header_is_a_checksum_error_naming_the_file() {
     bytes[middle] ^= 0x40;
     fs::write(&path, &bytes).unwrap();
     let err = env.store.load_header(&id).unwrap_err();
-    assert!(matches!(err, Error::HeaderChecksum { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Format(FormatError::HeaderChecksum { .. })),
+        "{err}"
+    );
     assert!(
         err.to_string().contains(&path.display().to_string()),
         "{err}"
@@ -819,7 +825,10 @@ fn a_damaged_header_is_a_checksum_error_naming_the_file() {
 
     fs::write(&path, &bytes[..3]).unwrap();
     let err = env.store.load_header(&id).unwrap_err();
-    assert!(matches!(err, Error::HeaderCorrupt { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Format(FormatError::HeaderCorrupt { .. })),
+        "{err}"
+    );
 }
 
 #[test]
@@ -836,7 +845,7 @@ fn a_newer_header_version_asks_for_an_upgrade() {
     assert!(
         matches!(
             err,
-            Error::HeaderTooNew {
+            FormatError::HeaderTooNew {
                 found: 2,
                 known: 1,
                 ..
@@ -846,8 +855,8 @@ fn a_newer_header_version_asks_for_an_upgrade() {
     );
     assert_eq!(
         err.to_string(),
-        "future.hdr has header format version 2 but this wrenn-agent knows up to 1: upgrade \
-         wrenn-agent"
+        "future.hdr has header format version 2 but this program reads up to 1: upgrade \
+         wrenn-agent and wrenn-vmm"
     );
 
     // A file whose name does not match its content is refused as well.

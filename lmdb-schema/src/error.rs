@@ -265,6 +265,15 @@ pub(crate) fn clip(input: &str) -> String {
     }
 }
 
+impl From<wrenn_layers::InvalidId> for Error {
+    fn from(e: wrenn_layers::InvalidId) -> Error {
+        Error::InvalidLayerId {
+            input: e.input,
+            reason: e.reason,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,9 +9,9 @@
 //! | `PUT /boot-source` | `{kernel_image_path, initrd_path, boot_args}` or `{program_path}` | what to boot |
 //! | `PUT /actions` | `{action_type: "InstanceStart" \| "Pause" \| "Resume" \| "Shutdown"}` | lifecycle; after `Shutdown` the process ends |
 //! | `PUT /snapshot/create` | `{snapshot_path, snapshot_type: "Full" \| "Diff"}` | saves a paused VM into the folder `snapshot_path` |
-//! | `PUT /drives/{drive_id}` | `{drive_id, path_on_host, is_root_device, is_read_only}` | adds or replaces a virtio-blk drive before start |
+//! | `PUT /drives/{drive_id}` | `{drive_id, path_on_host, is_root_device, is_read_only}` or, instead of `path_on_host`, `layered: {header_path, layers_dir, overlay_path}` | adds or replaces a virtio-blk drive before start: a raw image, or a layered disk (a base header of the layer store; writes go to the overlay) |
 //! | `PUT /network-interfaces/{iface_id}` | `{iface_id, host_dev_name, guest_mac}` | adds or replaces a virtio-net interface on a tap before start |
-//! | `PUT /snapshot/load` | `{snapshot_path, mem_backend: {backend_type: "File" \| "Copy" \| "Uffd", backend_path}, drive_overrides: [{drive_id, path_on_host}], resume_vm}` | restores into a VM that has not started |
+//! | `PUT /snapshot/load` | `{snapshot_path, mem_backend: {backend_type: "File" \| "Copy" \| "Uffd", backend_path}, drive_overrides: [{drive_id, path_on_host} or {drive_id, layered}], resume_vm}` | restores into a VM that has not started |
 //!
 //! Answers are 204 on success (`GET /` is 200), else 4xx with
 //! `{"error": {"code", "message"}}`.
@@ -27,7 +27,7 @@ use crate::controller::{BootSource, Controller, Memory, Phase};
 use crate::error::Error;
 use crate::machine::MachineConfig;
 use crate::snapshot::MemoryFrom;
-use crate::virtio::block::DriveConfig;
+use crate::virtio::block::{DriveConfig, DriveSource, LayeredSource};
 use crate::virtio::net::{MacAddr, NetConfig};
 use crate::virtio::{DeviceError, DriveOverrides};
 
@@ -95,17 +95,53 @@ struct SnapshotLoadBody {
 #[serde(deny_unknown_fields)]
 struct DriveOverride {
     drive_id: String,
-    path_on_host: PathBuf,
+    path_on_host: Option<PathBuf>,
+    layered: Option<LayeredBody>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DriveBody {
     drive_id: String,
-    path_on_host: PathBuf,
+    path_on_host: Option<PathBuf>,
+    layered: Option<LayeredBody>,
     is_root_device: bool,
     #[serde(default)]
     is_read_only: bool,
+}
+
+/// A layered disk: a base header of the layer store and an overlay.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayeredBody {
+    header_path: PathBuf,
+    layers_dir: PathBuf,
+    overlay_path: PathBuf,
+}
+
+/// The drive's source: exactly one of `path_on_host` and `layered`.
+fn drive_source(
+    drive_id: &str,
+    path_on_host: Option<PathBuf>,
+    layered: Option<LayeredBody>,
+) -> Result<DriveSource, ApiError> {
+    match (path_on_host, layered) {
+        (Some(path), None) => Ok(DriveSource::Raw { path }),
+        (None, Some(l)) => Ok(DriveSource::Layered(LayeredSource {
+            header: l.header_path,
+            layers_dir: l.layers_dir,
+            overlay: l.overlay_path,
+        })),
+        (Some(_), Some(_)) => Err(ApiError::invalid_argument(format!(
+            "drive {drive_id:?} has both path_on_host and layered: give path_on_host for a raw \
+             image or layered {{header_path, layers_dir, overlay_path}} for a layered disk, not \
+             both"
+        ))),
+        (None, None) => Err(ApiError::invalid_argument(format!(
+            "drive {drive_id:?} has neither path_on_host nor layered: give path_on_host for a \
+             raw image or layered {{header_path, layers_dir, overlay_path}} for a layered disk"
+        ))),
+    }
 }
 
 #[derive(Deserialize)]
@@ -149,9 +185,10 @@ impl Api {
             }
             let body: DriveBody = ex.json()?;
             check_id("drive", id, &body.drive_id)?;
+            let source = drive_source(&body.drive_id, body.path_on_host, body.layered)?;
             controller.set_drive(DriveConfig {
                 drive_id: body.drive_id,
-                path: body.path_on_host,
+                source,
                 is_root_device: body.is_root_device,
                 read_only: body.is_read_only,
             })?;
@@ -273,10 +310,8 @@ impl Api {
                 };
                 let mut drives = DriveOverrides::new();
                 for item in body.drive_overrides {
-                    if drives
-                        .insert(item.drive_id.clone(), item.path_on_host)
-                        .is_some()
-                    {
+                    let source = drive_source(&item.drive_id, item.path_on_host, item.layered)?;
+                    if drives.insert(item.drive_id.clone(), source).is_some() {
                         return Err(ApiError::invalid_argument(format!(
                             "drive_overrides names drive {:?} twice",
                             item.drive_id

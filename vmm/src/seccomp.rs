@@ -5,7 +5,9 @@
 //!   the control API, snapshot files and KVM set-up need.
 //! - **devices** (added by the `devices` thread on top of the inherited
 //!   one): epoll waits, reads and writes of disk files, taps and event
-//!   descriptors, fsync, memory and exit calls; no `ioctl`, no `open`.
+//!   descriptors, fsync, memory and exit calls; `openat` and `rename` only
+//!   because a layered disk's flush replaces its written-block list (a
+//!   temporary file, fsynced, renamed, and its folder fsynced); no `ioctl`.
 //! - **vCPU** (added by the vCPU thread on top of the inherited one): only
 //!   `ioctl(KVM_RUN)`, writes to the serial log, the futexes and signal
 //!   returns of its loop, and what a thread needs to end.
@@ -115,6 +117,8 @@ const DEVICES_CALLS: &[i64] = &[
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_wait,
     libc::SYS_exit,
+    // A layered disk's flush: the standard library's open checks its flags.
+    libc::SYS_fcntl,
     libc::SYS_fdatasync,
     libc::SYS_fsync,
     libc::SYS_futex,
@@ -123,10 +127,16 @@ const DEVICES_CALLS: &[i64] = &[
     libc::SYS_mprotect,
     libc::SYS_mremap,
     libc::SYS_munmap,
+    // A layered disk's flush: the temporary list file and its folder.
+    libc::SYS_openat,
     libc::SYS_pread64,
     libc::SYS_pwrite64,
     libc::SYS_read,
     libc::SYS_readv,
+    // A layered disk's flush: the list file replaced.
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
     libc::SYS_sched_yield,

@@ -41,8 +41,9 @@ use crate::machine::{Machine, MachineConfig};
 use crate::virtio::DriveOverrides;
 
 /// The version byte of `vmstate`.
-/// 2: the devices' state was added. 3: the virtio devices' too.
-pub const FORMAT_VERSION: u8 = 3;
+/// 2: the devices' state was added. 3: the virtio devices' too. 4: a
+/// drive is a raw file or a layered disk, with its overlay's blocks.
+pub const FORMAT_VERSION: u8 = 4;
 pub const STATE_FILE: &str = "vmstate";
 pub const MEMORY_FILE: &str = "memory";
 pub const DIRTY_FILE: &str = "dirty";

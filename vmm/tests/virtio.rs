@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{kvm_or_skip, Console};
-use wrenn_vmm::virtio::block::DriveConfig;
+use wrenn_vmm::virtio::block::{DriveConfig, DriveSource};
 use wrenn_vmm::{Exit, Machine, MachineConfig, MemoryFrom};
 
 const CONFIG: MachineConfig = MachineConfig {
@@ -49,7 +49,9 @@ fn sum_words(bytes: &[u8]) -> u64 {
 fn drive(path: &Path, read_only: bool) -> DriveConfig {
     DriveConfig {
         drive_id: "rootfs".into(),
-        path: path.to_path_buf(),
+        source: DriveSource::Raw {
+            path: path.to_path_buf(),
+        },
         is_root_device: true,
         read_only,
     }

@@ -419,7 +419,7 @@ impl Manager {
         record.vmm = None;
         record.set_status(SandboxStatus::Paused, now_ms());
         if let Some((header, _)) = memory {
-            record.memory_header = Some(header.id()?.0);
+            record.memory_header = Some(header.id().map_err(crate::store::Error::from)?.0);
         }
         let paused = record.clone();
         self.store.write_with(|txn| {

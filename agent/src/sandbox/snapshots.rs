@@ -177,7 +177,7 @@ impl Manager {
         overwrite: bool,
     ) -> Result<TemplateRecord, SandboxError> {
         let (memory_id, memory) = match self.load_memory(sandbox.memory_header)? {
-            Some(header) => (header.id()?, header),
+            Some(header) => (header.id().map_err(crate::store::Error::from)?, header),
             None => {
                 return Err(SandboxError::Internal(format!(
                     "sandbox {} has no memory in layers; pause and resume it once, then retry",

@@ -5,9 +5,7 @@
 
 use std::path::PathBuf;
 
-use lmdb_schema::LayerId;
-
-use super::header::HeaderId;
+use wrenn_layers::{HeaderId, LayerId};
 
 /// `Result` with the store's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
@@ -31,45 +29,10 @@ pub enum Error {
     #[error(transparent)]
     Db(#[from] lmdb_schema::Error),
 
-    /// A header was written by a newer agent.
-    #[error(
-        "{name} has header format version {found} but this wrenn-agent knows up to {known}: \
-         upgrade wrenn-agent"
-    )]
-    HeaderTooNew {
-        /// The header file or id.
-        name: String,
-        /// The version byte found.
-        found: u8,
-        /// The newest version this program knows.
-        known: u8,
-    },
-
-    /// A header's checksum does not match its content.
-    #[error(
-        "{name} is damaged: its checksum says {stored:08x} but its content sums to \
-         {computed:08x}; restore the file from a backup or a peer, or take the snapshot again"
-    )]
-    HeaderChecksum {
-        /// The header file or id.
-        name: String,
-        /// The CRC-32C stored in the header.
-        stored: u32,
-        /// The CRC-32C of what precedes it.
-        computed: u32,
-    },
-
-    /// A header's checksum matches but its content is not a valid header.
-    #[error(
-        "{name} is not a valid snapshot header ({reason}); restore the file from a backup or \
-         a peer, or take the snapshot again"
-    )]
-    HeaderCorrupt {
-        /// The header file or id.
-        name: String,
-        /// What is wrong with it.
-        reason: String,
-    },
+    /// A header could not be decoded or built, or a block size is not
+    /// supported: see [`FormatError`](wrenn_layers::Error).
+    #[error(transparent)]
+    Format(#[from] wrenn_layers::Error),
 
     /// A header file's content does not hash to its name.
     #[error(
@@ -81,20 +44,6 @@ pub enum Error {
         path: PathBuf,
         /// The SHA-256 of what is in it.
         actual: HeaderId,
-    },
-
-    /// A header could not be serialized (a bug: headers are plain data).
-    #[error("cannot encode a snapshot header: {0}")]
-    HeaderEncode(String),
-
-    /// An unsupported block size was asked for.
-    #[error(
-        "block size {block_size} is not supported: use a power of two from 4096 to 1048576 \
-         bytes (4096 for memory, 65536 for disks)"
-    )]
-    BlockSize {
-        /// The block size asked for.
-        block_size: u32,
     },
 
     /// A device does not have the geometry of the parent snapshot given for it.

@@ -15,13 +15,13 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use lmdb_schema::LayerId;
 use sha2::{Digest, Sha256};
+use wrenn_layers::LayerId;
 
 use super::error::{Error, Result};
-use super::header::{parse_hex32, LayerRef};
 use super::io::{Op, OpError};
 use super::LayerStore;
+use wrenn_layers::{parse_hex32, LayerRef};
 
 /// Prefix of files being written.
 pub(crate) const TEMP_PREFIX: &str = ".tmp-";

@@ -12,10 +12,11 @@
 
 use std::collections::HashMap;
 
-use lmdb_schema::LayerId;
+use wrenn_layers::LayerId;
 
 use super::error::{Error, Result};
-use super::header::{Extent, Header, HeaderId, LayerRef, Source};
+use super::FormatError;
+use wrenn_layers::{Extent, Header, HeaderId, LayerRef, Source};
 
 /// What the diff says about a run of blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,13 +190,13 @@ pub(crate) fn merge(
 ) -> Result<Header> {
     let layer_blocks = new_layer.map_or(0, |l| l.blocks);
     if layer_blocks != diff.data_blocks() {
-        return Err(Error::HeaderCorrupt {
+        return Err(Error::Format(FormatError::HeaderCorrupt {
             name: "a newly built header".to_owned(),
             reason: format!(
                 "the diff has {} data blocks but the new layer has {layer_blocks}",
                 diff.data_blocks()
             ),
-        });
+        }));
     }
     let blocks = device_size.div_ceil(u64::from(block_size));
     let base = match &parent {
@@ -208,14 +209,14 @@ pub(crate) fn merge(
         Some(p) => (p.header.generation() + 1, Some(p.id)),
         None => (1, None),
     };
-    Header::from_parts(
+    Ok(Header::from_parts(
         device_size,
         block_size,
         generation,
         parent_id,
         builder.layers,
         builder.extents,
-    )
+    )?)
 }
 
 /// A base mapping: start, length and piece of every extent.
@@ -295,7 +296,7 @@ fn overlay(base: &Base, runs: &[Run], new_layer: Option<LayerRef>, out: &mut Bui
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::header::Block;
+    use wrenn_layers::Block;
 
     const BS: u32 = 4096;
 

@@ -3,7 +3,8 @@
 //! layer file. The base of pause, resume and snapshot templates; the format
 //! is described in `docs/layers.md`.
 //!
-//! - [`Header`] (`header.rs`): the mapping, its encoding and lookup.
+//! - [`Header`], [`HeaderId`], [`LayerId`] and [`Reader`]: the format, from
+//!   the `wrenn-layers` crate (shared with the VMM), re-exported here.
 //! - `merge.rs`: a child header from its parent and a diff, already
 //!   pointing every block at its final source (no chains).
 //! - `layer.rs`: layer files, written under a temporary name, fsynced and
@@ -18,7 +19,6 @@
 //! State on disk: `<state dir>/layers/<id>` and `<state dir>/headers/<id>`.
 
 mod error;
-mod header;
 mod io;
 mod layer;
 mod merge;
@@ -34,15 +34,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use lmdb_schema::{LayerId, Store};
+use lmdb_schema::Store;
 
 pub use error::{Error, Result};
-pub use header::{
-    check_block_size, Block, Extent, Header, HeaderId, LayerRef, Source, DISK_BLOCK_SIZE,
-    FORMAT_VERSION, MAX_BLOCK_SIZE, MEMORY_BLOCK_SIZE, MIN_BLOCK_SIZE,
-};
 pub use io::{Backend, Io, Op, OpError};
 pub use refs::GcReport;
+pub use wrenn_layers::{
+    check_block_size, Block, Error as FormatError, Extent, Header, HeaderId, LayerId, LayerRef,
+    Reader, Source, DISK_BLOCK_SIZE, FORMAT_VERSION, MAX_BLOCK_SIZE, MEMORY_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
+};
 
 /// How long a layer or header written by this process is spared by garbage
 /// collection when [`LayerStore::settle`] is not called for it.

@@ -13,10 +13,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::error::{Error, Result};
-use super::header::{Header, Source};
 use super::io::Op;
 use super::layer::{read_error, OP_BYTES};
 use super::LayerStore;
+use wrenn_layers::{Header, Source};
 
 /// Bytes gathered per batch of `materialize`.
 const BATCH_BYTES: usize = 8 << 20;

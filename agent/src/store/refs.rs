@@ -16,9 +16,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use lmdb_schema::{LayerId, LayerRecord, WriteTxn};
 
 use super::error::{Error, Result};
-use super::header::{Header, HeaderId, LayerRef};
 use super::layer::{list, sync_dir, Entry};
 use super::LayerStore;
+use wrenn_layers::{Header, HeaderId, LayerRef};
 
 /// What [`LayerStore::collect_garbage`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

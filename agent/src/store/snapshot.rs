@@ -13,11 +13,11 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use super::error::{Error, Result};
-use super::header::{check_block_size, Header, Source};
 use super::io::Op;
 use super::layer::{LayerWriter, OP_BYTES};
 use super::merge::{merge, Diff, Parent};
 use super::LayerStore;
+use wrenn_layers::{check_block_size, Header, Source};
 
 /// Bytes of the device read per batch.
 const WINDOW_BYTES: usize = 8 << 20;

@@ -149,7 +149,7 @@ pub fn accept_with_prefetch(
     state_dir: &Path,
     options: &Options<'_>,
 ) -> Result<PageServer> {
-    let id = header.id()?;
+    let id = header.id().map_err(crate::store::Error::from)?;
     let list = match load_prefetch(state_dir, &id) {
         Ok(list) => list.unwrap_or_default(),
         Err(e) => {

@@ -1,5 +1,6 @@
 //! virtio devices on the MMIO transport (virtio 1.x, "modern" only): a
-//! block device backed by a raw file and a network device on a tap.
+//! block device backed by a raw file or a layered disk, and a network
+//! device on a tap.
 //!
 //! - [`mmio`]: the register file a vCPU thread reads and writes; it owns a
 //!   device's queues and negotiated state.
@@ -34,7 +35,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use crate::acpi::MmioSlot;
 
-use self::block::{Block, DriveConfig};
+use self::block::{Block, DriveConfig, DriveSource};
 use self::event_loop::DeviceThread;
 use self::mmio::MmioTransport;
 use self::net::{Net, NetConfig};
@@ -85,6 +86,17 @@ pub enum DeviceError {
         drive_id: String,
         path: PathBuf,
         len: u64,
+    },
+    #[error("drive {drive_id}: the layered disk's base cannot be used: {source}; header_path must be a header file of the layer store (<state dir>/headers/<id>) and layers_dir its layer folder (<state dir>/layers)")]
+    LayeredBase {
+        drive_id: String,
+        source: wrenn_layers::Error,
+    },
+    #[error("drive {drive_id}: overlay {path} {problem}")]
+    Overlay {
+        drive_id: String,
+        path: PathBuf,
+        problem: String,
     },
     #[error("drive {drive_id}: {path} holds {now} sectors but the snapshot's guest knows {saved}; restore onto a disk at least as large")]
     DriveShrunk {
@@ -188,9 +200,9 @@ impl Slot {
     }
 }
 
-/// Drive paths to use instead of a snapshot's, by drive id (a snapshot
-/// restored into another sandbox uses that sandbox's disk).
-pub type DriveOverrides = HashMap<String, PathBuf>;
+/// Drive sources to use instead of a snapshot's, by drive id (a snapshot
+/// restored into another sandbox uses that sandbox's disk or overlay).
+pub type DriveOverrides = HashMap<String, DriveSource>;
 
 /// The machine's virtio devices. Shared by the vCPU threads (register
 /// access) and the `devices` thread (queue processing): each device sits
@@ -221,14 +233,14 @@ impl Devices {
         self.slots.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds a block device backed by the file `config.path`.
+    /// Adds a block device backed by `config.source`.
     pub(crate) fn add_drive(
         &self,
         vm: &VmFd,
         config: DriveConfig,
     ) -> Result<MmioSlot, DeviceError> {
         self.check_id(&config.drive_id)?;
-        let block = Block::open(config, None)?;
+        let block = Block::open(config, None, None)?;
         self.plug(vm, Backend::Block(block), None)
     }
 

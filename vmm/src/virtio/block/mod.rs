@@ -1,6 +1,8 @@
-//! virtio-blk on a raw disk image: read, write, flush (fsync) and get-id;
-//! capacity in the configuration space; read-only drives offer
-//! `VIRTIO_BLK_F_RO` and answer writes with `VIRTIO_BLK_S_IOERR`.
+//! virtio-blk on a raw disk image or a layered disk (`layered.rs`): read,
+//! write, flush (fsync) and get-id; capacity in the configuration space;
+//! read-only drives offer `VIRTIO_BLK_F_RO` and answer writes with
+//! `VIRTIO_BLK_S_IOERR`. Where the bytes live is `disk.rs`; what a
+//! snapshot keeps is `persist.rs`.
 //!
 //! A request is a 16-byte header (type, reserved, sector) the device
 //! reads, then data, then one status byte the device writes. Requests it
@@ -8,12 +10,11 @@
 //! chain too short for a header) get an error status; a chain with no
 //! writable byte at all is returned with nothing written.
 
+pub mod disk;
+mod layered;
 pub mod persist;
 
-use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
@@ -23,6 +24,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
+use self::disk::Disk;
+pub use self::disk::{DriveSource, LayeredSource};
 use super::DeviceError;
 
 pub const SECTOR: u64 = 512;
@@ -33,71 +36,58 @@ const CHUNK: usize = 64 << 10;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveConfig {
     pub drive_id: String,
-    /// A raw disk image.
-    pub path: PathBuf,
+    /// A raw disk image, or a base snapshot with an overlay.
+    pub source: DriveSource,
     pub is_root_device: bool,
     pub read_only: bool,
 }
 
-/// Whether `config` would open: its file exists with the access it needs
-/// and is whole sectors long.
+/// Whether `config` would open: its files exist with the access they need
+/// and the disk is whole sectors long (a layered disk's overlay is created
+/// if missing).
 pub fn check(config: &DriveConfig) -> Result<(), DeviceError> {
-    Block::open(config.clone(), None).map(drop)
+    Block::open(config.clone(), None, None).map(drop)
 }
 
 /// The block device.
 pub(crate) struct Block {
     config: DriveConfig,
-    file: File,
+    disk: Disk,
     capacity: u64,
 }
 
 impl Block {
-    /// Opens the drive's file; with `at_least` (a restore), refuses a file
-    /// smaller than that many sectors.
-    pub(crate) fn open(config: DriveConfig, at_least: Option<u64>) -> Result<Block, DeviceError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&config.path)
-            .map_err(|source| DeviceError::OpenDrive {
-                drive_id: config.drive_id.clone(),
-                path: config.path.clone(),
-                mode: if config.read_only {
-                    "read"
-                } else {
-                    "read and write"
-                },
-                source,
-            })?;
-        let len = file
-            .metadata()
-            .map_err(|source| DeviceError::OpenDrive {
-                drive_id: config.drive_id.clone(),
-                path: config.path.clone(),
-                mode: "read",
-                source,
-            })?
-            .len();
-        if len == 0 || !len.is_multiple_of(SECTOR) {
-            return Err(DeviceError::DriveSize {
-                drive_id: config.drive_id,
-                path: config.path,
-                len,
-            });
-        }
+    /// Opens the drive; with `at_least` (a restore), refuses a disk
+    /// smaller than that many sectors. `overlay_blocks`: see [`Disk::open`].
+    pub(crate) fn open(
+        config: DriveConfig,
+        at_least: Option<u64>,
+        overlay_blocks: Option<(u32, &[u64])>,
+    ) -> Result<Block, DeviceError> {
+        let disk = Disk::open(
+            &config.drive_id,
+            &config.source,
+            config.read_only,
+            overlay_blocks,
+        )?;
+        let len = disk.len().map_err(|source| DeviceError::OpenDrive {
+            drive_id: config.drive_id.clone(),
+            path: config.source.main_path().to_path_buf(),
+            mode: "read",
+            source,
+        })?;
         let capacity = len / SECTOR;
         if let Some(saved) = at_least.filter(|&saved| capacity < saved) {
             return Err(DeviceError::DriveShrunk {
                 drive_id: config.drive_id,
-                path: config.path,
+                path: config.source.main_path().to_path_buf(),
                 saved,
                 now: capacity,
             });
         }
         Ok(Block {
             config,
-            file,
+            disk,
             capacity,
         })
     }
@@ -173,7 +163,7 @@ impl Block {
             VIRTIO_BLK_T_OUT => self
                 .range(sector, reader.available_bytes())
                 .and_then(|offset| self.write(offset, reader)),
-            VIRTIO_BLK_T_FLUSH => self.file.sync_all().ok(),
+            VIRTIO_BLK_T_FLUSH => self.disk.flush().ok(),
             VIRTIO_BLK_T_GET_ID => self.write_id(writer),
             _ => return VIRTIO_BLK_S_UNSUPP,
         };
@@ -196,19 +186,19 @@ impl Block {
         let mut buffer = vec![0u8; CHUNK.min(writer.available_bytes())];
         while writer.available_bytes() > 0 {
             let piece = &mut buffer[..CHUNK.min(writer.available_bytes())];
-            self.file.read_exact_at(piece, offset).ok()?;
+            self.disk.read_at(piece, offset).ok()?;
             writer.write_all(piece).ok()?;
             offset += piece.len() as u64;
         }
         Some(())
     }
 
-    fn write(&self, mut offset: u64, reader: &mut Reader<'_>) -> Option<()> {
+    fn write(&mut self, mut offset: u64, reader: &mut Reader<'_>) -> Option<()> {
         let mut buffer = vec![0u8; CHUNK.min(reader.available_bytes())];
         while reader.available_bytes() > 0 {
             let piece = &mut buffer[..CHUNK.min(reader.available_bytes())];
             reader.read_exact(piece).ok()?;
-            self.file.write_all_at(piece, offset).ok()?;
+            self.disk.write_at(piece, offset).ok()?;
             offset += piece.len() as u64;
         }
         Some(())

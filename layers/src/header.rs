@@ -5,18 +5,14 @@
 //! from block 0 to its last block, so a mostly-zero device is a few bytes
 //! and one block is found by binary search. Encoded as one format version
 //! byte, the postcard body and a CRC-32C of both (see `docs/layers.md`).
-//! Nothing here depends on QEMU or on where the bytes are kept; files and
-//! ids are `layer.rs` and `mod.rs`.
+//! Nothing here depends on QEMU or on where the bytes are kept.
 
 use std::collections::HashSet;
-use std::fmt;
-use std::str::FromStr;
 
-use lmdb_schema::LayerId;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use super::error::{Error, Result};
+use crate::error::{Error, Result};
+use crate::id::{HeaderId, LayerId};
 
 /// The header format this program writes and the newest it reads.
 pub const FORMAT_VERSION: u8 = 1;
@@ -39,50 +35,6 @@ pub fn check_block_size(block_size: u32) -> Result<()> {
     let ok =
         block_size.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size);
     ok.then_some(()).ok_or(Error::BlockSize { block_size })
-}
-
-/// The id of an encoded header: the SHA-256 of its bytes, which is also the
-/// name of its file under `<state dir>/headers/`.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct HeaderId(pub [u8; 32]);
-
-impl HeaderId {
-    /// The id of the encoded header `bytes`.
-    pub fn of(bytes: &[u8]) -> HeaderId {
-        HeaderId(Sha256::digest(bytes).into())
-    }
-
-    /// Parses 64 lowercase hex digits; `None` for anything else.
-    pub fn parse(text: &str) -> Option<HeaderId> {
-        parse_hex32(text).map(HeaderId)
-    }
-}
-
-/// 64 lowercase hex digits as 32 bytes.
-pub(crate) fn parse_hex32(text: &str) -> Option<[u8; 32]> {
-    let lower = text.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
-    let mut bytes = [0u8; 32];
-    (lower && hex::decode_to_slice(text, &mut bytes).is_ok()).then_some(bytes)
-}
-
-impl fmt::Display for HeaderId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for HeaderId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "HeaderId({self})")
-    }
-}
-
-impl FromStr for HeaderId {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<HeaderId, String> {
-        HeaderId::parse(s)
-            .ok_or_else(|| format!("{s:?} is not a header id: 64 lowercase hex digits (a SHA-256)"))
-    }
 }
 
 /// A layer a header uses.
@@ -181,7 +133,7 @@ impl From<Unchecked> for Header {
 impl Header {
     /// A header from its parts, checked. `extents` must already be in the
     /// canonical form `merge` produces or at least valid.
-    pub(crate) fn from_parts(
+    pub fn from_parts(
         device_size: u64,
         block_size: u32,
         generation: u64,
@@ -267,8 +219,10 @@ impl Header {
         })
     }
 
-    /// The layer at `index` of the list (checked at construction).
-    pub(crate) fn layer(&self, index: u32) -> &LayerRef {
+    /// The layer at `index` of the list. Every index a [`Source::Layer`]
+    /// of this header names is in range (checked at construction); any
+    /// other index panics.
+    pub fn layer(&self, index: u32) -> &LayerRef {
         &self.layers[index as usize]
     }
 
@@ -579,15 +533,6 @@ mod tests {
             Header::decode("golden", &hex::decode(&golden).unwrap()).unwrap(),
             child
         );
-    }
-
-    #[test]
-    fn header_ids_print_and_parse_as_hex() {
-        let id = HeaderId([0xa5; 32]);
-        assert_eq!(id.to_string(), "a5".repeat(32));
-        assert_eq!(HeaderId::parse(&id.to_string()), Some(id));
-        assert_eq!(HeaderId::parse(&"A5".repeat(32)), None);
-        assert_eq!(HeaderId::parse("a5"), None);
     }
 
     #[test]
