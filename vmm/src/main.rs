@@ -92,10 +92,22 @@ fn serve(socket: &std::path::Path, flags: &Flags) -> Result<String, String> {
     // workers, the vCPU) are filtered.
     wrenn_vmm::seccomp::install_vmm_filter().map_err(|e| e.to_string())?;
     let server = Server::bind(config, api).map_err(|e| e.to_string())?;
+    let (installed, filtered) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || server.run())
+        .spawn(move || {
+            let filter = wrenn_vmm::seccomp::install_api_filter();
+            let ok = filter.is_ok();
+            let _ = installed.send(filter);
+            if ok {
+                server.run()
+            }
+        })
         .map_err(|e| format!("cannot start the API thread: {e}"))?;
+    filtered
+        .recv()
+        .map_err(|_| "the API thread ended before its filter was installed".to_owned())?
+        .map_err(|e| e.to_string())?;
     let why = guest_end
         .recv()
         .map_err(|_| "the VM's controller went away".to_owned())?;

@@ -3,6 +3,12 @@
 //! - **VMM** (installed on the main thread before the API thread starts, so
 //!   the API's threads and the vCPU thread inherit it): the system calls
 //!   the control API, snapshot files and KVM set-up need.
+//! - **API** (added by the `api` thread, which takes requests from the
+//!   listener and hands them to the workers): channels and futexes, its
+//!   log, memory, and what listening again after an accept failure needs
+//!   (a socket, its threads); no `ioctl`, no files, no KVM. The workers
+//!   answer requests under the VMM filter, since the handlers build the VM
+//!   and write snapshots.
 //! - **devices** (added by the `devices` thread on top of the inherited
 //!   one): epoll waits, reads and writes of disk files, taps and event
 //!   descriptors, fsync, memory and exit calls; `openat` and `rename` only
@@ -108,6 +114,52 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_writev,
 ];
 
+/// The `api` thread: requests from tiny_http's channel to the workers'
+/// channel, its log lines, its heap, and listening again on a fresh socket
+/// (with tiny_http's accept threads, which inherit this filter) if
+/// accepting fails.
+const API_CALLS: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_bind,
+    libc::SYS_brk,
+    libc::SYS_clock_gettime,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_fcntl,
+    libc::SYS_futex,
+    libc::SYS_getsockname,
+    libc::SYS_gettid,
+    libc::SYS_listen,
+    libc::SYS_madvise,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_munmap,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_prctl,
+    libc::SYS_read,
+    libc::SYS_recvfrom,
+    libc::SYS_rseq,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_yield,
+    libc::SYS_sendto,
+    libc::SYS_set_robust_list,
+    libc::SYS_setsockopt,
+    libc::SYS_shutdown,
+    libc::SYS_sigaltstack,
+    libc::SYS_socket,
+    libc::SYS_unlink,
+    libc::SYS_write,
+    libc::SYS_writev,
+];
+
 /// The `devices` thread: waiting, queue I/O on disk files and taps, and
 /// what a thread with a heap needs.
 const DEVICES_CALLS: &[i64] = &[
@@ -187,6 +239,13 @@ pub fn install_vmm_filter() -> Result<()> {
         .map_err(|e| Error::Seccomp(format!("cannot install the VMM filter: {e}")))
 }
 
+/// Installs the API filter on the calling (`api`) thread.
+pub fn install_api_filter() -> Result<()> {
+    let program = compile(API_CALLS, None)?;
+    seccompiler::apply_filter(&program)
+        .map_err(|e| Error::Seccomp(format!("cannot install the API filter: {e}")))
+}
+
 /// Installs the devices filter on the calling (`devices`) thread.
 pub fn install_devices_filter() -> Result<()> {
     let program = compile(DEVICES_CALLS, None)?;
@@ -212,6 +271,7 @@ mod tests {
     fn both_filters_compile() {
         assert!(!compile(VMM_CALLS, None).unwrap().is_empty());
         assert!(!compile(DEVICES_CALLS, None).unwrap().is_empty());
+        assert!(!compile(API_CALLS, None).unwrap().is_empty());
         let kvm_run =
             SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, KVM_RUN).unwrap();
         let rule = SeccompRule::new(vec![kvm_run]).unwrap();

@@ -226,6 +226,11 @@ fn two_vcpus_run_under_their_filters_and_shutdown_ends_the_process() {
     };
     assert_eq!(filters("vcpu0").as_deref(), Some("2"));
     assert_eq!(filters("vcpu1").as_deref(), Some("2"));
+    assert_eq!(
+        filters("api").as_deref(),
+        Some("2"),
+        "the api thread adds its own filter"
+    );
     assert_eq!(vmm.put("/actions", json!({"action_type": "Pause"})).0, 204);
     assert_eq!(vmm.state(), "paused");
     assert_eq!(filters("vcpu0"), None, "paused vCPUs leave no threads");
