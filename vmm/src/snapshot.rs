@@ -479,14 +479,55 @@ fn map_memory(path: &Path, memory_mb: u32, from: MemoryFrom) -> Result<GuestMemo
         MemoryFrom::Copy => {
             let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
                 .map_err(|e| Error::Memory(format!("cannot map {memory_mb} MiB: {e}")))?;
+            // Only the file's data is read: its holes are zero, as fresh
+            // anonymous memory already is, and stay untouched (no RSS).
             let mut file = file;
-            file.seek(SeekFrom::Start(0)).map_err(io(path))?;
-            memory
-                .read_exact_volatile_from(GuestAddress(0), &mut file, size)
-                .map_err(|e| Error::Memory(format!("cannot read {}: {e}", path.display())))?;
+            for (start, end) in data_ranges(&file, size as u64).map_err(io(path))? {
+                file.seek(SeekFrom::Start(start)).map_err(io(path))?;
+                memory
+                    .read_exact_volatile_from(
+                        GuestAddress(start),
+                        &mut file,
+                        (end - start) as usize,
+                    )
+                    .map_err(|e| Error::Memory(format!("cannot read {}: {e}", path.display())))?;
+            }
             Ok(memory)
         }
     }
+}
+
+/// The ranges of `file` (of `len` bytes) that hold data, by `SEEK_DATA` and
+/// `SEEK_HOLE` (a file system that does not track holes reports the whole
+/// file as data).
+fn data_ranges(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |offset: u64, whence| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor `file` keeps open; no memory is
+        // passed.
+        let at = unsafe { libc::lseek64(file.as_raw_fd(), offset as i64, whence) };
+        match at {
+            -1 => match std::io::Error::last_os_error() {
+                // No data at or after `offset`.
+                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                e => Err(e),
+            },
+            at => Ok(Some(at as u64)),
+        }
+    };
+    let mut ranges = Vec::new();
+    let mut offset = 0;
+    while offset < len {
+        let Some(start) = seek(offset, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        if end > start {
+            ranges.push((start, end));
+        }
+        offset = end.max(start + 1);
+    }
+    Ok(ranges)
 }
 
 /// This process's page table as `/proc/self/pagemap` shows it: one u64 per
@@ -532,4 +573,28 @@ fn write_synced(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::Snapshot(format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_ranges_are_the_written_parts_of_a_sparse_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let file = File::create(&path).unwrap();
+        file.set_len(4 << 20).unwrap();
+        file.write_all_at(&[1u8; 4096], 0).unwrap();
+        file.write_all_at(&[2u8; 8192], 1 << 20).unwrap();
+        file.sync_all().unwrap();
+        let ranges = data_ranges(&file, 4 << 20).unwrap();
+        // File systems may round to their allocation unit, never less.
+        assert!(ranges.len() >= 2, "{ranges:?}");
+        let covers = |at: u64| ranges.iter().any(|&(s, e)| s <= at && at < e);
+        assert!(covers(0) && covers(4095));
+        assert!(covers(1 << 20) && covers((1 << 20) + 8191));
+        assert!(!covers(3 << 20), "the tail is a hole: {ranges:?}");
+        assert!(ranges.iter().all(|&(s, e)| s < e && e <= 4 << 20));
+    }
 }
