@@ -3,6 +3,10 @@
 //! addressing, reference counts, garbage collection, damaged headers,
 //! crashes, block reads.
 
+#[path = "support/rng.rs"]
+mod rng;
+
+use rng::Rng;
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -166,31 +170,6 @@ impl Device {
     fn block(&self, block: u64, bs: u64) -> &[u8] {
         let at = (block * bs) as usize;
         &self.expected[at..at + bs as usize]
-    }
-}
-
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            out.extend_from_slice(&self.next().to_le_bytes());
-        }
-        out.truncate(len);
-        out
     }
 }
 
