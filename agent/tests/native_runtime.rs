@@ -58,21 +58,7 @@ fn ready_or_skip(test: &str) -> Option<PathBuf> {
 
 /// PIDs of wrenn-vmm processes whose command line names `dir`.
 fn vmm_pids_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let mut args = cmdline.split(|b| *b == 0);
-            let program = String::from_utf8_lossy(args.next().unwrap_or_default()).into_owned();
-            program.ends_with("wrenn-vmm")
-                && args.any(|a| String::from_utf8_lossy(a).contains(&needle))
-        })
-        .collect()
+    common::pids_under("wrenn-vmm", dir)
 }
 
 /// Kills, by PID, any wrenn-vmm of `dir` a failed test leaves (the agent's

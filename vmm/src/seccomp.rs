@@ -231,26 +231,27 @@ fn compile(calls: &[i64], ioctl: Option<Vec<SeccompRule>>) -> Result<BpfProgram>
         .map_err(|e| Error::Seccomp(format!("cannot compile a filter: {e}")))
 }
 
+/// Compiles a filter and installs it on the calling thread.
+fn install(name: &str, calls: &[i64], ioctl: Option<Vec<SeccompRule>>) -> Result<()> {
+    let program = compile(calls, ioctl)?;
+    seccompiler::apply_filter(&program)
+        .map_err(|e| Error::Seccomp(format!("cannot install the {name} filter: {e}")))
+}
+
 /// Installs the VMM filter on the calling thread (threads it starts later
 /// inherit it).
 pub fn install_vmm_filter() -> Result<()> {
-    let program = compile(VMM_CALLS, None)?;
-    seccompiler::apply_filter(&program)
-        .map_err(|e| Error::Seccomp(format!("cannot install the VMM filter: {e}")))
+    install("VMM", VMM_CALLS, None)
 }
 
 /// Installs the API filter on the calling (`api`) thread.
 pub fn install_api_filter() -> Result<()> {
-    let program = compile(API_CALLS, None)?;
-    seccompiler::apply_filter(&program)
-        .map_err(|e| Error::Seccomp(format!("cannot install the API filter: {e}")))
+    install("API", API_CALLS, None)
 }
 
 /// Installs the devices filter on the calling (`devices`) thread.
 pub fn install_devices_filter() -> Result<()> {
-    let program = compile(DEVICES_CALLS, None)?;
-    seccompiler::apply_filter(&program)
-        .map_err(|e| Error::Seccomp(format!("cannot install the devices filter: {e}")))
+    install("devices", DEVICES_CALLS, None)
 }
 
 /// Installs the vCPU filter on the calling (vCPU) thread.
@@ -258,9 +259,7 @@ pub fn install_vcpu_filter() -> Result<()> {
     let kvm_run = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, KVM_RUN)
         .map_err(|e| Error::Seccomp(e.to_string()))?;
     let rule = SeccompRule::new(vec![kvm_run]).map_err(|e| Error::Seccomp(e.to_string()))?;
-    let program = compile(VCPU_CALLS, Some(vec![rule]))?;
-    seccompiler::apply_filter(&program)
-        .map_err(|e| Error::Seccomp(format!("cannot install the vCPU filter: {e}")))
+    install("vCPU", VCPU_CALLS, Some(vec![rule]))
 }
 
 #[cfg(test)]

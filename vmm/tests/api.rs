@@ -182,11 +182,7 @@ fn bad_requests_get_4xx_with_a_message() {
                 .0,
             204
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !vmm.serial().contains("hello") {
-            assert!(Instant::now() < deadline, "no output");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        vmm.wait_serial("hello");
     }
 }
 
@@ -208,11 +204,7 @@ fn two_vcpus_run_under_their_filters_and_shutdown_ends_the_process() {
     );
     // The guest prints once both vCPUs have checked in; it then counts on
     // both until it is stopped.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !vmm.serial().contains("cpus 0000000000000003") {
-        assert!(Instant::now() < deadline, "no output: {:?}", vmm.serial());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    vmm.wait_serial("cpus 0000000000000003");
     let filters = |name: &str| {
         std::fs::read_dir(format!("/proc/{}/task", vmm.child.id()))
             .unwrap()

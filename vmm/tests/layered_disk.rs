@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{kvm_or_skip, Console};
+use common::{kvm_or_skip, run_for, Console};
 use lmdb_schema::{Store, StoreOptions};
 use serde_json::json;
 use wrenn_agent::store::{Header, LayerStore, DISK_BLOCK_SIZE};
@@ -256,29 +256,6 @@ fn an_overlay_and_its_list_snapshot_into_a_child_that_reads_as_base_with_writes(
         read == expected,
         "the child reads as the base with the write"
     );
-}
-
-/// Runs the machine (devices included) until the guest ends, failing the
-/// test if it has not after `limit`.
-fn run_for(mut machine: Machine, limit: Duration) -> (Machine, Exit) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let finished = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let (stop, finished) = (Arc::clone(&stop), Arc::clone(&finished));
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + limit;
-            while !finished.load(Ordering::Acquire) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            stop.store(true, Ordering::Release);
-        })
-    };
-    machine.virtio().start(false).unwrap();
-    let exit = machine.run_until(&stop).unwrap();
-    machine.virtio().stop().unwrap();
-    finished.store(true, Ordering::Release);
-    watchdog.join().unwrap();
-    (machine, exit)
 }
 
 /// Sum of every word `virtio_blk_many` writes: word i of sector s is

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{kvm_or_skip, Console};
+use common::{kvm_or_skip, run_for, Console};
 use wrenn_vmm::virtio::block::{DriveConfig, DriveSource};
 use wrenn_vmm::{Exit, Machine, MachineConfig, MemoryFrom};
 
@@ -55,29 +55,6 @@ fn drive(path: &Path, read_only: bool) -> DriveConfig {
         is_root_device: true,
         read_only,
     }
-}
-
-/// Runs the machine (devices included) until the guest ends, failing
-/// the test if it has not after `limit`.
-fn run_for(mut machine: Machine, limit: Duration) -> (Machine, Exit) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let finished = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let (stop, finished) = (Arc::clone(&stop), Arc::clone(&finished));
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + limit;
-            while !finished.load(Ordering::Acquire) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            stop.store(true, Ordering::Release);
-        })
-    };
-    machine.virtio().start(false).unwrap();
-    let exit = machine.run_until(&stop).unwrap();
-    machine.virtio().stop().unwrap();
-    finished.store(true, Ordering::Release);
-    watchdog.join().unwrap();
-    (machine, exit)
 }
 
 fn blk_expected(read_only: bool) -> String {

@@ -310,6 +310,12 @@ impl Drop for Agent {
 
 /// PIDs of QEMU processes whose command line mentions `dir`.
 pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    pids_under("qemu-system", dir)
+}
+
+/// PIDs of processes whose program's file name starts with `program` and
+/// one of whose arguments mentions `dir`.
+pub fn pids_under(program: &str, dir: &Path) -> Vec<u32> {
     let needle = dir.to_string_lossy().into_owned();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -319,8 +325,10 @@ pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.starts_with("qemu-system") && cmdline.contains(&needle)
+            let mut args = cmdline.split(|b| *b == 0);
+            let first = String::from_utf8_lossy(args.next().unwrap_or_default()).into_owned();
+            let name = first.rsplit('/').next().unwrap_or_default();
+            name.starts_with(program) && args.any(|a| String::from_utf8_lossy(a).contains(&needle))
         })
         .collect()
 }

@@ -108,6 +108,20 @@ impl Vmm {
     pub fn serial(&self) -> String {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
     }
+
+    /// Waits until the serial log contains `text`; fails the test after
+    /// 30 s.
+    pub fn wait_serial(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.serial().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} on the serial log: {:?}",
+                self.serial()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for Vmm {
@@ -158,4 +172,32 @@ pub fn counter_output() -> String {
     }
     let sum = ring.iter().fold(0u64, |a, w| a.wrapping_add(*w));
     format!("{COUNTER_TARGET:016x} {sum:016x}\n")
+}
+
+/// Runs `machine` (its virtio devices included) until the guest ends,
+/// failing the test if it has not after `limit`.
+pub fn run_for(
+    mut machine: wrenn_vmm::Machine,
+    limit: Duration,
+) -> (wrenn_vmm::Machine, wrenn_vmm::Exit) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let finished = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (stop, finished) = (Arc::clone(&stop), Arc::clone(&finished));
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + limit;
+            while !finished.load(Ordering::Acquire) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            stop.store(true, Ordering::Release);
+        })
+    };
+    machine.virtio().start(false).unwrap();
+    let exit = machine.run_until(&stop).unwrap();
+    machine.virtio().stop().unwrap();
+    finished.store(true, Ordering::Release);
+    watchdog.join().unwrap();
+    (machine, exit)
 }
