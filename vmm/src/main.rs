@@ -75,7 +75,11 @@ fn main() -> ExitCode {
 
 /// Serves the control API until the guest ends; returns why it ended.
 fn serve(socket: &std::path::Path, flags: &Flags) -> Result<String, String> {
+    // Before any thread starts, so that every thread inherits the mask
+    // and only the `signals` thread takes them.
+    let stop_signals = block_stop_signals();
     let (ended, guest_end) = std::sync::mpsc::channel();
+    let on_signal = ended.clone();
     let controller = Controller::new(serial_out(flags)?, ended, true).map_err(|e| e.to_string())?;
     let api = Api {
         controller: Arc::new(controller),
@@ -91,6 +95,14 @@ fn serve(socket: &std::path::Path, flags: &Flags) -> Result<String, String> {
     // From here on, this thread and every thread it starts (the server's
     // workers, the vCPU) are filtered.
     wrenn_vmm::seccomp::install_vmm_filter().map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = wait_for_signal(&stop_signals) {
+                let _ = on_signal.send(format!("stopped by signal {signal}"));
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
     let server = Server::bind(config, api).map_err(|e| e.to_string())?;
     let (installed, filtered) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -116,6 +128,31 @@ fn serve(socket: &std::path::Path, flags: &Flags) -> Result<String, String> {
     std::thread::sleep(std::time::Duration::from_millis(100));
     let _ = std::fs::remove_file(socket);
     Ok(why)
+}
+
+/// Blocks SIGTERM and SIGINT on the calling thread (and the threads it
+/// starts later) and returns that set, for [`wait_for_signal`]: a stop
+/// signal then ends the VMM like a guest that ended, with its API socket
+/// removed.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is a valid value to initialise with
+    // sigemptyset; every call below takes pointers to this local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits for one of `set`'s signals; its number.
+fn wait_for_signal(set: &libc::sigset_t) -> Option<i32> {
+    let mut signal = 0;
+    // SAFETY: `set` and `signal` are valid for the call; the signals are
+    // blocked in every thread, so sigwait is how they arrive.
+    (unsafe { libc::sigwait(set, &mut signal) } == 0).then_some(signal)
 }
 
 fn serial_out(flags: &Flags) -> Result<Box<dyn Write + Send>, String> {

@@ -94,6 +94,8 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
+    // The `signals` thread's sigwait for SIGTERM and SIGINT.
+    libc::SYS_rt_sigtimedwait,
     libc::SYS_sched_getaffinity,
     libc::SYS_sched_yield,
     // The vCPU thread adds its own filter.

@@ -232,3 +232,26 @@ fn two_vcpus_run_under_their_filters_and_shutdown_ends_the_process() {
     assert_eq!(status, 204, "{body}");
     assert!(vmm.wait().success());
 }
+
+#[test]
+fn sigterm_ends_the_vmm_and_removes_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vmm = Vmm::start(dir.path(), "term");
+    if kvm_or_skip("vmm sigterm with a running guest") {
+        let program = json!({"program_path": env!("WRENN_GUEST_SMP")});
+        assert_eq!(vmm.put("/boot-source", program).0, 204);
+        assert_eq!(
+            vmm.put("/actions", json!({"action_type": "InstanceStart"}))
+                .0,
+            204
+        );
+        vmm.wait_serial("cpus");
+    }
+    // SAFETY: kill has no memory arguments; the PID is our child's.
+    assert_eq!(
+        unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    assert!(vmm.wait().success(), "a stop signal is a clean end");
+    assert!(!vmm.socket.exists(), "the API socket is removed");
+}
