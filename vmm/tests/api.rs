@@ -26,21 +26,7 @@ fn boot_pause_snapshot_resume_and_load_through_the_api() {
             .0,
         204
     );
-    assert_eq!(
-        first
-            .put(
-                "/boot-source",
-                json!({"program_path": env!("WRENN_GUEST_COUNTER")})
-            )
-            .0,
-        204
-    );
-    assert_eq!(
-        first
-            .put("/actions", json!({"action_type": "InstanceStart"}))
-            .0,
-        204
-    );
+    first.boot_program(env!("WRENN_GUEST_COUNTER"));
     assert_eq!(first.state(), "running");
     // Every thread runs under seccomp; the vCPU thread under its own
     // filter on top of the VMM's (which it installs first thing).
@@ -175,13 +161,7 @@ fn bad_requests_get_4xx_with_a_message() {
     assert_eq!(vmm.state(), "not_started");
     // Failed requests left it usable.
     if kvm_or_skip("vmm api after errors") {
-        let program = json!({"program_path": env!("WRENN_GUEST_HELLO")});
-        assert_eq!(vmm.put("/boot-source", program).0, 204);
-        assert_eq!(
-            vmm.put("/actions", json!({"action_type": "InstanceStart"}))
-                .0,
-            204
-        );
+        vmm.boot_program(env!("WRENN_GUEST_HELLO"));
         vmm.wait_serial("hello");
     }
 }
@@ -195,13 +175,7 @@ fn two_vcpus_run_under_their_filters_and_shutdown_ends_the_process() {
     let mut vmm = Vmm::start(dir.path(), "smp");
     let config = json!({"vcpu_count": 2, "mem_size_mib": 16});
     assert_eq!(vmm.put("/machine-config", config).0, 204);
-    let program = json!({"program_path": env!("WRENN_GUEST_SMP")});
-    assert_eq!(vmm.put("/boot-source", program).0, 204);
-    assert_eq!(
-        vmm.put("/actions", json!({"action_type": "InstanceStart"}))
-            .0,
-        204
-    );
+    vmm.boot_program(env!("WRENN_GUEST_SMP"));
     // The guest prints once both vCPUs have checked in; it then counts on
     // both until it is stopped.
     vmm.wait_serial("cpus 0000000000000003");
@@ -238,13 +212,7 @@ fn sigterm_ends_the_vmm_and_removes_its_socket() {
     let dir = tempfile::tempdir().unwrap();
     let mut vmm = Vmm::start(dir.path(), "term");
     if kvm_or_skip("vmm sigterm with a running guest") {
-        let program = json!({"program_path": env!("WRENN_GUEST_SMP")});
-        assert_eq!(vmm.put("/boot-source", program).0, 204);
-        assert_eq!(
-            vmm.put("/actions", json!({"action_type": "InstanceStart"}))
-                .0,
-            204
-        );
+        vmm.boot_program(env!("WRENN_GUEST_SMP"));
         vmm.wait_serial("cpus");
     }
     // SAFETY: kill has no memory arguments; the PID is our child's.

@@ -109,6 +109,16 @@ impl Vmm {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
     }
 
+    /// Boots the flat guest program at `path` (a `WRENN_GUEST_*` binary)
+    /// through the API, failing the test unless both requests succeed.
+    pub fn boot_program(&self, path: &str) {
+        let (status, body) = self.put("/boot-source", serde_json::json!({"program_path": path}));
+        assert_eq!(status, 204, "{body}");
+        let start = serde_json::json!({"action_type": "InstanceStart"});
+        let (status, body) = self.put("/actions", start);
+        assert_eq!(status, 204, "{body}");
+    }
+
     /// Waits until the serial log contains `text`; fails the test after
     /// 30 s.
     pub fn wait_serial(&self, text: &str) {
