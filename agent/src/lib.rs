@@ -4,7 +4,9 @@
 //! - [`config`]: embedded default, TOML file, environment, flags.
 //! - [`network`]: per-sandbox network namespaces, links, addresses, NAT.
 //! - [`sandbox`]: sandbox lifecycle and the client for the guest's envd.
-//! - [`runtime`]: the programs that run sandbox VMs (QEMU today).
+//! - [`runtime`]: the programs that run sandbox VMs: QEMU, and `wrenn-vmm`
+//!   (the native runtime).
+//! - [`tools`]: the external programs the node runs, checked at start.
 //! - [`store`]: snapshot headers and content-addressed layers (`docs/layers.md`).
 //! - [`uffd`]: the userfaultfd page server that restores VM memory from the
 //!   store (`docs/uffd.md`).
@@ -15,4 +17,5 @@ pub mod network;
 pub mod runtime;
 pub mod sandbox;
 pub mod store;
+pub mod tools;
 pub mod uffd;

@@ -20,6 +20,7 @@ use wrenn_agent::runtime::Runtime;
 use wrenn_agent::sandbox::templates::Templates;
 use wrenn_agent::sandbox::{HostCapacity, Manager};
 use wrenn_agent::store::LayerStore;
+use wrenn_agent::tools;
 use wrenn_http::{Listen, Server, ServerAllocator, ServerConfig};
 
 #[global_allocator]
@@ -173,11 +174,18 @@ fn choose_runtime(config: &Config) -> Result<(HostProbe, Arc<dyn Runtime>), Stri
     )?;
     let runtime: Arc<dyn Runtime> = match (probe.runtime, vmm) {
         (RuntimeKind::Native, Ok(binary)) => {
+            tools::require([tools::NFT]).map_err(|e| e.to_string())?;
             tracing::info!(binary = %binary.display(), "wrenn-vmm found");
             Arc::new(NativeRuntime::new(binary))
         }
         (RuntimeKind::Native, Err(why)) => return Err(why),
-        (RuntimeKind::Qemu, _) => Arc::new(QemuRuntime::new(probe.accel)),
+        (RuntimeKind::Qemu, _) => {
+            let [qemu, qemu_img, _nft] =
+                tools::require([tools::QEMU_SYSTEM, tools::QEMU_IMG, tools::NFT])
+                    .map_err(|e| e.to_string())?;
+            tracing::info!(qemu = %qemu.display(), qemu_img = %qemu_img.display(), "QEMU found");
+            Arc::new(QemuRuntime::new(probe.accel, qemu, qemu_img))
+        }
     };
     tracing::info!(runtime = probe.runtime.as_str(), accel = probe.accel.as_str(),
         reason = %probe.reason, "runtime chosen");

@@ -66,7 +66,7 @@ fn qemu_vm_boots_detached_is_found_again_and_stops() {
     let netns = NetNs::with_tap().expect("netns");
     let spec = spec_for(&image, &netns, "runtimetest");
     let dir = spec.dir.clone();
-    let runtime = QemuRuntime::new(probe_host().accel);
+    let runtime = QemuRuntime::find(probe_host().accel).expect("QEMU is installed (make deps)");
     let handle = runtime.boot(&spec).expect("boot");
     let _cleanup = Cleanup {
         runtime: &runtime,
@@ -117,7 +117,7 @@ fn qemu_vm_paused_to_a_file_restores_with_memory_and_processes_intact() {
     let netns = NetNs::with_tap().expect("netns");
     let spec = spec_for(&image, &netns, "pausetest");
     let dir = spec.dir.clone();
-    let runtime = QemuRuntime::new(probe_host().accel);
+    let runtime = QemuRuntime::find(probe_host().accel).expect("QEMU is installed (make deps)");
     let mut cleanup = boot_ready(&runtime, &spec, &netns);
     let handle = cleanup.handle.clone();
     let envd = || Envd::new(GUEST_IP, ENVD_PORT);
@@ -177,7 +177,7 @@ fn a_pause_cut_short_after_the_state_was_saved_can_be_finished() {
     let netns = NetNs::with_tap().expect("netns");
     let spec = spec_for(&image, &netns, "cutpause");
     let dir = spec.dir.clone();
-    let runtime = QemuRuntime::new(probe_host().accel);
+    let runtime = QemuRuntime::find(probe_host().accel).expect("QEMU is installed (make deps)");
     let mut cleanup = boot_ready(&runtime, &spec, &netns);
     let handle = cleanup.handle.clone();
     let envd = || Envd::new(GUEST_IP, ENVD_PORT);

@@ -97,10 +97,8 @@ pub enum NetError {
         step: &'static str,
         source: io::Error,
     },
-    #[error(
-        "nft not found (in $PATH, /usr/sbin or /sbin): install nftables (apt-get install nftables)"
-    )]
-    NftMissing,
+    #[error(transparent)]
+    NftMissing(#[from] crate::tools::Missing),
     #[error("{scope}: cannot run nft: {source}")]
     NftRun { scope: String, source: io::Error },
     #[error("{scope}: nft rejected the rules ({status}): {stderr}")]

@@ -16,22 +16,18 @@
 //! own error messages point at the faulty line.
 
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::addr::{
     SlotAddrs, GUEST_IP, HOST_VETH_PREFIX, NS_VETH_NAME, TAP_NAME, TRANSIT_NET, TRANSIT_PREFIX,
 };
 use super::NetError;
+use crate::tools;
 
 /// The table inside every slot namespace (family `inet`).
 pub const SLOT_TABLE: &str = "wrenn";
 /// The table in the root namespace shared by all slots (family `inet`).
 pub const HOST_TABLE: &str = "wrenn-host";
-
-/// Where nft is looked for after `$PATH` (services often run with a PATH
-/// that lacks the sbin directories).
-const NFT_FALLBACKS: [&str; 2] = ["/usr/sbin/nft", "/sbin/nft"];
 
 /// The per-slot table.
 ///
@@ -134,7 +130,7 @@ table inet {HOST_TABLE} {{
 /// Applies `script` with `nft -f -` in the current thread's namespace.
 /// `scope` ("slot 5", "host") goes into errors.
 pub fn apply(scope: &str, script: &str) -> Result<(), NetError> {
-    let nft = find_nft().ok_or(NetError::NftMissing)?;
+    let nft = tools::NFT.find()?;
     let spawn_error = |source: io::Error| NetError::NftRun {
         scope: scope.to_string(),
         source,
@@ -146,7 +142,7 @@ pub fn apply(scope: &str, script: &str) -> Result<(), NetError> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => NetError::NftMissing,
+            io::ErrorKind::NotFound => NetError::NftMissing(tools::Missing { tool: tools::NFT }),
             _ => spawn_error(e),
         })?;
     // Scripts are a few hundred bytes: the pipe takes them whole before nft
@@ -172,27 +168,6 @@ pub fn delete_table(scope: &str, table: &str) -> Result<(), NetError> {
         scope,
         &format!("add table inet {table}\ndelete table inet {table}\n"),
     )
-}
-
-fn find_nft() -> Option<PathBuf> {
-    let in_path = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join("nft"))
-            .find(|candidate| is_executable(candidate))
-    });
-    in_path.or_else(|| {
-        NFT_FALLBACKS
-            .iter()
-            .map(PathBuf::from)
-            .find(|candidate| is_executable(candidate))
-    })
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
 }
 
 #[cfg(test)]

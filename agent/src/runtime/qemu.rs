@@ -22,6 +22,7 @@ use super::probe::Accel;
 use super::process;
 use super::qmp::Qmp;
 use super::{prepare, Runtime, RuntimeError, VmHandle, VmSpec, VmState};
+use crate::tools;
 
 // The names every runtime shares, here too for callers that know QEMU.
 pub use super::{CONSOLE_LOG, MEMORY_FILE, PID_FILE};
@@ -48,15 +49,25 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs VMs with QEMU, accelerated as the host allows.
 pub struct QemuRuntime {
     binary: PathBuf,
+    qemu_img: PathBuf,
     accel: Accel,
 }
 
 impl QemuRuntime {
-    pub fn new(accel: Accel) -> QemuRuntime {
+    /// Runs `binary` (qemu-system-x86_64) and `qemu_img`.
+    pub fn new(accel: Accel, binary: PathBuf, qemu_img: PathBuf) -> QemuRuntime {
         QemuRuntime {
-            binary: PathBuf::from("qemu-system-x86_64"),
+            binary,
+            qemu_img,
             accel,
         }
+    }
+
+    /// Finds QEMU's programs on `PATH`, or says which are missing and which
+    /// package brings them.
+    pub fn find(accel: Accel) -> Result<QemuRuntime, tools::MissingTools> {
+        let [binary, qemu_img] = tools::require([tools::QEMU_SYSTEM, tools::QEMU_IMG])?;
+        Ok(QemuRuntime::new(accel, binary, qemu_img))
     }
 
     /// Arguments for `spec`, without the binary; `incoming` waits for a
@@ -179,7 +190,7 @@ impl QemuRuntime {
     fn create_overlay(&self, spec: &VmSpec) -> Result<(), RuntimeError> {
         let overlay = spec.dir.join(OVERLAY);
         let _ = std::fs::remove_file(&overlay);
-        let out = Command::new("qemu-img")
+        let out = Command::new(&self.qemu_img)
             .args(["create", "-q", "-f", "qcow2", "-F", spec.base_format, "-b"])
             .arg(&spec.base_rootfs)
             .arg(&overlay)
@@ -325,7 +336,7 @@ impl Runtime for QemuRuntime {
         base_raw: &Path,
         dest: &Path,
     ) -> Result<(), RuntimeError> {
-        let out = Command::new("qemu-img")
+        let out = Command::new(&self.qemu_img)
             .args(["convert", "-q", "-O", "qcow2", "-F", "raw", "-B"])
             .arg(base_raw)
             .arg(sandbox_dir.join(OVERLAY))
