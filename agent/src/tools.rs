@@ -76,10 +76,30 @@ impl Missing {
     }
 }
 
-/// Every program that could not be found, for one error at start.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot start: {}", self.0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+/// Every program that could not be found, for one error at start: what is
+/// missing, then each remedy once.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MissingTools(pub Vec<Missing>);
+
+impl std::fmt::Display for MissingTools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what: Vec<String> = self.0.iter().map(Missing::what).collect();
+        let mut remedies: Vec<&str> = Vec::new();
+        for missing in &self.0 {
+            if !remedies.contains(&missing.tool.install) {
+                remedies.push(missing.tool.install);
+            }
+        }
+        write!(
+            f,
+            "cannot start: {}. To fix it: {}",
+            what.join("; "),
+            remedies.join("; ")
+        )
+    }
+}
+
+impl std::error::Error for MissingTools {}
 
 impl Tool {
     /// Finds the program on this process's `PATH`, then in the fallback
@@ -133,7 +153,10 @@ mod tests {
 
     #[test]
     fn a_program_is_found_in_the_first_path_folder_that_has_it() {
-        let (a, b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+        let (a, b) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
         executable(b.path(), "qemu-img");
         let in_a = executable(a.path(), "qemu-img");
         let path = std::env::join_paths([a.path(), b.path()]).expect("join");
@@ -158,10 +181,15 @@ mod tests {
             .expect_err("missing");
         let message = err.to_string();
         assert!(
-            message.starts_with("`qemu-img` is not on PATH: the Debian package qemu-utils provides it"),
+            message.starts_with(
+                "`qemu-img` is not on PATH: the Debian package qemu-utils provides it"
+            ),
             "{message}"
         );
-        assert!(message.contains("together at the same version"), "{message}");
+        assert!(
+            message.contains("together at the same version"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -172,8 +200,9 @@ mod tests {
         };
         let err = tool.find_in(None).expect_err("missing");
         assert!(
-            err.to_string()
-                .starts_with("`nft` is not on PATH (nor in /nonexistent/sbin): the Debian package nftables"),
+            err.to_string().starts_with(
+                "`nft` is not on PATH (nor in /nonexistent/sbin): the Debian package nftables"
+            ),
             "{err}"
         );
     }
@@ -181,11 +210,19 @@ mod tests {
     #[test]
     fn require_names_every_missing_program_at_once() {
         let tools = [
-            Tool { name: "wrenn-no-such-a", ..QEMU_IMG },
-            Tool { name: "wrenn-no-such-b", ..QEMU_SYSTEM },
+            Tool {
+                name: "wrenn-no-such-a",
+                ..QEMU_IMG
+            },
+            Tool {
+                name: "wrenn-no-such-b",
+                ..QEMU_SYSTEM
+            },
         ];
         let err = require(tools).expect_err("missing").to_string();
         assert!(err.contains("`wrenn-no-such-a`"), "{err}");
         assert!(err.contains("`wrenn-no-such-b`"), "{err}");
+        // The two share a remedy: it is said once.
+        assert_eq!(err.matches(QEMU_INSTALL).count(), 1, "{err}");
     }
 }

@@ -68,13 +68,19 @@ fn the_install_check_fails_naming_qemu_img_when_path_lacks_it() {
         .output()
         .expect("run install-deps.sh --check");
     let err = stderr(&out);
-    assert!(!out.status.success(), "the check passed without qemu-img: {err}");
+    assert!(
+        !out.status.success(),
+        "the check passed without qemu-img: {err}"
+    );
     assert!(
         err.contains(&format!("install-deps: {QEMU_IMG_MISSING}")),
         "{err}"
     );
     // Only what is really missing is named.
-    let named: Vec<&str> = err.lines().filter(|l| l.contains("is not on PATH")).collect();
+    let named: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("is not on PATH"))
+        .collect();
     assert_eq!(named.len(), 1, "{err}");
 }
 
@@ -101,9 +107,15 @@ fn the_agent_refuses_to_start_without_qemu_img_and_says_the_same() {
         .output()
         .expect("run wrenn-agent");
     let err = stderr(&out);
-    assert!(!out.status.success(), "the agent started without qemu-img: {err}");
+    assert!(
+        !out.status.success(),
+        "the agent started without qemu-img: {err}"
+    );
     assert!(err.contains(QEMU_IMG_MISSING), "{err}");
-    assert!(err.contains("qemu-system-x86 and qemu-utils together"), "{err}");
+    assert!(
+        err.contains("qemu-system-x86 and qemu-utils together"),
+        "{err}"
+    );
     // It stopped before touching its state.
     let left: Vec<_> = std::fs::read_dir(state.path())
         .expect("read state dir")
