@@ -1,6 +1,7 @@
 //! The Wrenn node agent.
 //!
 //! - [`api`]: the HTTP API (`docs/api.md`).
+//! - [`clock`]: wall-clock milliseconds, as records store them.
 //! - [`config`]: embedded default, TOML file, environment, flags.
 //! - [`network`]: per-sandbox network namespaces, links, addresses, NAT.
 //! - [`sandbox`]: sandbox lifecycle and the client for the guest's envd.
@@ -12,6 +13,7 @@
 //!   store (`docs/uffd.md`).
 
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod network;
 pub mod runtime;

@@ -14,11 +14,7 @@ use crate::sandbox::SandboxError;
 
 /// Forwards the request to the sandbox's envd and its answer back.
 pub fn forward(api: &Api, ex: &mut Exchange, id: &str) -> Result<Reply, ApiError> {
-    let id = lmdb_schema::SandboxId::parse(id).map_err(|_| {
-        ApiError::not_found(format!(
-            "sandbox {id} does not exist: list sandboxes with GET /v1/sandboxes"
-        ))
-    })?;
+    let id = super::sandboxes::parse_id(id)?;
     let envd = api.manager.envd(&id)?;
     let mut request = ex.take_request()?;
     let prefix = format!("/v1/sandboxes/{}", id.as_str());

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use wrenn_http::{ApiError, Exchange, Reply};
 
 use super::Api;
-use crate::sandbox::CreateRequest;
+use crate::sandbox::{CreateRequest, SandboxError};
 
 /// Largest console log returned by `/logs`.
 const LOG_LIMIT: u64 = 1 << 20;
@@ -101,12 +101,8 @@ fn timestamp(ms: u64) -> String {
     wrenn_http::timefmt::rfc3339(UNIX_EPOCH + Duration::from_millis(ms))
 }
 
-fn parse_id(id: &str) -> Result<SandboxId, ApiError> {
-    SandboxId::parse(id).map_err(|_| {
-        ApiError::not_found(format!(
-            "sandbox {id} does not exist: list sandboxes with GET /v1/sandboxes"
-        ))
-    })
+pub(super) fn parse_id(id: &str) -> Result<SandboxId, ApiError> {
+    SandboxId::parse(id).map_err(|_| SandboxError::NotFound(id.to_owned()).into())
 }
 
 pub fn create(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {

@@ -38,12 +38,7 @@ pub fn snapshot_json(snapshot: &Snapshot) -> Value {
 pub fn create(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {
     let overwrite = ex.query().flag("overwrite", false)?;
     let body: SnapshotBody = ex.json()?;
-    let sandbox_id = SandboxId::parse(&body.sandbox_id).map_err(|_| {
-        ApiError::not_found(format!(
-            "sandbox {} does not exist: list sandboxes with GET /v1/sandboxes",
-            body.sandbox_id
-        ))
-    })?;
+    let sandbox_id = super::sandboxes::parse_id(&body.sandbox_id)?;
     let snapshot = api.manager.snapshot(SnapshotRequest {
         sandbox_id,
         name: body.name,

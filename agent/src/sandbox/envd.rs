@@ -6,6 +6,7 @@
 //! ([`EnvdClient::exec`]) reads envd's event stream and gathers it.
 //! The wire format is in `docs/envd-api.md`.
 
+use crate::clock::now_ms;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -291,13 +292,6 @@ fn into_error(error: ureq::Error) -> EnvdError {
         }
         other => EnvdError::Unreachable(other.to_string()),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

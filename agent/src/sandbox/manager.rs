@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use lmdb_schema::{
     EventRecord, SandboxId, SandboxRecord, SandboxStatus, SlotId, SlotRecord, Store, TemplateName,
@@ -19,7 +19,9 @@ use serde_json::Value;
 
 use super::envd::{EnvdClient, EnvdError, ExecResult, ENVD_PORT};
 use super::error::SandboxError;
+use super::recovery::{self, Observed, Recovery};
 use super::templates::Templates;
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::network;
 use crate::runtime::{
@@ -100,12 +102,6 @@ impl Drop for BusyGuard<'_> {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.id);
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Manager {
@@ -347,7 +343,9 @@ impl Manager {
             return Ok(());
         }
         Err(SandboxError::Conflict(format!(
-            "snapshot {} was taken by the {taken_by} runtime, but this node runs {here}:              create it on a node that runs {taken_by} (runtime = \"{taken_by}\"), or take              the snapshot again here",
+            "snapshot {} was taken by the {taken_by} runtime, but this node runs {here}: \
+             create it on a node that runs {taken_by} (runtime = \"{taken_by}\"), or take \
+             the snapshot again here",
             snapshot.name
         )))
     }
@@ -932,15 +930,29 @@ impl Manager {
         self.remove_orphans()
     }
 
+    /// What is on the host for `record`: its VM, its saved state, its
+    /// memory file.
+    fn observe(&self, record: &SandboxRecord) -> Observed {
+        Observed {
+            vm: record
+                .vmm
+                .as_ref()
+                .map(|vmm| self.runtime.attach(&handle_of(vmm))),
+            state_file: self.state_file(&record.id).is_file(),
+            memory_file: self.memory_file(&record.id).exists(),
+        }
+    }
+
+    /// Carries out the [`recovery::plan`] for `record`.
     fn reconcile_one(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
         let id = record.id.clone();
-        let state = record
-            .vmm
-            .as_ref()
-            .map(|vmm| self.runtime.attach(&handle_of(vmm)));
-        match (record.status, state) {
-            (SandboxStatus::Creating, Some(VmState::Running)) => {
-                tracing::info!(sandbox = %id, "finishing a create interrupted by a restart");
+        let step = recovery::plan(record, self.observe(record));
+        if step != Recovery::Keep {
+            tracing::info!(sandbox = %id, status = record.status.as_str(), step = ?step, "recovering after a restart");
+        }
+        match step {
+            Recovery::Keep | Recovery::Reattach => {}
+            Recovery::FinishCreate => {
                 // A VM from a snapshot may still hold the snapshot's token.
                 let guest_token = self
                     .snapshot_record(&record.template)?
@@ -957,51 +969,32 @@ impl Manager {
                     self.forget(record, "create_failed", &e.to_string())?;
                 }
             }
-            (SandboxStatus::Creating, _) | (SandboxStatus::Destroying, _) => {
-                tracing::info!(sandbox = %id, status = record.status.as_str(), "rolling back an interrupted step");
+            Recovery::RollBack { event } => {
                 self.tear_down(record);
-                self.forget(record, "rolled_back", record.status.as_str())?;
+                self.forget(record, event, record.status.as_str())?;
             }
-            (SandboxStatus::Pausing, Some(VmState::Running | VmState::Paused)) => {
-                tracing::info!(sandbox = %id, "finishing a pause interrupted by a restart");
+            Recovery::FinishPause { vm } => {
+                if !vm {
+                    record.vmm = None;
+                }
                 self.finish_pause(record)?;
             }
-            (SandboxStatus::Pausing, _) if self.state_file(&id).is_file() => {
-                tracing::info!(sandbox = %id, "VM state was saved before the restart; paused");
-                record.vmm = None;
-                self.finish_pause(record)?;
-            }
-            (SandboxStatus::Resuming, Some(VmState::Running)) => {
-                tracing::info!(sandbox = %id, "finishing a resume interrupted by a restart");
+            Recovery::FinishResume => {
                 if let Err(e) = self.finish_boot(record, None) {
                     tracing::warn!(sandbox = %id, error = %e, "cannot finish; back to paused");
                     self.back_to_paused(record)?;
                 }
             }
-            (SandboxStatus::Resuming, _) => {
-                tracing::info!(sandbox = %id, "a resume was interrupted; back to paused");
-                self.back_to_paused(record)?;
-            }
-            (SandboxStatus::Running, Some(VmState::Running)) => {
-                tracing::info!(sandbox = %id, "re-attached to running VM");
-            }
-            (SandboxStatus::Paused, _) if record.memory_header.is_some() => {
-                // Paused, but the agent died before dropping the memory file
-                // that the layers now hold.
-                let memory = self.memory_file(&id);
-                if memory.exists() {
-                    remove_file_logged(&memory);
-                }
-            }
-            (SandboxStatus::Running, _) => {
-                tracing::warn!(sandbox = %id, "VM is gone; marking the sandbox as failed");
+            Recovery::BackToPaused => self.back_to_paused(record)?,
+            Recovery::DropMemoryFile => remove_file_logged(&self.memory_file(&id)),
+            Recovery::Fail { reason } => {
+                tracing::warn!(sandbox = %id, reason, "marking the sandbox as failed");
                 self.tear_down(record);
                 record.vmm = None;
-                record.error = Some("the VM stopped while the agent was not running".into());
+                record.error = Some(reason.to_owned());
                 record.set_status(SandboxStatus::Error, now_ms());
                 self.save(record)?;
             }
-            _ => {}
         }
         Ok(())
     }

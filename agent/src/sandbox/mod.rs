@@ -2,6 +2,8 @@
 //! writing its LMDB record before and after every step.
 //!
 //! - [`manager`]: create, destroy, timeouts, reconcile after a restart.
+//! - [`recovery`]: what to do after a restart with a sandbox a previous
+//!   agent left half done (a pure decision, table-tested).
 //! - [`envd`]: the client for the guest agent inside each sandbox.
 //! - [`templates`]: the base images a sandbox can boot from.
 //! - [`snapshots`]: snapshot templates a sandbox can restore from.
@@ -10,6 +12,7 @@
 pub mod envd;
 pub mod error;
 pub mod manager;
+pub mod recovery;
 pub mod snapshots;
 pub mod templates;
 

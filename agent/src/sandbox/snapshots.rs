@@ -26,7 +26,8 @@ use std::path::{Path, PathBuf};
 use lmdb_schema::{SandboxId, SandboxStatus, TemplateKind, TemplateName, TemplateRecord};
 
 use super::error::SandboxError;
-use super::manager::{now_ms, Manager};
+use super::manager::Manager;
+use crate::clock::now_ms;
 use crate::store::{Header, HeaderId};
 
 const VM_STATE: &str = "vmstate";

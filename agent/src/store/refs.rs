@@ -8,10 +8,10 @@
 //! can leave behind (files without records, temporary files) and reports
 //! records whose file is gone.
 
+use crate::clock::now_ms;
 use std::collections::HashSet;
 use std::fs;
 use std::io::ErrorKind;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use lmdb_schema::{LayerId, LayerRecord, WriteTxn};
 
@@ -41,12 +41,6 @@ struct Swept {
     deleted: Vec<LayerId>,
     recorded: HashSet<LayerId>,
     referenced: Vec<LayerId>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl LayerStore {
