@@ -103,7 +103,7 @@ impl Manager {
             )));
         }
         self.check_name_free(&name, request.overwrite)?;
-        let _busy = self.claim(&id)?;
+        let _busy = self.registry.claim(&id)?;
         let record = self.get(&id)?;
         let was_running = match record.status {
             SandboxStatus::Running => true,
