@@ -124,14 +124,15 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
         HostCapacity::probe(),
     ));
     manager
+        .node()
         .reconcile()
         .map_err(|e| format!("cannot reconcile the node's state: {e}"))?;
     // Unused snapshot files only cost disk: the node starts anyway.
-    if let Err(e) = manager.clean_snapshot_files() {
+    if let Err(e) = manager.snapshots().clean_files() {
         tracing::error!(error = %e, "cannot clean up snapshot files");
     }
     if config.sandbox.pause_on_shutdown {
-        manager.resume_marked();
+        manager.node().resume_marked();
     }
     start_reaper(Arc::clone(&manager));
     start_shutdown_watch(
@@ -205,7 +206,7 @@ fn start_shutdown_watch(manager: Arc<Manager>, signals: SigSet, pause: bool) {
             let signal = signals.wait();
             tracing::info!(signal = ?signal, pause, "stopping");
             if pause {
-                manager.pause_all_for_shutdown();
+                manager.node().pause_all_for_shutdown();
             }
             tracing::info!("wrenn-agent stopped");
             std::process::exit(0);
@@ -221,7 +222,7 @@ fn start_reaper(manager: Arc<Manager>) {
         .name("reaper".into())
         .spawn(move || loop {
             std::thread::sleep(Duration::from_secs(1));
-            manager.reap_expired();
+            manager.node().reap_expired();
         })
         .map(drop)
         .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the timeout reaper"));

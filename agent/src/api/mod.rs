@@ -101,15 +101,15 @@ impl Api {
             .iter()
             .filter(|s| !s.status.is_terminal())
             .collect();
-        let capacity = manager.capacity();
-        let layers = manager.layer_usage().map_err(ApiError::from)?;
+        let capacity = manager.node().capacity();
+        let layers = manager.snapshots().layer_usage().map_err(ApiError::from)?;
         Ok(Reply::Json(
             200,
             json!({
                 "name": self.node_name,
                 "version": env!("CARGO_PKG_VERSION"),
                 "runtime": {
-                    "name": manager.runtime().name(),
+                    "name": manager.node().runtime().name(),
                     "accel": self.probe.accel.as_str(),
                     "reason": self.probe.reason,
                     "warning": self.probe.warning,
@@ -119,7 +119,7 @@ impl Api {
                     "memory_mb": capacity.memory_mb,
                 },
                 "layers": {
-                    "io": manager.layer_io(),
+                    "io": manager.node().layer_io(),
                     "count": layers.layers,
                     "bytes": layers.bytes,
                     "files": layers.files,
@@ -138,6 +138,7 @@ impl Api {
     fn templates(&self) -> Result<Reply, ApiError> {
         let mut templates: Vec<Value> = self
             .manager
+            .node()
             .templates()
             .list()
             .into_iter()
@@ -145,7 +146,8 @@ impl Api {
             .collect();
         templates.extend(
             self.manager
-                .list_snapshots()?
+                .snapshots()
+                .list()?
                 .iter()
                 .map(snapshots::snapshot_json),
         );

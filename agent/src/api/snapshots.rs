@@ -39,7 +39,7 @@ pub fn create(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {
     let overwrite = ex.query().flag("overwrite", false)?;
     let body: SnapshotBody = ex.json()?;
     let sandbox_id = super::sandboxes::parse_id(&body.sandbox_id)?;
-    let snapshot = api.manager.snapshot(SnapshotRequest {
+    let snapshot = api.manager.snapshots().create(SnapshotRequest {
         sandbox_id,
         name: body.name,
         overwrite,
@@ -50,7 +50,8 @@ pub fn create(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {
 pub fn list(api: &Api) -> Result<Reply, ApiError> {
     let snapshots: Vec<Value> = api
         .manager
-        .list_snapshots()?
+        .snapshots()
+        .list()?
         .iter()
         .map(snapshot_json)
         .collect();
@@ -58,11 +59,11 @@ pub fn list(api: &Api) -> Result<Reply, ApiError> {
 }
 
 pub fn get(api: &Api, name: &str) -> Result<Reply, ApiError> {
-    let snapshot = api.manager.get_snapshot(name)?;
+    let snapshot = api.manager.snapshots().get(name)?;
     Ok(Reply::Json(200, snapshot_json(&snapshot)))
 }
 
 pub fn delete(api: &Api, name: &str) -> Result<Reply, ApiError> {
-    api.manager.delete_snapshot(name)?;
+    api.manager.snapshots().delete(name)?;
     Ok(Reply::NoContent)
 }

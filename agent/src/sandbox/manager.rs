@@ -25,8 +25,9 @@ use std::sync::Arc;
 use lmdb_schema::{SandboxId, SandboxRecord, SandboxStatus, Store, TemplateRecord, VmmProcess};
 
 use super::error::SandboxError;
-use super::node::stop_orphan_vm;
+use super::node::{stop_orphan_vm, Node};
 use super::registry::{allocate_slot, free_slot, log_event, Registry};
+use super::snapshots::Snapshots;
 use super::spec::{CreateRequest, HostCapacity};
 use super::templates::Templates;
 use crate::clock::now_ms;
@@ -80,21 +81,15 @@ impl Manager {
         }
     }
 
-    pub fn runtime(&self) -> &dyn Runtime {
-        self.runtime.as_ref()
+    /// Snapshot templates: take, list, look up, delete.
+    pub fn snapshots(&self) -> Snapshots<'_> {
+        Snapshots { m: self }
     }
 
-    pub fn capacity(&self) -> HostCapacity {
-        self.capacity
-    }
-
-    /// How layers are read and written: `io_uring` or `pread`.
-    pub fn layer_io(&self) -> &'static str {
-        self.layers.backend().as_str()
-    }
-
-    pub fn templates(&self) -> &Templates {
-        &self.templates
+    /// What the node does for all its sandboxes: recovery, timeouts,
+    /// shutdown; and what it runs them with.
+    pub fn node(&self) -> Node<'_> {
+        Node { m: self }
     }
 
     pub(super) fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {

@@ -12,15 +12,42 @@ use super::error::SandboxError;
 use super::manager::{handle_of, remove_file_logged, Manager};
 use super::recovery::{self, Observed, Recovery};
 use super::registry::{resume_mark, RESUME_MARK};
+use super::spec::HostCapacity;
+use super::templates::Templates;
 use crate::clock::now_ms;
 use crate::network;
 use crate::runtime::{process, Runtime, VmHandle};
 
-impl Manager {
+/// What the node does for all its sandboxes ([`Manager::node`]).
+pub struct Node<'a> {
+    pub(super) m: &'a Manager,
+}
+
+impl Node<'_> {
+    /// The runtime that runs this node's VMs.
+    pub fn runtime(&self) -> &dyn Runtime {
+        self.m.runtime.as_ref()
+    }
+
+    /// The host resources requests are checked against.
+    pub fn capacity(&self) -> HostCapacity {
+        self.m.capacity
+    }
+
+    /// The base images sandboxes boot from.
+    pub fn templates(&self) -> &Templates {
+        &self.m.templates
+    }
+
+    /// How layers are read and written: `io_uring` or `pread`.
+    pub fn layer_io(&self) -> &'static str {
+        self.m.layers.backend().as_str()
+    }
+
     /// Destroys every running sandbox whose timeout has passed.
     pub fn reap_expired(&self) {
         let now = now_ms();
-        let expired: Vec<(SandboxId, TimeoutAction)> = match self.list() {
+        let expired: Vec<(SandboxId, TimeoutAction)> = match self.m.list() {
             Ok(all) => all
                 .into_iter()
                 .filter(|r| r.status == SandboxStatus::Running && r.is_expired(now))
@@ -34,8 +61,8 @@ impl Manager {
         for (id, action) in expired {
             tracing::info!(sandbox = %id, action = action.as_str(), "timeout passed");
             let done = match action {
-                TimeoutAction::Kill => self.destroy(&id),
-                TimeoutAction::Pause => self.pause(&id).map(drop),
+                TimeoutAction::Kill => self.m.destroy(&id),
+                TimeoutAction::Pause => self.m.pause(&id).map(drop),
             };
             match done {
                 Ok(()) | Err(SandboxError::Busy(_)) | Err(SandboxError::NotFound(_)) => {}
@@ -48,7 +75,7 @@ impl Manager {
     /// which, so that [`Manager::resume_marked`] brings them back on the next
     /// start (a node reboot loses nothing).
     pub fn pause_all_for_shutdown(&self) {
-        let running: Vec<SandboxId> = match self.list() {
+        let running: Vec<SandboxId> = match self.m.list() {
             Ok(all) => all
                 .into_iter()
                 .filter(|r| r.status == SandboxStatus::Running)
@@ -60,9 +87,12 @@ impl Manager {
             }
         };
         for id in running {
-            let marked = self.pause(&id).and_then(|_| {
+            let marked = self.m.pause(&id).and_then(|_| {
                 let name = resume_mark(&id);
-                Ok(self.store.write(|txn| txn.meta().set_setting(&name, "1"))?)
+                Ok(self
+                    .m
+                    .store
+                    .write(|txn| txn.meta().set_setting(&name, "1"))?)
             });
             if let Err(e) = marked {
                 tracing::error!(sandbox = %id, error = %e, "cannot pause before shutdown");
@@ -73,6 +103,7 @@ impl Manager {
     /// Resumes the sandboxes that [`Manager::pause_all_for_shutdown`] paused.
     pub fn resume_marked(&self) {
         let marks = self
+            .m
             .store
             .read(|txn| txn.meta().settings())
             .unwrap_or_default();
@@ -80,11 +111,11 @@ impl Manager {
             let id = SandboxId::parse(&name[RESUME_MARK.len()..]);
             if let Ok(id) = &id {
                 tracing::info!(sandbox = %id, "resuming after the agent's restart");
-                if let Err(e) = self.resume(id) {
+                if let Err(e) = self.m.resume(id) {
                     tracing::error!(sandbox = %id, error = %e, "cannot resume");
                 }
             }
-            if let Err(e) = self.store.write(|txn| txn.meta().remove_setting(name)) {
+            if let Err(e) = self.m.store.write(|txn| txn.meta().remove_setting(name)) {
                 tracing::error!(error = %e, "cannot clear resume mark {name}");
             }
         }
@@ -95,14 +126,14 @@ impl Manager {
     /// sandbox (namespaces, folders, VM processes).
     pub fn reconcile(&self) -> Result<(), SandboxError> {
         network::ensure_host()?;
-        for mut record in self.list()? {
+        for mut record in self.m.list()? {
             // One sandbox that cannot be put right must not keep the node
             // from starting: it is marked failed, with the reason.
             if let Err(e) = self.reconcile_one(&mut record) {
                 tracing::error!(sandbox = %record.id, error = %e, "cannot reconcile; marking it failed");
                 record.error = Some(format!("could not recover after an agent restart: {e}"));
                 record.set_status(SandboxStatus::Error, now_ms());
-                self.registry.save(&record)?;
+                self.m.registry.save(&record)?;
             }
         }
         self.remove_orphans()
@@ -110,19 +141,19 @@ impl Manager {
 
     /// What is on the host for `record`: its VM, its saved state, its
     /// memory file.
-    pub(super) fn observe(&self, record: &SandboxRecord) -> Observed {
+    fn observe(&self, record: &SandboxRecord) -> Observed {
         Observed {
             vm: record
                 .vmm
                 .as_ref()
-                .map(|vmm| self.runtime.attach(&handle_of(vmm))),
-            state_file: self.state_file(&record.id).is_file(),
-            memory_file: self.memory_file(&record.id).exists(),
+                .map(|vmm| self.m.runtime.attach(&handle_of(vmm))),
+            state_file: self.m.state_file(&record.id).is_file(),
+            memory_file: self.m.memory_file(&record.id).exists(),
         }
     }
 
     /// Carries out the [`recovery::plan`] for `record`.
-    pub(super) fn reconcile_one(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
+    fn reconcile_one(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
         let id = record.id.clone();
         let step = recovery::plan(record, self.observe(record));
         if step != Recovery::Keep {
@@ -133,58 +164,60 @@ impl Manager {
             Recovery::FinishCreate => {
                 // A VM from a snapshot may still hold the snapshot's token.
                 let guest_token = self
+                    .m
                     .snapshot_record(&record.template)?
                     .and_then(|t| t.envd_token);
                 let finished = match guest_token {
                     Some(token) => self
+                        .m
                         .finish_boot(record, Some(token))
-                        .or_else(|_| self.finish_boot(record, None)),
-                    None => self.finish_boot(record, None),
+                        .or_else(|_| self.m.finish_boot(record, None)),
+                    None => self.m.finish_boot(record, None),
                 };
                 if let Err(e) = finished {
                     tracing::warn!(sandbox = %id, error = %e, "cannot finish; rolling back");
-                    self.tear_down(record);
-                    self.forget(record, "create_failed", &e.to_string())?;
+                    self.m.tear_down(record);
+                    self.m.forget(record, "create_failed", &e.to_string())?;
                 }
             }
             Recovery::RollBack { event } => {
-                self.tear_down(record);
-                self.forget(record, event, record.status.as_str())?;
+                self.m.tear_down(record);
+                self.m.forget(record, event, record.status.as_str())?;
             }
             Recovery::FinishPause { vm } => {
                 if !vm {
                     record.vmm = None;
                 }
-                self.finish_pause(record)?;
+                self.m.finish_pause(record)?;
             }
             Recovery::FinishResume => {
-                if let Err(e) = self.finish_boot(record, None) {
+                if let Err(e) = self.m.finish_boot(record, None) {
                     tracing::warn!(sandbox = %id, error = %e, "cannot finish; back to paused");
-                    self.back_to_paused(record)?;
+                    self.m.back_to_paused(record)?;
                 }
             }
-            Recovery::BackToPaused => self.back_to_paused(record)?,
-            Recovery::DropMemoryFile => remove_file_logged(&self.memory_file(&id)),
+            Recovery::BackToPaused => self.m.back_to_paused(record)?,
+            Recovery::DropMemoryFile => remove_file_logged(&self.m.memory_file(&id)),
             Recovery::Fail { reason } => {
                 tracing::warn!(sandbox = %id, reason, "marking the sandbox as failed");
-                self.tear_down(record);
+                self.m.tear_down(record);
                 record.vmm = None;
                 record.error = Some(reason.to_owned());
                 record.set_status(SandboxStatus::Error, now_ms());
-                self.registry.save(record)?;
+                self.m.registry.save(record)?;
             }
         }
         Ok(())
     }
 
-    pub(super) fn remove_orphans(&self) -> Result<(), SandboxError> {
-        let records = self.list()?;
+    fn remove_orphans(&self) -> Result<(), SandboxError> {
+        let records = self.m.list()?;
         let held: HashSet<u32> = records
             .iter()
             .filter(|r| r.status != SandboxStatus::Error)
             .filter_map(|r| r.slot.map(|s| s.0))
             .collect();
-        let mine = self.registry.slots();
+        let mine = self.m.registry.slots();
         for slot in network::list_existing()? {
             if mine.contains(&slot) && !held.contains(&slot) {
                 tracing::info!(
@@ -195,7 +228,7 @@ impl Manager {
             }
         }
         let known: HashSet<String> = records.iter().map(|r| r.id.to_string()).collect();
-        let Ok(entries) = std::fs::read_dir(&self.sandboxes_dir) else {
+        let Ok(entries) = std::fs::read_dir(&self.m.sandboxes_dir) else {
             return Ok(());
         };
         for entry in entries.flatten() {
@@ -204,7 +237,7 @@ impl Manager {
                 continue;
             }
             tracing::info!(dir = %entry.path().display(), "removing the folder of a sandbox that no longer exists");
-            stop_orphan_vm(self.runtime.as_ref(), &entry.path());
+            stop_orphan_vm(self.m.runtime.as_ref(), &entry.path());
             let _ = std::fs::remove_dir_all(entry.path());
         }
         Ok(())

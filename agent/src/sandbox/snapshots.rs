@@ -86,10 +86,33 @@ impl Manager {
         Ok((id, self.layers.load_header(&id)?))
     }
 
+    /// Deletes header files that no sandbox or snapshot names.
+    pub(super) fn prune_headers(&self) -> Result<Vec<HeaderId>, SandboxError> {
+        Ok(self.layers.prune_headers_with(|| {
+            Ok(self.store().read(|txn| {
+                let mut keep = std::collections::HashSet::new();
+                for item in txn.templates().iter()? {
+                    keep.extend(item?.1.memory_header.map(HeaderId));
+                }
+                for item in txn.sandboxes().iter()? {
+                    keep.extend(item?.1.memory_header.map(HeaderId));
+                }
+                Ok(keep)
+            })?)
+        })?)
+    }
+}
+
+/// The snapshot templates of this node ([`Manager::snapshots`]).
+pub struct Snapshots<'a> {
+    pub(super) m: &'a Manager,
+}
+
+impl Snapshots<'_> {
     /// Freezes a sandbox into a snapshot template. A running sandbox is
     /// paused for the time it takes and runs on afterwards; a paused one
     /// stays paused.
-    pub fn snapshot(&self, request: SnapshotRequest) -> Result<Snapshot, SandboxError> {
+    pub fn create(&self, request: SnapshotRequest) -> Result<Snapshot, SandboxError> {
         let id = request.sandbox_id.clone();
         let name = match &request.name {
             Some(name) => TemplateName::parse(name)
@@ -97,14 +120,14 @@ impl Manager {
             None => TemplateName::parse(&format!("{}-{}", id, now_ms()))
                 .map_err(|e| SandboxError::Internal(e.to_string()))?,
         };
-        if self.templates().exists(&name) {
+        if self.m.templates.exists(&name) {
             return Err(SandboxError::Conflict(format!(
                 "{name} is the name of a base image: choose another name"
             )));
         }
         self.check_name_free(&name, request.overwrite)?;
-        let _busy = self.registry.claim(&id)?;
-        let record = self.get(&id)?;
+        let _busy = self.m.registry.claim(&id)?;
+        let record = self.m.get(&id)?;
         let was_running = match record.status {
             SandboxStatus::Running => true,
             SandboxStatus::Paused => false,
@@ -118,14 +141,14 @@ impl Manager {
         };
         tracing::info!(sandbox = %id, snapshot = %name, was_running, "taking a snapshot");
         let paused = if was_running {
-            self.pause_claimed(record)?
+            self.m.pause_claimed(record)?
         } else {
             record
         };
         let taken = self.write_snapshot(&paused, &name, request.overwrite);
         if was_running {
             // Whatever became of the snapshot, the sandbox runs on.
-            if let Err(e) = self.resume_claimed(paused) {
+            if let Err(e) = self.m.resume_claimed(paused) {
                 tracing::error!(sandbox = %id, error = %e, "cannot resume after the snapshot; it stays paused");
             }
         }
@@ -140,6 +163,7 @@ impl Manager {
     /// 409 when `name` is taken and may not be (or cannot be) replaced.
     fn check_name_free(&self, name: &TemplateName, overwrite: bool) -> Result<(), SandboxError> {
         if self
+            .m
             .store()
             .read(|txn| txn.templates().get(name))?
             .is_none()
@@ -162,6 +186,7 @@ impl Manager {
     /// Sandboxes that restore from or rest on snapshot `name`.
     fn users_of(&self, name: &TemplateName) -> Result<Vec<SandboxId>, SandboxError> {
         Ok(self
+            .m
             .list()?
             .into_iter()
             .filter(|s| &s.template == name)
@@ -177,7 +202,7 @@ impl Manager {
         name: &TemplateName,
         overwrite: bool,
     ) -> Result<TemplateRecord, SandboxError> {
-        let (memory_id, memory) = match self.load_memory(sandbox.memory_header)? {
+        let (memory_id, memory) = match self.m.load_memory(sandbox.memory_header)? {
             Some(header) => (header.id().map_err(crate::store::Error::from)?, header),
             None => {
                 return Err(SandboxError::Internal(format!(
@@ -187,10 +212,11 @@ impl Manager {
             }
         };
         let (kernel, initramfs, disk_base) = self.boot_files_of(&sandbox.template)?;
-        fs::create_dir_all(&self.snapshots_dir).map_err(io_error(&self.snapshots_dir))?;
+        fs::create_dir_all(&self.m.snapshots_dir).map_err(io_error(&self.m.snapshots_dir))?;
         let suffix = hex::encode(random_bytes::<4>()?);
-        let final_dir = self.snapshots_dir.join(format!("{name}-{suffix}"));
+        let final_dir = self.m.snapshots_dir.join(format!("{name}-{suffix}"));
         let temp_dir = self
+            .m
             .snapshots_dir
             .join(format!("{TEMP_PREFIX}{name}-{suffix}"));
         let written = self.write_snapshot_files(sandbox, &temp_dir, &disk_base);
@@ -199,7 +225,7 @@ impl Manager {
             return Err(e);
         }
         fs::rename(&temp_dir, &final_dir).map_err(io_error(&final_dir))?;
-        sync_dir(&self.snapshots_dir)?;
+        sync_dir(&self.m.snapshots_dir)?;
 
         let files_size = dir_size(&final_dir);
         let memory_size = memory.stored_blocks() * u64::from(memory.block_size());
@@ -210,7 +236,7 @@ impl Manager {
             memory_mb: Some(sandbox.memory_mb),
             kernel,
             initramfs,
-            rootfs: path_text(&final_dir.join(self.runtime().snapshot_disk_file())),
+            rootfs: path_text(&final_dir.join(self.m.runtime.snapshot_disk_file())),
             size_bytes: files_size + memory_size,
             sha256: None,
             parent_sandbox: Some(sandbox.id.clone()),
@@ -220,7 +246,7 @@ impl Manager {
             disk_base: Some(path_text(&disk_base)),
             envd_token: sandbox.envd_token.clone(),
         };
-        let committed = self.store().write_with(|txn| {
+        let committed = self.m.store().write_with(|txn| {
             let mut released = Vec::new();
             let mut replaced = None;
             if let Some(old) = txn.templates().get(name)? {
@@ -233,12 +259,12 @@ impl Manager {
                         "snapshot {name} was taken or put in use meanwhile: retry"
                     )));
                 }
-                if let Some(old_memory) = self.load_memory(old.memory_header)? {
-                    released = self.layers.release(txn, &old_memory)?;
+                if let Some(old_memory) = self.m.load_memory(old.memory_header)? {
+                    released = self.m.layers.release(txn, &old_memory)?;
                 }
                 replaced = Some(old);
             }
-            self.layers.retain(txn, &memory)?;
+            self.m.layers.retain(txn, &memory)?;
             txn.templates().put(name, &record)?;
             Ok((released, replaced))
         });
@@ -254,7 +280,7 @@ impl Manager {
             remove_snapshot_dir(&old);
         }
         if replaced_any {
-            self.collect_layers();
+            self.m.collect_layers();
         }
         Ok(record)
     }
@@ -269,10 +295,11 @@ impl Manager {
     ) -> Result<(), SandboxError> {
         fs::create_dir(dir).map_err(io_error(dir))?;
         let state = dir.join(VM_STATE);
-        fs::copy(self.state_file(&sandbox.id), &state).map_err(io_error(&state))?;
-        let disk = dir.join(self.runtime().snapshot_disk_file());
-        self.runtime()
-            .snapshot_disk(&self.sandbox_dir(&sandbox.id), disk_base, &disk)?;
+        fs::copy(self.m.state_file(&sandbox.id), &state).map_err(io_error(&state))?;
+        let disk = dir.join(self.m.runtime.snapshot_disk_file());
+        self.m
+            .runtime
+            .snapshot_disk(&self.m.sandbox_dir(&sandbox.id), disk_base, &disk)?;
         for file in [&state, &disk] {
             File::open(file)
                 .and_then(|f| f.sync_all())
@@ -286,13 +313,13 @@ impl Manager {
         &self,
         name: &TemplateName,
     ) -> Result<(String, String, PathBuf), SandboxError> {
-        if let Some(t) = self.snapshot_record(name)? {
+        if let Some(t) = self.m.snapshot_record(name)? {
             let base = t.disk_base.clone().ok_or_else(|| {
                 SandboxError::Internal(format!("snapshot {name} does not say its base image"))
             })?;
             return Ok((t.kernel, t.initramfs, PathBuf::from(base)));
         }
-        let files = self.templates().files(name)?;
+        let files = self.m.templates.files(name)?;
         Ok((
             path_text(&files.kernel),
             path_text(&files.initramfs),
@@ -301,14 +328,14 @@ impl Manager {
     }
 
     /// Every snapshot template, by name, with the sandboxes using each.
-    pub fn list_snapshots(&self) -> Result<Vec<Snapshot>, SandboxError> {
-        let records: Vec<TemplateRecord> = self.store().read(|txn| {
+    pub fn list(&self) -> Result<Vec<Snapshot>, SandboxError> {
+        let records: Vec<TemplateRecord> = self.m.store().read(|txn| {
             txn.templates()
                 .iter()?
                 .map(|r| r.map(|(_, v)| v))
                 .collect::<Result<Vec<_>, _>>()
         })?;
-        let sandboxes = self.list()?;
+        let sandboxes = self.m.list()?;
         Ok(records
             .into_iter()
             .filter(TemplateRecord::is_snapshot)
@@ -324,9 +351,10 @@ impl Manager {
     }
 
     /// One snapshot template.
-    pub fn get_snapshot(&self, name: &str) -> Result<Snapshot, SandboxError> {
+    pub fn get(&self, name: &str) -> Result<Snapshot, SandboxError> {
         let name = parse_existing(name)?;
         let record = self
+            .m
             .snapshot_record(&name)?
             .ok_or_else(|| not_found(&name))?;
         let users = self.users_of(&name)?;
@@ -334,9 +362,9 @@ impl Manager {
     }
 
     /// Deletes a snapshot template that no sandbox uses.
-    pub fn delete_snapshot(&self, name: &str) -> Result<(), SandboxError> {
+    pub fn delete(&self, name: &str) -> Result<(), SandboxError> {
         let name = parse_existing(name)?;
-        let (record, released) = self.store().write_with(|txn| {
+        let (record, released) = self.m.store().write_with(|txn| {
             let record = txn
                 .templates()
                 .get(&name)?
@@ -352,8 +380,8 @@ impl Manager {
             if !users.is_empty() {
                 return Err(in_use(&name, &users, "delete"));
             }
-            let released = match self.load_memory(record.memory_header)? {
-                Some(memory) => self.layers.release(txn, &memory)?,
+            let released = match self.m.load_memory(record.memory_header)? {
+                Some(memory) => self.m.layers.release(txn, &memory)?,
                 None => Vec::new(),
             };
             txn.templates().delete(&name)?;
@@ -361,31 +389,15 @@ impl Manager {
         })?;
         remove_snapshot_dir(&record);
         if !released.is_empty() || record.memory_header.is_some() {
-            self.collect_layers();
+            self.m.collect_layers();
         }
         tracing::info!(snapshot = %name, "snapshot deleted");
         Ok(())
     }
 
-    /// Deletes header files that no sandbox or snapshot names.
-    pub(super) fn prune_headers(&self) -> Result<Vec<HeaderId>, SandboxError> {
-        Ok(self.layers.prune_headers_with(|| {
-            Ok(self.store().read(|txn| {
-                let mut keep = std::collections::HashSet::new();
-                for item in txn.templates().iter()? {
-                    keep.extend(item?.1.memory_header.map(HeaderId));
-                }
-                for item in txn.sandboxes().iter()? {
-                    keep.extend(item?.1.memory_header.map(HeaderId));
-                }
-                Ok(keep)
-            })?)
-        })?)
-    }
-
     /// Counts what the layer store holds.
     pub fn layer_usage(&self) -> Result<LayerUsage, SandboxError> {
-        let mut usage = self.store().read(|txn| {
+        let mut usage = self.m.store().read(|txn| {
             let mut usage = LayerUsage::default();
             for item in txn.layers().iter()? {
                 let (_, layer) = item?;
@@ -404,21 +416,21 @@ impl Manager {
                     .count() as u64
             })
         };
-        usage.files = count(self.layers.layers_dir());
-        usage.headers = count(self.layers.headers_dir());
+        usage.files = count(self.m.layers.layers_dir());
+        usage.headers = count(self.m.layers.headers_dir());
         Ok(usage)
     }
 
     /// At start: removes snapshot folders no record names (a crash while
     /// one was written), layer files no record uses and header files no
     /// record names.
-    pub fn clean_snapshot_files(&self) -> Result<(), SandboxError> {
-        let snapshots = self.list_snapshots()?;
+    pub fn clean_files(&self) -> Result<(), SandboxError> {
+        let snapshots = self.list()?;
         let kept: Vec<PathBuf> = snapshots
             .iter()
             .filter_map(|s| Path::new(&s.record.rootfs).parent().map(Path::to_path_buf))
             .collect();
-        if let Ok(entries) = fs::read_dir(&self.snapshots_dir) {
+        if let Ok(entries) = fs::read_dir(&self.m.snapshots_dir) {
             for entry in entries.flatten() {
                 let path = entry.path();
                 if !kept.contains(&path) {
@@ -427,8 +439,8 @@ impl Manager {
                 }
             }
         }
-        let pruned = self.prune_headers()?;
-        let report = self.layers.collect_garbage()?;
+        let pruned = self.m.prune_headers()?;
+        let report = self.m.layers.collect_garbage()?;
         tracing::info!(
             headers_removed = pruned.len(),
             layers_deleted = report.deleted.len(),
