@@ -88,9 +88,9 @@ impl Manager {
         &self,
         record: &SandboxRecord,
     ) -> Result<std::net::SocketAddr, SandboxError> {
-        let slot = record.slot.ok_or_else(|| {
-            SandboxError::Internal(format!("sandbox {} has no network slot", record.id))
-        })?;
+        let slot = record
+            .slot
+            .ok_or_else(|| SandboxError::NoSlot(record.id.to_string()))?;
         let addrs = network::addr::SlotAddrs::new(slot.0)?;
         Ok(std::net::SocketAddr::from((addrs.host_ip, ENVD_PORT)))
     }
@@ -129,8 +129,7 @@ impl Manager {
     pub fn console_log(&self, id: &SandboxId, limit: u64) -> Result<Vec<u8>, SandboxError> {
         self.get(id)?;
         let path = self.sandbox_dir(id).join(CONSOLE_LOG);
-        read_tail(&path, limit)
-            .map_err(|e| SandboxError::Internal(format!("{}: {e}", path.display())))
+        read_tail(&path, limit).map_err(SandboxError::io("read the console log", &path))
     }
 }
 

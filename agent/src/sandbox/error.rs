@@ -46,13 +46,68 @@ pub enum SandboxError {
     Network(#[from] NetError),
     #[error("{0}")]
     Envd(#[from] EnvdError),
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// What was being done, such as "create the sandbox folder".
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sandbox {0} holds no network slot, so it cannot be reached: destroy it and create it again")]
+    NoSlot(String),
+    #[error("snapshot {name} has no {missing}: delete it (DELETE /v1/snapshots/{name}) and take it again")]
+    BrokenSnapshot { name: String, missing: &'static str },
+    #[error("the system has no randomness for {what}: {source}")]
+    Randomness {
+        what: &'static str,
+        #[source]
+        source: getrandom::Error,
+    },
     #[error("{0}")]
     Internal(String),
+}
+
+impl SandboxError {
+    /// An [`SandboxError::Io`] for `path`.
+    pub fn io<'a>(
+        action: &'static str,
+        path: &'a std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> SandboxError + 'a {
+        move |source| SandboxError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Whether the failure comes down to a full disk (or quota): anywhere
+    /// in its chain of sources an I/O error says so.
+    pub fn is_out_of_space(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(error) = cause {
+            if let Some(io) = error.downcast_ref::<std::io::Error>() {
+                if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+                    || io.kind() == std::io::ErrorKind::StorageFull
+                {
+                    return true;
+                }
+            }
+            cause = error.source();
+        }
+        false
+    }
 }
 
 impl From<SandboxError> for ApiError {
     fn from(error: SandboxError) -> ApiError {
         let message = error.to_string();
+        if error.is_out_of_space() {
+            return ApiError::new(
+                ErrorCode::InsufficientStorage,
+                format!("{message}: the node's disk is full; free space on it (destroy sandboxes or delete snapshots) and retry"),
+            );
+        }
         match error {
             SandboxError::NotFound(_)
             | SandboxError::TemplateNotFound(_)
@@ -69,7 +124,12 @@ impl From<SandboxError> for ApiError {
             | SandboxError::Layers(_)
             | SandboxError::Runtime(_)
             | SandboxError::Network(_)
+            | SandboxError::Io { .. }
+            | SandboxError::Randomness { .. }
             | SandboxError::Internal(_) => ApiError::internal(message),
+            SandboxError::NoSlot(_) | SandboxError::BrokenSnapshot { .. } => {
+                ApiError::conflict(message)
+            }
         }
     }
 }
@@ -93,4 +153,41 @@ pub fn envd_refusal(status: u16, body: &Value) -> ApiError {
         _ => ErrorCode::Internal,
     };
     ApiError::new(code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_anywhere_in_the_chain_is_507() {
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let direct = SandboxError::io("write", std::path::Path::new("/x"))(full);
+        assert_eq!(ApiError::from(direct).status(), 507);
+        let store = crate::store::Error::io("write a layer", std::path::Path::new("/y"))(
+            std::io::Error::from_raw_os_error(libc::EDQUOT),
+        );
+        let layered = SandboxError::Layers(store);
+        assert!(layered.is_out_of_space());
+        let answer = ApiError::from(layered);
+        assert_eq!(answer.status(), 507);
+        assert!(
+            answer.message().contains("free space"),
+            "{}",
+            answer.message()
+        );
+    }
+
+    #[test]
+    fn other_io_failures_stay_500_and_name_the_path() {
+        let err = SandboxError::io("create the sandbox folder", std::path::Path::new("/z"))(
+            std::io::Error::from_raw_os_error(libc::EIO),
+        );
+        assert!(!err.is_out_of_space());
+        let answer = ApiError::from(err);
+        assert_eq!(answer.status(), 500);
+        assert!(answer
+            .message()
+            .starts_with("cannot create the sandbox folder /z"));
+    }
 }

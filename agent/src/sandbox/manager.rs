@@ -165,9 +165,10 @@ impl Manager {
 
     /// Network, VM, envd: the side effects of a create, each recorded.
     pub(super) fn bring_up(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
-        let slot = record.slot.map(|s| s.0).ok_or_else(|| {
-            SandboxError::Internal(format!("sandbox {} has no network slot", record.id))
-        })?;
+        let slot = record
+            .slot
+            .map(|s| s.0)
+            .ok_or_else(|| SandboxError::NoSlot(record.id.to_string()))?;
         let net = network::setup(slot, record.internet)?;
         let spec = self.vm_spec(record, net.netns)?;
         let handle = self.runtime.boot(&spec)?;
@@ -184,15 +185,20 @@ impl Manager {
         template: &TemplateRecord,
         memory: &Header,
     ) -> Result<(), SandboxError> {
-        let slot = record.slot.map(|s| s.0).ok_or_else(|| {
-            SandboxError::Internal(format!("sandbox {} has no network slot", record.id))
-        })?;
-        let state = template.vm_state.as_deref().ok_or_else(|| {
-            SandboxError::Internal(format!("snapshot {} has no VM state", template.name))
-        })?;
+        let slot = record
+            .slot
+            .map(|s| s.0)
+            .ok_or_else(|| SandboxError::NoSlot(record.id.to_string()))?;
+        let state = template
+            .vm_state
+            .as_deref()
+            .ok_or_else(|| SandboxError::BrokenSnapshot {
+                name: template.name.to_string(),
+                missing: "VM state",
+            })?;
         let dir = self.sandbox_dir(&record.id);
         std::fs::create_dir_all(&dir)
-            .map_err(|e| SandboxError::Internal(format!("{}: {e}", dir.display())))?;
+            .map_err(SandboxError::io("create the sandbox folder", &dir))?;
         self.layers
             .materialize_with(memory, &self.memory_file(&record.id), false)?;
         let net = network::setup(slot, record.internet)?;
@@ -355,8 +361,10 @@ pub(super) fn vmm_of(handle: &VmHandle) -> VmmProcess {
 
 fn random_token() -> Result<String, SandboxError> {
     let mut bytes = [0u8; 24];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| SandboxError::Internal(format!("no randomness for a token: {e}")))?;
+    getrandom::fill(&mut bytes).map_err(|source| SandboxError::Randomness {
+        what: "a token",
+        source,
+    })?;
     Ok(hex::encode(bytes))
 }
 

@@ -157,7 +157,7 @@ impl Node<'_> {
         let id = record.id.clone();
         let step = recovery::plan(record, self.observe(record));
         if step != Recovery::Keep {
-            tracing::info!(sandbox = %id, status = record.status.as_str(), step = ?step, "recovering after a restart");
+            tracing::info!(sandbox = %id, status = record.status.as_str(), "{}", step.describe());
         }
         match step {
             Recovery::Keep | Recovery::Reattach => {}

@@ -163,9 +163,10 @@ impl Manager {
             // Paused by its timeout: a resumed sandbox gets a new lease.
             record.expires_at_ms = Some(now + self.config.sandbox.default_timeout_s * 1000);
         }
-        let slot = record.slot.map(|s| s.0).ok_or_else(|| {
-            SandboxError::Internal(format!("sandbox {} has no network slot", record.id))
-        })?;
+        let slot = record
+            .slot
+            .map(|s| s.0)
+            .ok_or_else(|| SandboxError::NoSlot(record.id.to_string()))?;
         if let Some(memory) = self.load_memory(record.memory_header)? {
             let started = std::time::Instant::now();
             // A working copy: after a crash it is written again from layers.

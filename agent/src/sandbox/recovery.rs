@@ -54,6 +54,26 @@ pub enum Recovery {
     Fail { reason: &'static str },
 }
 
+impl Recovery {
+    /// One line for the log, saying what is being done.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Recovery::Keep => "nothing to recover",
+            Recovery::Reattach => "re-attached to running VM",
+            Recovery::FinishCreate => "finishing a create interrupted by a restart",
+            Recovery::RollBack { .. } => "rolling back an interrupted step",
+            Recovery::FinishPause { vm: true } => "finishing a pause interrupted by a restart",
+            Recovery::FinishPause { vm: false } => {
+                "VM state was saved before the restart; finishing the pause"
+            }
+            Recovery::FinishResume => "finishing a resume interrupted by a restart",
+            Recovery::BackToPaused => "a resume was interrupted; back to paused",
+            Recovery::DropMemoryFile => "removing a memory file the layers already hold",
+            Recovery::Fail { .. } => "the sandbox cannot go on; marking it failed",
+        }
+    }
+}
+
 /// Decides what to do with `record`, given what was `observed`.
 pub fn plan(record: &SandboxRecord, observed: Observed) -> Recovery {
     use SandboxStatus as S;

@@ -80,9 +80,14 @@ impl Manager {
         &self,
         template: &TemplateRecord,
     ) -> Result<(HeaderId, Header), SandboxError> {
-        let id = template.memory_header.map(HeaderId).ok_or_else(|| {
-            SandboxError::Internal(format!("snapshot {} has no memory", template.name))
-        })?;
+        let id =
+            template
+                .memory_header
+                .map(HeaderId)
+                .ok_or_else(|| SandboxError::BrokenSnapshot {
+                    name: template.name.to_string(),
+                    missing: "memory",
+                })?;
         Ok((id, self.layers.load_header(&id)?))
     }
 
@@ -212,7 +217,10 @@ impl Snapshots<'_> {
             }
         };
         let (kernel, initramfs, disk_base) = self.boot_files_of(&sandbox.template)?;
-        fs::create_dir_all(&self.m.snapshots_dir).map_err(io_error(&self.m.snapshots_dir))?;
+        fs::create_dir_all(&self.m.snapshots_dir).map_err(SandboxError::io(
+            "create the snapshots folder",
+            &self.m.snapshots_dir,
+        ))?;
         let suffix = hex::encode(random_bytes::<4>()?);
         let final_dir = self.m.snapshots_dir.join(format!("{name}-{suffix}"));
         let temp_dir = self
@@ -224,7 +232,10 @@ impl Snapshots<'_> {
             let _ = fs::remove_dir_all(&temp_dir);
             return Err(e);
         }
-        fs::rename(&temp_dir, &final_dir).map_err(io_error(&final_dir))?;
+        fs::rename(&temp_dir, &final_dir).map_err(SandboxError::io(
+            "move the finished snapshot to",
+            &final_dir,
+        ))?;
         sync_dir(&self.m.snapshots_dir)?;
 
         let files_size = dir_size(&final_dir);
@@ -293,9 +304,10 @@ impl Snapshots<'_> {
         dir: &Path,
         disk_base: &Path,
     ) -> Result<(), SandboxError> {
-        fs::create_dir(dir).map_err(io_error(dir))?;
+        fs::create_dir(dir).map_err(SandboxError::io("create the snapshot folder", dir))?;
         let state = dir.join(VM_STATE);
-        fs::copy(self.m.state_file(&sandbox.id), &state).map_err(io_error(&state))?;
+        fs::copy(self.m.state_file(&sandbox.id), &state)
+            .map_err(SandboxError::io("copy the VM state to", &state))?;
         let disk = dir.join(self.m.runtime.snapshot_disk_file());
         self.m
             .runtime
@@ -303,7 +315,7 @@ impl Snapshots<'_> {
         for file in [&state, &disk] {
             File::open(file)
                 .and_then(|f| f.sync_all())
-                .map_err(io_error(file))?;
+                .map_err(SandboxError::io("sync", file))?;
         }
         sync_dir(dir)
     }
@@ -314,9 +326,13 @@ impl Snapshots<'_> {
         name: &TemplateName,
     ) -> Result<(String, String, PathBuf), SandboxError> {
         if let Some(t) = self.m.snapshot_record(name)? {
-            let base = t.disk_base.clone().ok_or_else(|| {
-                SandboxError::Internal(format!("snapshot {name} does not say its base image"))
-            })?;
+            let base = t
+                .disk_base
+                .clone()
+                .ok_or_else(|| SandboxError::BrokenSnapshot {
+                    name: name.to_string(),
+                    missing: "base image",
+                })?;
             return Ok((t.kernel, t.initramfs, PathBuf::from(base)));
         }
         let files = self.m.templates.files(name)?;
@@ -499,11 +515,7 @@ pub fn dir_size(dir: &Path) -> u64 {
 fn sync_dir(dir: &Path) -> Result<(), SandboxError> {
     File::open(dir)
         .and_then(|f| f.sync_all())
-        .map_err(io_error(dir))
-}
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
-    move |e| SandboxError::Internal(format!("{}: {e}", path.display()))
+        .map_err(SandboxError::io("sync the folder", dir))
 }
 
 fn path_text(path: &Path) -> String {
@@ -512,7 +524,9 @@ fn path_text(path: &Path) -> String {
 
 fn random_bytes<const N: usize>() -> Result<[u8; N], SandboxError> {
     let mut bytes = [0u8; N];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| SandboxError::Internal(format!("no randomness: {e}")))?;
+    getrandom::fill(&mut bytes).map_err(|source| SandboxError::Randomness {
+        what: "a snapshot folder name",
+        source,
+    })?;
     Ok(bytes)
 }
