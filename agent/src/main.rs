@@ -12,13 +12,15 @@ use std::time::Duration;
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use wrenn_agent::api::Api;
+use wrenn_agent::clock::SystemClock;
 use wrenn_agent::config::{Config, Overrides};
+use wrenn_agent::network::HostNetwork;
 use wrenn_agent::runtime::native::{self, NativeRuntime};
 use wrenn_agent::runtime::probe::{choose, HostFacts, HostProbe, RuntimeKind};
 use wrenn_agent::runtime::qemu::QemuRuntime;
 use wrenn_agent::runtime::Runtime;
 use wrenn_agent::sandbox::templates::Templates;
-use wrenn_agent::sandbox::{HostCapacity, Manager};
+use wrenn_agent::sandbox::{HostCapacity, Manager, Parts};
 use wrenn_agent::store::LayerStore;
 use wrenn_agent::tools;
 use wrenn_http::{Listen, Server, ServerAllocator, ServerConfig};
@@ -115,14 +117,16 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
     let layers = LayerStore::open(&config.node.state_dir, Arc::clone(&store))
         .map_err(|e| format!("cannot open the snapshot layers: {e}"))?;
     tracing::info!(io = %layers.backend(), "layer store opened");
-    let manager = Arc::new(Manager::new(
+    let manager = Arc::new(Manager::new(Parts {
         store,
-        Arc::new(layers),
+        layers: Arc::new(layers),
         runtime,
-        config.clone(),
-        Templates::new(config.images_dir()),
-        HostCapacity::probe(),
-    ));
+        network: Arc::new(HostNetwork),
+        clock: Arc::new(SystemClock),
+        config: config.clone(),
+        templates: Templates::new(config.images_dir()),
+        capacity: HostCapacity::probe(),
+    }));
     manager
         .node()
         .reconcile()

@@ -370,3 +370,40 @@ fn remove_slot(addrs: &SlotAddrs) -> Result<bool, NetError> {
         None => Ok(found),
     }
 }
+
+/// The network operations the sandbox lifecycle needs, behind a small trait
+/// so that lifecycle and recovery can be tested with a fake; [`HostNetwork`]
+/// is the real one.
+pub trait SlotNetwork: Send + Sync {
+    /// Prepares the root namespace ([`ensure_host`]).
+    fn ensure_host(&self) -> Result<(), NetError>;
+    /// Builds the network of `slot` and returns the name of its namespace
+    /// ([`setup`]).
+    fn setup(&self, slot: u32, internet: bool) -> Result<String, NetError>;
+    /// Removes the network of `slot` ([`teardown`]).
+    fn teardown(&self, slot: u32) -> Result<(), NetError>;
+    /// The slots that have a network now ([`list_existing`]).
+    fn existing(&self) -> Result<Vec<u32>, NetError>;
+}
+
+/// Namespaces, links and nftables of this host.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostNetwork;
+
+impl SlotNetwork for HostNetwork {
+    fn ensure_host(&self) -> Result<(), NetError> {
+        ensure_host()
+    }
+
+    fn setup(&self, slot: u32, internet: bool) -> Result<String, NetError> {
+        setup(slot, internet).map(|net| net.netns)
+    }
+
+    fn teardown(&self, slot: u32) -> Result<(), NetError> {
+        teardown(slot)
+    }
+
+    fn existing(&self) -> Result<Vec<u32>, NetError> {
+        list_existing()
+    }
+}

@@ -11,7 +11,6 @@ use serde_json::Value;
 use super::envd::{EnvdClient, EnvdError, ExecResult, ENVD_PORT};
 use super::error::SandboxError;
 use super::manager::{handle_of, Manager};
-use crate::clock::now_ms;
 use crate::network;
 use crate::runtime::{VmState, CONSOLE_LOG};
 
@@ -34,7 +33,7 @@ impl Manager {
         let ready = self.wait_envd(record, &envd)?;
         let token = record.envd_token.clone().unwrap_or_default();
         envd.init(&token, &record.env)?;
-        record.set_status(SandboxStatus::Running, now_ms());
+        record.set_status(SandboxStatus::Running, self.now_ms());
         self.registry.save(record)?;
         tracing::info!(sandbox = %record.id, ready_ms = ready.as_millis() as u64, "sandbox running");
         Ok(())

@@ -30,20 +30,35 @@ use super::registry::{allocate_slot, free_slot, log_event, Registry};
 use super::snapshots::Snapshots;
 use super::spec::{CreateRequest, HostCapacity};
 use super::templates::Templates;
-use crate::clock::now_ms;
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::network;
+use crate::network::SlotNetwork;
 use crate::runtime::{Runtime, VmHandle, MEMORY_FILE};
 use crate::store::{Header, HeaderId, LayerStore};
 
 /// The VM's saved device and CPU state, in the sandbox folder.
 const VM_STATE: &str = "vmstate";
 
+/// What a [`Manager`] is made of: its state, and the parts of the host it
+/// drives, each behind a trait so that tests can put fakes in.
+pub struct Parts {
+    pub store: Arc<Store>,
+    pub layers: Arc<LayerStore>,
+    pub runtime: Arc<dyn Runtime>,
+    pub network: Arc<dyn SlotNetwork>,
+    pub clock: Arc<dyn Clock>,
+    pub config: Config,
+    pub templates: Templates,
+    pub capacity: HostCapacity,
+}
+
 /// Owns every sandbox of this node.
 pub struct Manager {
     pub(super) store: Arc<Store>,
     pub(super) layers: Arc<LayerStore>,
     pub(super) runtime: Arc<dyn Runtime>,
+    pub(super) network: Arc<dyn SlotNetwork>,
+    pub(super) clock: Arc<dyn Clock>,
     pub(super) config: Config,
     pub(super) templates: Templates,
     pub(super) capacity: HostCapacity,
@@ -53,25 +68,31 @@ pub struct Manager {
 }
 
 impl Manager {
-    pub fn new(
-        store: Arc<Store>,
-        layers: Arc<LayerStore>,
-        runtime: Arc<dyn Runtime>,
-        config: Config,
-        templates: Templates,
-        capacity: HostCapacity,
-    ) -> Manager {
+    pub fn new(parts: Parts) -> Manager {
+        let Parts {
+            store,
+            layers,
+            runtime,
+            network,
+            clock,
+            config,
+            templates,
+            capacity,
+        } = parts;
         let sandboxes_dir = config.node.state_dir.join("sandboxes");
         let snapshots_dir = config.node.state_dir.join("snapshots");
         let net = &config.network;
         let registry = Registry::new(
             Arc::clone(&store),
             net.first_slot..net.first_slot + net.slots,
+            Arc::clone(&clock),
         );
         Manager {
             store,
             layers,
             runtime,
+            network,
+            clock,
             config,
             templates,
             capacity,
@@ -90,6 +111,11 @@ impl Manager {
     /// shutdown; and what it runs them with.
     pub fn node(&self) -> Node<'_> {
         Node { m: self }
+    }
+
+    /// The time, from the injected clock.
+    pub(super) fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     pub(super) fn sandbox_dir(&self, id: &SandboxId) -> PathBuf {
@@ -113,7 +139,7 @@ impl Manager {
         };
         let id = SandboxId::generate()?;
         let _busy = self.registry.claim(&id)?;
-        let now = now_ms();
+        let now = self.now_ms();
         let mut record = SandboxRecord {
             id: id.clone(),
             status: SandboxStatus::Creating,
@@ -136,7 +162,7 @@ impl Manager {
         };
         let slots = self.registry.slots();
         record.slot = Some(self.store.write_with(|txn| {
-            let slot = allocate_slot(txn, slots.clone(), &id)?;
+            let slot = allocate_slot(txn, slots.clone(), &id, now)?;
             let mut r = record.clone();
             r.slot = Some(slot);
             if let Some((_, header)) = &memory {
@@ -144,7 +170,7 @@ impl Manager {
                 self.layers.retain(txn, header)?;
             }
             txn.sandboxes().put(&id, &r)?;
-            log_event(txn, &id, "create", "")?;
+            log_event(txn, &id, "create", "", now)?;
             Ok::<_, SandboxError>(slot)
         })?);
         tracing::info!(sandbox = %id, slot = ?record.slot, template = %record.template, "creating sandbox");
@@ -169,8 +195,8 @@ impl Manager {
             .slot
             .map(|s| s.0)
             .ok_or_else(|| SandboxError::NoSlot(record.id.to_string()))?;
-        let net = network::setup(slot, record.internet)?;
-        let spec = self.vm_spec(record, net.netns)?;
+        let netns = self.network.setup(slot, record.internet)?;
+        let spec = self.vm_spec(record, netns)?;
         let handle = self.runtime.boot(&spec)?;
         record.vmm = Some(vmm_of(&handle));
         self.registry.save(record)?;
@@ -201,8 +227,8 @@ impl Manager {
             .map_err(SandboxError::io("create the sandbox folder", &dir))?;
         self.layers
             .materialize_with(memory, &self.memory_file(&record.id), false)?;
-        let net = network::setup(slot, record.internet)?;
-        let spec = self.vm_spec(record, net.netns)?;
+        let netns = self.network.setup(slot, record.internet)?;
+        let spec = self.vm_spec(record, netns)?;
         let handle = self.runtime.restore_new(&spec, Path::new(state))?;
         record.vmm = Some(vmm_of(&handle));
         self.registry.save(record)?;
@@ -254,7 +280,7 @@ impl Manager {
             }
         }
         if let Some(slot) = record.slot {
-            if let Err(e) = network::teardown(slot.0) {
+            if let Err(e) = self.network.teardown(slot.0) {
                 tracing::error!(sandbox = %record.id, error = %e, "cannot remove network");
             }
         }
@@ -279,6 +305,7 @@ impl Manager {
             tracing::error!(sandbox = %record.id, error = %e, "cannot read the memory header");
             None
         });
+        let now = self.now_ms();
         let released = self.store.write_with(|txn| {
             let released = match &memory {
                 Some(header) => self.layers.release(txn, header)?,
@@ -288,7 +315,7 @@ impl Manager {
             if let Some(slot) = record.slot {
                 free_slot(txn, slot, &record.id)?;
             }
-            log_event(txn, &record.id, kind, detail)?;
+            log_event(txn, &record.id, kind, detail, now)?;
             Ok::<_, SandboxError>(released)
         })?;
         if !released.is_empty() || memory.is_some() {
@@ -309,7 +336,7 @@ impl Manager {
     pub fn destroy(&self, id: &SandboxId) -> Result<(), SandboxError> {
         let _busy = self.registry.claim(id)?;
         let mut record = self.get(id)?;
-        record.set_status(SandboxStatus::Destroying, now_ms());
+        record.set_status(SandboxStatus::Destroying, self.now_ms());
         self.registry.save(&record)?;
         tracing::info!(sandbox = %id, "destroying sandbox");
         self.tear_down(&record);
@@ -333,7 +360,7 @@ impl Manager {
                 .sandboxes()
                 .get(id)?
                 .ok_or_else(|| SandboxError::NotFound(id.to_string()))?;
-            let now = now_ms();
+            let now = self.now_ms();
             record.expires_at_ms = Some(now + timeout_s * 1000);
             record.updated_at_ms = now;
             txn.sandboxes().put(id, &record)?;

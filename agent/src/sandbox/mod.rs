@@ -28,6 +28,6 @@ pub mod spec;
 pub mod templates;
 
 pub use error::SandboxError;
-pub use manager::Manager;
+pub use manager::{Manager, Parts};
 pub use snapshots::{LayerUsage, Snapshot, SnapshotRequest};
 pub use spec::{CreateRequest, HostCapacity};

@@ -14,8 +14,6 @@ use super::recovery::{self, Observed, Recovery};
 use super::registry::{resume_mark, RESUME_MARK};
 use super::spec::HostCapacity;
 use super::templates::Templates;
-use crate::clock::now_ms;
-use crate::network;
 use crate::runtime::{process, Runtime, VmHandle};
 
 /// What the node does for all its sandboxes ([`Manager::node`]).
@@ -46,7 +44,7 @@ impl Node<'_> {
 
     /// Destroys every running sandbox whose timeout has passed.
     pub fn reap_expired(&self) {
-        let now = now_ms();
+        let now = self.m.now_ms();
         let expired: Vec<(SandboxId, TimeoutAction)> = match self.m.list() {
             Ok(all) => all
                 .into_iter()
@@ -125,14 +123,14 @@ impl Node<'_> {
     /// done, re-attaches to running VMs, and removes what belongs to no
     /// sandbox (namespaces, folders, VM processes).
     pub fn reconcile(&self) -> Result<(), SandboxError> {
-        network::ensure_host()?;
+        self.m.network.ensure_host()?;
         for mut record in self.m.list()? {
             // One sandbox that cannot be put right must not keep the node
             // from starting: it is marked failed, with the reason.
             if let Err(e) = self.reconcile_one(&mut record) {
                 tracing::error!(sandbox = %record.id, error = %e, "cannot reconcile; marking it failed");
                 record.error = Some(format!("could not recover after an agent restart: {e}"));
-                record.set_status(SandboxStatus::Error, now_ms());
+                record.set_status(SandboxStatus::Error, self.m.now_ms());
                 self.m.registry.save(&record)?;
             }
         }
@@ -203,7 +201,7 @@ impl Node<'_> {
                 self.m.tear_down(record);
                 record.vmm = None;
                 record.error = Some(reason.to_owned());
-                record.set_status(SandboxStatus::Error, now_ms());
+                record.set_status(SandboxStatus::Error, self.m.now_ms());
                 self.m.registry.save(record)?;
             }
         }
@@ -218,13 +216,13 @@ impl Node<'_> {
             .filter_map(|r| r.slot.map(|s| s.0))
             .collect();
         let mine = self.m.registry.slots();
-        for slot in network::list_existing()? {
+        for slot in self.m.network.existing()? {
             if mine.contains(&slot) && !held.contains(&slot) {
                 tracing::info!(
                     slot,
                     "removing the network of a sandbox that no longer exists"
                 );
-                network::teardown(slot)?;
+                self.m.network.teardown(slot)?;
             }
         }
         let known: HashSet<String> = records.iter().map(|r| r.id.to_string()).collect();

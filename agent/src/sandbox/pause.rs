@@ -10,8 +10,6 @@ use super::error::SandboxError;
 use super::manager::{handle_of, remove_file_logged, vmm_of, Manager};
 use super::node::stop_orphan_vm;
 use super::registry::{allocate_slot, free_slot, log_event};
-use crate::clock::now_ms;
-use crate::network;
 use crate::store::{Header, MEMORY_BLOCK_SIZE};
 
 impl Manager {
@@ -26,7 +24,8 @@ impl Manager {
     ) -> Result<Vec<lmdb_schema::LayerId>, SandboxError> {
         let slot = record.slot.take();
         record.vmm = None;
-        record.set_status(SandboxStatus::Paused, now_ms());
+        let now = self.now_ms();
+        record.set_status(SandboxStatus::Paused, now);
         if let Some((header, _)) = memory {
             record.memory_header = Some(header.id().map_err(crate::store::Error::from)?.0);
         }
@@ -44,7 +43,7 @@ impl Manager {
                 free_slot(txn, slot, &paused.id)?;
             }
             if let Some(kind) = event {
-                log_event(txn, &paused.id, kind, "")?;
+                log_event(txn, &paused.id, kind, "", now)?;
             }
             Ok(released)
         })
@@ -66,7 +65,7 @@ impl Manager {
         mut record: SandboxRecord,
     ) -> Result<SandboxRecord, SandboxError> {
         let id = record.id.clone();
-        record.set_status(SandboxStatus::Pausing, now_ms());
+        record.set_status(SandboxStatus::Pausing, self.now_ms());
         self.registry.save(&record)?;
         tracing::info!(sandbox = %id, "pausing sandbox");
         self.finish_pause(&mut record)?;
@@ -82,7 +81,7 @@ impl Manager {
                 .pause_to(&handle_of(vmm), &self.state_file(&record.id))?;
         }
         if let Some(slot) = record.slot {
-            network::teardown(slot.0)?;
+            self.network.teardown(slot.0)?;
         }
         let memory = self.memory_file(&record.id);
         let snapshot = if memory.is_file() {
@@ -138,9 +137,10 @@ impl Manager {
             )));
         }
         let slots = self.registry.slots();
-        record.set_status(SandboxStatus::Resuming, now_ms());
+        let now = self.now_ms();
+        record.set_status(SandboxStatus::Resuming, now);
         record.slot = Some(self.store.write_with(|txn| {
-            let slot = allocate_slot(txn, slots.clone(), id)?;
+            let slot = allocate_slot(txn, slots.clone(), id, now)?;
             let mut resuming = record.clone();
             resuming.slot = Some(slot);
             txn.sandboxes().put(id, &resuming)?;
@@ -158,7 +158,7 @@ impl Manager {
     }
 
     pub(super) fn bring_back(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
-        let now = now_ms();
+        let now = self.now_ms();
         if record.is_expired(now) {
             // Paused by its timeout: a resumed sandbox gets a new lease.
             record.expires_at_ms = Some(now + self.config.sandbox.default_timeout_s * 1000);
@@ -176,8 +176,8 @@ impl Manager {
         }
         // A VM left by an interrupted resume would hold the disk's lock.
         stop_orphan_vm(self.runtime.as_ref(), &self.sandbox_dir(&record.id));
-        let net = network::setup(slot, record.internet)?;
-        let spec = self.vm_spec(record, net.netns)?;
+        let netns = self.network.setup(slot, record.internet)?;
+        let spec = self.vm_spec(record, netns)?;
         let handle = self.runtime.restore(&spec, &self.state_file(&record.id))?;
         record.vmm = Some(vmm_of(&handle));
         self.registry.save(record)?;
@@ -200,7 +200,7 @@ impl Manager {
             None => stop_orphan_vm(self.runtime.as_ref(), &self.sandbox_dir(&record.id)),
         }
         if let Some(slot) = record.slot {
-            if let Err(e) = network::teardown(slot.0) {
+            if let Err(e) = self.network.teardown(slot.0) {
                 tracing::error!(sandbox = %record.id, error = %e, "cannot remove network");
             }
         }

@@ -15,7 +15,7 @@ use lmdb_schema::{
 };
 
 use super::error::SandboxError;
-use crate::clock::now_ms;
+use crate::clock::Clock;
 
 /// Prefix of the `meta` settings that mark sandboxes paused by a shutdown.
 pub(super) const RESUME_MARK: &str = "resume.";
@@ -27,6 +27,7 @@ pub struct Registry {
     busy: Mutex<HashSet<SandboxId>>,
     /// The network slots this node may use.
     slots: Range<u32>,
+    clock: Arc<dyn Clock>,
 }
 
 /// Marks a sandbox busy for as long as it lives.
@@ -46,12 +47,18 @@ impl Drop for BusyGuard<'_> {
 }
 
 impl Registry {
-    pub fn new(store: Arc<Store>, slots: Range<u32>) -> Registry {
+    pub fn new(store: Arc<Store>, slots: Range<u32>, clock: Arc<dyn Clock>) -> Registry {
         Registry {
             store,
             busy: Mutex::new(HashSet::new()),
             slots,
+            clock,
         }
+    }
+
+    /// The time, from the injected clock.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     /// The network slots this node may use.
@@ -107,18 +114,19 @@ impl Registry {
     /// Writes `record`, stamped with the time.
     pub fn save(&self, record: &SandboxRecord) -> Result<(), SandboxError> {
         let mut record = record.clone();
-        record.updated_at_ms = now_ms();
+        record.updated_at_ms = self.now_ms();
         self.store
             .write(|txn| txn.sandboxes().put(&record.id, &record))?;
         Ok(())
     }
 }
 
-/// Takes the lowest free slot of `range` for `id`.
+/// Takes the lowest free slot of `range` for `id`, at `at_ms`.
 pub(super) fn allocate_slot(
     txn: &mut WriteTxn<'_>,
     range: Range<u32>,
     id: &SandboxId,
+    at_ms: u64,
 ) -> Result<SlotId, SandboxError> {
     let slot = txn.slots().first_free(range.clone())?.ok_or_else(|| {
         SandboxError::Capacity(format!(
@@ -130,7 +138,7 @@ pub(super) fn allocate_slot(
         &slot,
         &SlotRecord {
             sandbox: id.clone(),
-            allocated_at_ms: now_ms(),
+            allocated_at_ms: at_ms,
         },
     )?;
     Ok(slot)
@@ -149,15 +157,16 @@ pub(super) fn free_slot(
     Ok(())
 }
 
-/// Appends an event about `id` to the log.
+/// Appends an event about `id`, at `at_ms`, to the log.
 pub(super) fn log_event(
     txn: &mut WriteTxn<'_>,
     id: &SandboxId,
     kind: &str,
     detail: &str,
+    at_ms: u64,
 ) -> Result<(), SandboxError> {
     txn.events().append(&EventRecord {
-        at_ms: now_ms(),
+        at_ms,
         sandbox: Some(id.clone()),
         kind: kind.to_owned(),
         detail: detail.to_owned(),

@@ -27,7 +27,6 @@ use lmdb_schema::{SandboxId, SandboxStatus, TemplateKind, TemplateName, Template
 
 use super::error::SandboxError;
 use super::manager::Manager;
-use crate::clock::now_ms;
 use crate::store::{Header, HeaderId};
 
 const VM_STATE: &str = "vmstate";
@@ -122,7 +121,7 @@ impl Snapshots<'_> {
         let name = match &request.name {
             Some(name) => TemplateName::parse(name)
                 .map_err(|e| SandboxError::Invalid(format!("name: {e}")))?,
-            None => TemplateName::parse(&format!("{}-{}", id, now_ms()))
+            None => TemplateName::parse(&format!("{}-{}", id, self.m.now_ms()))
                 .map_err(|e| SandboxError::Internal(e.to_string()))?,
         };
         if self.m.templates.exists(&name) {
@@ -251,7 +250,7 @@ impl Snapshots<'_> {
             size_bytes: files_size + memory_size,
             sha256: None,
             parent_sandbox: Some(sandbox.id.clone()),
-            created_at_ms: now_ms(),
+            created_at_ms: self.m.now_ms(),
             memory_header: Some(memory_id.0),
             vm_state: Some(path_text(&final_dir.join(VM_STATE))),
             disk_base: Some(path_text(&disk_base)),
