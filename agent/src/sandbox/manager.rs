@@ -30,6 +30,7 @@ use super::registry::{allocate_slot, free_slot, log_event, Registry};
 use super::snapshots::Snapshots;
 use super::spec::{CreateRequest, HostCapacity};
 use super::templates::Templates;
+use super::undo::Undo;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::network::SlotNetwork;
@@ -174,30 +175,43 @@ impl Manager {
             Ok::<_, SandboxError>(slot)
         })?);
         tracing::info!(sandbox = %id, slot = ?record.slot, template = %record.template, "creating sandbox");
+        let mut undo = Undo::new(&id);
         let brought_up = match (&snapshot, &memory) {
-            (Some(t), Some((_, header))) => self.bring_up_from(&mut record, t, header),
-            _ => self.bring_up(&mut record),
+            (Some(t), Some((_, header))) => self.bring_up_from(&mut record, t, header, &mut undo),
+            _ => self.bring_up(&mut record, &mut undo),
         };
         match brought_up {
-            Ok(()) => Ok(record),
+            Ok(()) => {
+                undo.commit();
+                Ok(record)
+            }
             Err(e) => {
                 tracing::warn!(sandbox = %id, error = %e, "create failed; rolling back");
-                self.tear_down(&record);
+                undo.unwind();
                 self.forget(&record, "create_failed", &e.to_string())?;
                 Err(e)
             }
         }
     }
 
-    /// Network, VM, envd: the side effects of a create, each recorded.
-    pub(super) fn bring_up(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
+    /// Network, VM, envd: the side effects of a create, each recorded,
+    /// each pushing its undo.
+    pub(super) fn bring_up<'a>(
+        &'a self,
+        record: &mut SandboxRecord,
+        undo: &mut Undo<'a>,
+    ) -> Result<(), SandboxError> {
         let slot = record
             .slot
             .map(|s| s.0)
             .ok_or_else(|| SandboxError::NoSlot(record.id.to_string()))?;
+        self.undo_folder(&record.id, undo);
         let netns = self.network.setup(slot, record.internet)?;
+        self.undo_network(slot, undo);
         let spec = self.vm_spec(record, netns)?;
+        self.undo_any_vm(&spec.dir, undo);
         let handle = self.runtime.boot(&spec)?;
+        self.undo_vm(&handle, undo);
         record.vmm = Some(vmm_of(&handle));
         self.registry.save(record)?;
         self.finish_boot(record, None)
@@ -205,11 +219,12 @@ impl Manager {
 
     /// Network, memory, VM restored from snapshot `template`, envd: the
     /// side effects of a create from a snapshot.
-    pub(super) fn bring_up_from(
-        &self,
+    pub(super) fn bring_up_from<'a>(
+        &'a self,
         record: &mut SandboxRecord,
         template: &TemplateRecord,
         memory: &Header,
+        undo: &mut Undo<'a>,
     ) -> Result<(), SandboxError> {
         let slot = record
             .slot
@@ -223,16 +238,57 @@ impl Manager {
                 missing: "VM state",
             })?;
         let dir = self.sandbox_dir(&record.id);
+        self.undo_folder(&record.id, undo);
         std::fs::create_dir_all(&dir)
             .map_err(SandboxError::io("create the sandbox folder", &dir))?;
         self.layers
             .materialize_with(memory, &self.memory_file(&record.id), false)?;
         let netns = self.network.setup(slot, record.internet)?;
+        self.undo_network(slot, undo);
         let spec = self.vm_spec(record, netns)?;
+        self.undo_any_vm(&spec.dir, undo);
         let handle = self.runtime.restore_new(&spec, Path::new(state))?;
+        self.undo_vm(&handle, undo);
         record.vmm = Some(vmm_of(&handle));
         self.registry.save(record)?;
         self.finish_boot(record, template.envd_token.clone())
+    }
+
+    /// Undo: remove the sandbox's folder.
+    pub(super) fn undo_folder<'a>(&'a self, id: &SandboxId, undo: &mut Undo<'a>) {
+        let dir = self.sandbox_dir(id);
+        undo.push(
+            "remove the sandbox folder",
+            move || match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(SandboxError::io("remove", &dir)(e))
+                }
+                _ => Ok(()),
+            },
+        );
+    }
+
+    /// Undo: remove the network of `slot`.
+    pub(super) fn undo_network<'a>(&'a self, slot: u32, undo: &mut Undo<'a>) {
+        undo.push("remove the network", move || {
+            Ok(self.network.teardown(slot)?)
+        });
+    }
+
+    /// Undo: stop any VM of the sandbox folder `dir`, found by its PID file
+    /// or command line (one a failed start left running).
+    pub(super) fn undo_any_vm<'a>(&'a self, dir: &Path, undo: &mut Undo<'a>) {
+        let dir = dir.to_path_buf();
+        undo.push("stop a VM left by a failed start", move || {
+            stop_orphan_vm(self.runtime.as_ref(), &dir);
+            Ok(())
+        });
+    }
+
+    /// Undo: stop the VM `handle` names.
+    pub(super) fn undo_vm<'a>(&'a self, handle: &VmHandle, undo: &mut Undo<'a>) {
+        let handle = handle.clone();
+        undo.push("stop the VM", move || Ok(self.runtime.stop(&handle)?));
     }
 
     pub(super) fn state_file(&self, id: &SandboxId) -> PathBuf {

@@ -9,6 +9,7 @@
 //!   - [`node`]: recovery at start, the timeout reaper, shutdown;
 //! - [`recovery`]: what to do after a restart with a sandbox a previous
 //!   agent left half done (a pure decision, table-tested).
+//! - `undo`: the undo list each step fills as it acquires resources.
 //! - [`registry`]: records, busy claims, network slots, the event log.
 //! - [`envd`]: the client for the guest agent inside each sandbox.
 //! - [`templates`]: the base images a sandbox can boot from.
@@ -26,6 +27,7 @@ pub mod registry;
 pub mod snapshots;
 pub mod spec;
 pub mod templates;
+mod undo;
 
 pub use error::SandboxError;
 pub use manager::{Manager, Parts};

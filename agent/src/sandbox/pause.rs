@@ -10,6 +10,7 @@ use super::error::SandboxError;
 use super::manager::{handle_of, remove_file_logged, vmm_of, Manager};
 use super::node::stop_orphan_vm;
 use super::registry::{allocate_slot, free_slot, log_event};
+use super::undo::Undo;
 use crate::store::{Header, MEMORY_BLOCK_SIZE};
 
 impl Manager {
@@ -147,17 +148,30 @@ impl Manager {
             Ok::<_, SandboxError>(slot)
         })?);
         tracing::info!(sandbox = %id, slot = ?record.slot, "resuming sandbox");
-        match self.bring_back(&mut record) {
-            Ok(()) => Ok(record),
+        let mut undo = Undo::new(id);
+        match self.bring_back(&mut record, &mut undo) {
+            Ok(()) => {
+                undo.commit();
+                Ok(record)
+            }
             Err(e) => {
                 tracing::warn!(sandbox = %id, error = %e, "resume failed; staying paused");
-                self.back_to_paused(&mut record)?;
+                undo.unwind();
+                self.record_paused(&mut record, None, None)?;
                 Err(e)
             }
         }
     }
 
-    pub(super) fn bring_back(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
+    /// Memory, network, VM restored from its state, envd: the side effects
+    /// of a resume, each pushing its undo. The layers, the disk and the VM
+    /// state are never touched, so a failed resume leaves the sandbox as
+    /// it was paused.
+    pub(super) fn bring_back<'a>(
+        &'a self,
+        record: &mut SandboxRecord,
+        undo: &mut Undo<'a>,
+    ) -> Result<(), SandboxError> {
         let now = self.now_ms();
         if record.is_expired(now) {
             // Paused by its timeout: a resumed sandbox gets a new lease.
@@ -170,15 +184,22 @@ impl Manager {
         if let Some(memory) = self.load_memory(record.memory_header)? {
             let started = std::time::Instant::now();
             // A working copy: after a crash it is written again from layers.
-            self.layers
-                .materialize_with(&memory, &self.memory_file(&record.id), false)?;
+            let file = self.memory_file(&record.id);
+            self.layers.materialize_with(&memory, &file, false)?;
+            undo.push("drop the memory file written from layers", move || {
+                remove_file_logged(&file);
+                Ok(())
+            });
             tracing::debug!(sandbox = %record.id, ms = started.elapsed().as_millis() as u64, "memory written from layers");
         }
         // A VM left by an interrupted resume would hold the disk's lock.
         stop_orphan_vm(self.runtime.as_ref(), &self.sandbox_dir(&record.id));
         let netns = self.network.setup(slot, record.internet)?;
+        self.undo_network(slot, undo);
         let spec = self.vm_spec(record, netns)?;
+        self.undo_any_vm(&spec.dir, undo);
         let handle = self.runtime.restore(&spec, &self.state_file(&record.id))?;
+        self.undo_vm(&handle, undo);
         record.vmm = Some(vmm_of(&handle));
         self.registry.save(record)?;
         self.finish_boot(record, None)
