@@ -228,3 +228,19 @@ fn the_binary_prints_the_state_version_it_writes_and_reads() {
         format!("writes VM state {STATE_VERSION}; reads 1.0 to {STATE_VERSION} and format 4 (before versioned headers)")
     );
 }
+
+#[test]
+fn the_version_this_vmm_writes_has_its_committed_fixtures() {
+    // A new state version: run the generators of README.md and commit
+    // what they write; keep every older fixture.
+    for name in [
+        format!("sample-{STATE_VERSION}.vmstate"),
+        format!("counter-{STATE_VERSION}/vmstate"),
+        format!("counter-{STATE_VERSION}/memory.pages"),
+        "sample-format4.vmstate".to_owned(),
+        "counter-format4/vmstate".to_owned(),
+        "counter-format4/memory.pages".to_owned(),
+    ] {
+        assert!(fixture(&name).is_file(), "tests/fixtures/{name} is missing");
+    }
+}
