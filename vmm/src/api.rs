@@ -352,7 +352,8 @@ impl From<Error> for ApiError {
             | Error::MemorySize(_)
             | Error::Kernel(_)
             | Error::Acpi(_)
-            | Error::Snapshot(_) => ApiError::invalid_argument(message),
+            | Error::Snapshot(_)
+            | Error::StateFile(_) => ApiError::invalid_argument(message),
             Error::ProgramTooLarge { .. } => ApiError::invalid_argument(message),
             Error::Virtio(DeviceError::Event { .. } | DeviceError::Thread(_)) => {
                 ApiError::internal(message)

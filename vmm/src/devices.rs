@@ -12,6 +12,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result};
+use crate::persist::Persist;
 
 /// First port of COM1.
 pub const SERIAL_PORT: u16 = 0x3f8;
@@ -108,23 +109,26 @@ impl Devices {
         self.serial().flush();
     }
 
-    /// The devices' state, for a snapshot.
-    pub fn state(&self) -> DevicesState {
-        DevicesState {
-            serial: SerialSaved::from(self.serial().serial.state()),
-        }
+    /// The serial port's state, for a snapshot.
+    pub fn save_serial(&self) -> Result<SerialSaved> {
+        self.serial().save()
     }
 
-    /// Puts the devices back as `state` describes them.
-    pub fn restore(&self, state: &DevicesState) -> Result<()> {
-        self.serial().restore(&state.serial)
+    /// Puts the serial port back as `saved` describes it, keeping its
+    /// interrupt and output.
+    pub fn restore_serial(&self, saved: &SerialSaved) -> Result<()> {
+        let mut port = self.serial();
+        let interrupt = port
+            .serial
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(Error::EventFd)?;
+        // A failed restore drops the output with the machine it was for.
+        let out = std::mem::replace(port.serial.writer_mut(), Box::new(std::io::sink()));
+        *port = SerialPort::restore((interrupt, out), saved)?;
+        Ok(())
     }
-}
-
-/// What a snapshot keeps of the devices.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DevicesState {
-    pub serial: SerialSaved,
 }
 
 /// The 8250's registers and unread input, as saved in a snapshot (the
@@ -189,23 +193,6 @@ impl SerialPort {
         }
     }
 
-    /// Takes the registers and input of `saved`, keeping this port's
-    /// interrupt and output.
-    fn restore(&mut self, saved: &SerialSaved) -> Result<()> {
-        let interrupt = self
-            .serial
-            .interrupt_evt()
-            .0
-            .try_clone()
-            .map_err(Error::EventFd)?;
-        let sink: Box<dyn Write + Send> = Box::new(std::io::sink());
-        let mut restored = Serial::from_state(&saved.into(), IrqTrigger(interrupt), NoEvents, sink)
-            .map_err(|e| Error::Snapshot(format!("the saved serial port is invalid: {e:?}")))?;
-        std::mem::swap(restored.writer_mut(), self.serial.writer_mut());
-        self.serial = restored;
-        Ok(())
-    }
-
     pub fn write(&mut self, port: u16, value: u8) -> Result<()> {
         self.serial
             .write((port - SERIAL_PORT) as u8, value)
@@ -218,6 +205,23 @@ impl SerialPort {
 
     pub fn flush(&mut self) {
         let _ = self.serial.writer_mut().flush();
+    }
+}
+
+impl Persist<'_> for SerialPort {
+    type State = SerialSaved;
+    /// The interrupt's event descriptor and where the output goes.
+    type ConstructorArgs = (EventFd, Box<dyn Write + Send>);
+    type Error = Error;
+
+    fn save(&self) -> Result<SerialSaved> {
+        Ok(SerialSaved::from(self.serial.state()))
+    }
+
+    fn restore((interrupt, out): Self::ConstructorArgs, saved: &SerialSaved) -> Result<Self> {
+        let serial = Serial::from_state(&saved.into(), IrqTrigger(interrupt), NoEvents, out)
+            .map_err(|e| Error::Snapshot(format!("the saved serial port is invalid: {e:?}")))?;
+        Ok(SerialPort { serial })
     }
 }
 
@@ -270,6 +274,27 @@ mod tests {
         assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
         // Line status: transmitter empty.
         assert_ne!(serial.read(SERIAL_PORT + 5) & 0x20, 0);
+    }
+
+    #[test]
+    fn a_serial_port_restored_from_its_state_has_its_registers_input_and_a_new_output() {
+        let mut serial = SerialPort::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
+        // Divisor latch on, a divisor of 3, 8N1, interrupts on, scratch.
+        for (offset, value) in [(3, 0x83), (0, 3), (1, 0), (3, 0x03), (1, 0x01), (7, 0x5a)] {
+            serial.write(SERIAL_PORT + offset, value).unwrap();
+        }
+        serial.serial.enqueue_raw_bytes(b"ls\n").unwrap();
+        let saved = serial.save().unwrap();
+        assert_eq!(saved.in_buffer, b"ls\n");
+
+        let out = Shared::default();
+        let mut restored =
+            SerialPort::restore((EventFd::new(0).unwrap(), Box::new(out.clone())), &saved).unwrap();
+        assert_eq!(restored.save().unwrap(), saved);
+        assert_eq!(restored.read(SERIAL_PORT + 7), 0x5a);
+        assert_eq!(restored.read(SERIAL_PORT), b'l', "the unread input is kept");
+        restored.write(SERIAL_PORT, b'x').unwrap();
+        assert_eq!(&*out.0.lock().unwrap(), b"x");
     }
 
     #[test]

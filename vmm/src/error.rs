@@ -40,6 +40,8 @@ pub enum Error {
     Vcpu(String),
     #[error("snapshot: {0}")]
     Snapshot(String),
+    #[error("snapshot: {0}")]
+    StateFile(#[from] crate::snapshot::StateFileError),
     #[error("virtio device: {0}")]
     Virtio(#[from] crate::virtio::DeviceError),
     #[error("cannot make an event descriptor: {0}")]

@@ -9,7 +9,10 @@
 //!   registers) a guest program or kernel starts in.
 //! - [`devices`]: the legacy devices: 8250 serial, i8042 reset.
 //! - [`linux`]: loading a Linux kernel, its command line and initramfs.
-//! - [`snapshot`]: saving a paused machine and restoring it.
+//! - [`snapshot`]: saving a paused machine and restoring it; the versioned
+//!   `vmstate` file ([`snapshot::format`]).
+//! - [`persist`]: the [`persist::Persist`] trait each saved part implements.
+//! - [`kvm_state`]: the vCPUs' and the VM's in-kernel state.
 //! - [`virtio`]: virtio-mmio block and network devices and the thread that
 //!   serves their queues.
 //! - [`seccomp`]: the system call filters of the VMM and vCPU threads.
@@ -22,8 +25,10 @@ pub mod boot;
 pub mod controller;
 pub mod devices;
 pub mod error;
+pub mod kvm_state;
 pub mod linux;
 pub mod machine;
+pub mod persist;
 pub mod seccomp;
 pub mod snapshot;
 pub mod uffd;

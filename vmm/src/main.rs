@@ -24,7 +24,7 @@ struct Flags {
     #[arg(long, conflicts_with_all = ["program", "kernel"])]
     api_sock: Option<PathBuf>,
     /// A flat 64-bit program, entered at 0x100000 in long mode.
-    #[arg(long, conflicts_with = "kernel", required_unless_present_any = ["kernel", "api_sock"])]
+    #[arg(long, conflicts_with = "kernel", required_unless_present_any = ["kernel", "api_sock", "state_version"])]
     program: Option<PathBuf>,
     /// A Linux kernel: bzImage or ELF vmlinux.
     #[arg(long)]
@@ -45,10 +45,17 @@ struct Flags {
     /// output).
     #[arg(long)]
     serial_log: Option<PathBuf>,
+    /// Print the VM state version this binary writes and those it reads.
+    #[arg(long)]
+    state_version: bool,
 }
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
+    if flags.state_version {
+        println!("{}", wrenn_vmm::snapshot::supported_versions());
+        return ExitCode::SUCCESS;
+    }
     if let Some(socket) = &flags.api_sock {
         return match serve(socket, &flags) {
             Ok(why) => {

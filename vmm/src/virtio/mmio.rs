@@ -18,8 +18,11 @@ use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::block::{Block, DriveSource};
+use super::net::Net;
 use super::persist::{DeviceState, DeviceStateKind, QueueConfig, TransportState};
 use super::{Backend, DeviceError, Interrupt};
+use crate::persist::Persist;
 
 /// `QueueNotify`, where each queue's ioeventfd listens.
 pub const QUEUE_NOTIFY: u32 = VIRTIO_MMIO_QUEUE_NOTIFY;
@@ -256,29 +259,8 @@ impl MmioTransport {
         }
     }
 
-    pub(crate) fn save(&self) -> DeviceState {
-        let transport = TransportState {
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            acked_features: self.acked_features,
-            queue_sel: self.queue_sel,
-            status: self.status,
-            config_generation: self.config_generation,
-            interrupt_status: self.interrupt.status(),
-            queues: self
-                .queues
-                .iter()
-                .map(|q| QueueConfig::from(q.state()))
-                .collect(),
-        };
-        let kind = match &self.backend {
-            Backend::Block(block) => DeviceStateKind::Block(block.save()),
-            Backend::Net(net) => DeviceStateKind::Net(net.save()),
-        };
-        DeviceState { transport, kind }
-    }
-
-    pub(crate) fn restore(&mut self, state: &TransportState) -> Result<(), DeviceError> {
+    /// Takes the saved registers and queue positions of `state`.
+    fn set_state(&mut self, state: &TransportState) -> Result<(), DeviceError> {
         if state.queues.len() != self.queues.len() {
             return Err(DeviceError::State(format!(
                 "a device has {} queues in the snapshot but {} here",
@@ -308,6 +290,56 @@ impl MmioTransport {
     }
 }
 
+/// What a transport's restore needs besides its state.
+pub(crate) struct TransportArgs<'a> {
+    /// The new VM's interrupt for the device's slot.
+    pub(crate) interrupt: Arc<Interrupt>,
+    pub(crate) memory: GuestMemoryMmap,
+    /// For a block device: the drive to open instead of the saved one.
+    pub(crate) drive: Option<&'a DriveSource>,
+}
+
+/// A transport saves its device with it: the slot's whole state.
+impl<'a> Persist<'a> for MmioTransport {
+    type State = DeviceState;
+    type ConstructorArgs = TransportArgs<'a>;
+    type Error = DeviceError;
+
+    fn save(&self) -> Result<DeviceState, DeviceError> {
+        let transport = TransportState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueConfig::from(q.state()))
+                .collect(),
+        };
+        let kind = match &self.backend {
+            Backend::Block(block) => DeviceStateKind::Block(block.save()?),
+            Backend::Net(net) => DeviceStateKind::Net(net.save()?),
+        };
+        Ok(DeviceState { transport, kind })
+    }
+
+    /// Reopens the device (its drive or tap), then takes the saved
+    /// registers and queue positions.
+    fn restore(args: TransportArgs<'a>, state: &DeviceState) -> Result<Self, DeviceError> {
+        let backend = match &state.kind {
+            DeviceStateKind::Block(saved) => Backend::Block(Block::restore(args.drive, saved)?),
+            DeviceStateKind::Net(saved) => Backend::Net(Net::restore((), saved)?),
+        };
+        let mut transport = MmioTransport::new(backend, args.interrupt, args.memory)?;
+        transport.set_state(&state.transport)?;
+        Ok(transport)
+    }
+}
+
 /// Copies `data.len()` bytes of `config` at `offset`; what lies beyond it
 /// reads as zero.
 fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
@@ -320,4 +352,81 @@ fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
     }
     let end = config.len().min(start + data.len());
     data[..end - start].copy_from_slice(&config[start..end]);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::virtio::block::DriveConfig;
+
+    fn interrupt() -> Arc<Interrupt> {
+        Arc::new(Interrupt {
+            status: AtomicU32::new(0),
+            irqfd: EventFd::new(libc::EFD_NONBLOCK).expect("an eventfd"),
+        })
+    }
+
+    fn write(transport: &mut MmioTransport, register: u32, value: u32) {
+        transport.write(u64::from(register), &value.to_le_bytes());
+    }
+
+    #[test]
+    fn a_transport_restored_from_its_state_has_the_negotiated_features_and_queues() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let path = dir.path().join("disk.img");
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(64 << 10))
+            .expect("a raw image");
+        let config = DriveConfig {
+            drive_id: "rootfs".into(),
+            source: DriveSource::Raw { path },
+            is_root_device: true,
+            read_only: false,
+        };
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)])
+            .expect("guest memory");
+        let block = Block::open(config, None, None).expect("opens");
+        let mut transport =
+            MmioTransport::new(Backend::Block(block), interrupt(), memory.clone()).expect("made");
+        // A driver's set-up: ACKNOWLEDGE | DRIVER, VERSION_1, FEATURES_OK,
+        // one queue of 128 at 64 KiB, DRIVER_OK.
+        write(&mut transport, VIRTIO_MMIO_STATUS, 3);
+        write(&mut transport, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write(&mut transport, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        write(&mut transport, VIRTIO_MMIO_STATUS, 0xb);
+        write(&mut transport, VIRTIO_MMIO_QUEUE_SEL, 0);
+        write(&mut transport, VIRTIO_MMIO_QUEUE_NUM, 128);
+        write(&mut transport, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1_0000);
+        write(&mut transport, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x1_1000);
+        write(&mut transport, VIRTIO_MMIO_QUEUE_USED_LOW, 0x1_2000);
+        write(&mut transport, VIRTIO_MMIO_QUEUE_READY, 1);
+        write(&mut transport, VIRTIO_MMIO_STATUS, 0xf);
+        assert!(transport.activated());
+        transport.interrupt.raise(1);
+        let saved = transport.save().expect("saved");
+        assert_eq!(saved.transport.acked_features, 1 << VIRTIO_F_VERSION_1);
+        assert_eq!(saved.transport.queues[0].size, 128);
+        drop(transport);
+
+        let args = TransportArgs {
+            interrupt: interrupt(),
+            memory,
+            drive: None,
+        };
+        let restored = MmioTransport::restore(args, &saved).expect("restored");
+        assert!(restored.activated());
+        assert_eq!(restored.save().expect("saved again"), saved);
+        let mut status = [0u8; 4];
+        restored.read(u64::from(VIRTIO_MMIO_INTERRUPT_STATUS), &mut status);
+        assert_eq!(
+            u32::from_le_bytes(status),
+            1,
+            "the pending interrupt is kept"
+        );
+    }
 }

@@ -40,6 +40,7 @@ use self::event_loop::DeviceThread;
 use self::mmio::MmioTransport;
 use self::net::{Net, NetConfig};
 use self::persist::{DeviceState, DeviceStateKind};
+use crate::persist::Persist;
 
 /// Guest address of the first device's registers.
 pub const MMIO_BASE: u64 = 0xd000_0000;
@@ -241,14 +242,18 @@ impl Devices {
     ) -> Result<MmioSlot, DeviceError> {
         self.check_id(&config.drive_id)?;
         let block = Block::open(config, None, None)?;
-        self.plug(vm, Backend::Block(block), None)
+        self.plug(vm, |interrupt| {
+            MmioTransport::new(Backend::Block(block), interrupt, self.memory.clone())
+        })
     }
 
     /// Adds a network device on the tap `config.tap_name`.
     pub(crate) fn add_net(&self, vm: &VmFd, config: NetConfig) -> Result<MmioSlot, DeviceError> {
         self.check_id(&config.iface_id)?;
         let net = Net::open(config)?;
-        self.plug(vm, Backend::Net(net), None)
+        self.plug(vm, |interrupt| {
+            MmioTransport::new(Backend::Net(net), interrupt, self.memory.clone())
+        })
     }
 
     fn check_id(&self, id: &str) -> Result<(), DeviceError> {
@@ -262,13 +267,12 @@ impl Devices {
         Ok(())
     }
 
-    /// Connects `backend` at the next slot: its registers, one ioeventfd
-    /// per queue, its irqfd.
+    /// Connects the transport `transport` makes (given the slot's interrupt)
+    /// at the next slot: its registers, one ioeventfd per queue, its irqfd.
     fn plug(
         &self,
         vm: &VmFd,
-        backend: Backend,
-        state: Option<&persist::TransportState>,
+        transport: impl FnOnce(Arc<Interrupt>) -> Result<MmioTransport, DeviceError>,
     ) -> Result<MmioSlot, DeviceError> {
         let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
         if slots.len() >= MAX_DEVICES {
@@ -286,10 +290,7 @@ impl Devices {
             status: AtomicU32::new(0),
             irqfd,
         });
-        let mut transport = MmioTransport::new(backend, interrupt, self.memory.clone())?;
-        if let Some(state) = state {
-            transport.restore(state)?;
-        }
+        let transport = transport(interrupt)?;
         let notify_addr = IoEventAddress::Mmio(mmio.addr + u64::from(mmio::QUEUE_NOTIFY));
         let mut notify = Vec::new();
         for index in 0..transport.queues().len() as u32 {
@@ -377,7 +378,7 @@ impl Devices {
                 "the devices thread is running: stop the devices before saving them".into(),
             ));
         }
-        Ok(self.list().iter().map(|slot| slot.lock().save()).collect())
+        self.list().iter().map(|slot| slot.lock().save()).collect()
     }
 
     /// Plugs the devices of a snapshot back in, in their slots, reopening
@@ -400,13 +401,18 @@ impl Devices {
             }
         }
         for state in states {
-            let backend = match &state.kind {
-                DeviceStateKind::Block(saved) => {
-                    Backend::Block(Block::restore(saved, overrides.get(&saved.drive_id))?)
-                }
-                DeviceStateKind::Net(saved) => Backend::Net(Net::restore(saved)?),
+            let drive = match &state.kind {
+                DeviceStateKind::Block(saved) => overrides.get(&saved.drive_id),
+                DeviceStateKind::Net(_) => None,
             };
-            self.plug(vm, backend, Some(&state.transport))?;
+            self.plug(vm, |interrupt| {
+                let args = mmio::TransportArgs {
+                    interrupt,
+                    memory: self.memory.clone(),
+                    drive,
+                };
+                MmioTransport::restore(args, state)
+            })?;
         }
         Ok(())
     }

@@ -3,83 +3,54 @@
 //!
 //! A snapshot is a folder with two or three files:
 //!
-//! - `vmstate`: byte 0 is the format version ([`FORMAT_VERSION`]), then the
-//!   postcard encoding of [`VmState`], then a CRC-32C of everything before
-//!   it (4 bytes, little-endian);
+//! - `vmstate`: a versioned header, the postcard encoding of [`VmState`]
+//!   and a CRC-32C ([`format`] has the layout and the compatibility rule;
+//!   [`legacy`] reads the files of format 4, before the header);
 //! - `memory`: the guest memory as a raw file, guest address = file offset;
 //!   in a full snapshot every page, zero pages left as holes; in a diff
 //!   snapshot only the pages written since the previous snapshot;
 //! - `dirty` (diff snapshots only): those pages' indices (4 KiB pages), each
 //!   a little-endian u64, ascending.
 //!
+//! Each part of the machine saves and restores itself ([`Persist`]).
 //! Restore order: VM, irqchip and PIT, memory, devices (the serial port,
-//! then the virtio devices, reopening their files and taps),
-//! vCPUs (each: special registers, registers, XSAVE, XCRs, MSRs, LAPIC, MP
-//! state, events, debug registers), then the irqchip's and PIT's state and the KVM clock. The
-//! memory file is mapped privately, so pages are read when the guest first
-//! touches them and its writes never reach the snapshot.
+//! then the virtio devices, reopening their files and taps), vCPUs (each:
+//! special registers, registers, XSAVE, XCRs, MSRs, LAPIC, MP state,
+//! events, debug registers), then the irqchip's and PIT's state and the
+//! KVM clock. The memory file is mapped privately, so pages are read when
+//! the guest first touches them and its writes never reach the snapshot.
+
+pub mod format;
+pub(crate) mod legacy;
+pub mod state;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-};
-use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
 };
 
-use crate::devices::DevicesState;
+pub use self::format::{
+    check_version, probe, read_version, supported_versions, FileVersion, StateFileError,
+    StateVersion, VersionError, LEGACY_FORMAT, MAGIC, STATE_VERSION,
+};
+pub use self::state::{MachineShape, VmState};
+pub use crate::kvm_state::{VcpuState, VmChipsState};
+
 use crate::error::{kvm_err, Error, Result};
+use crate::kvm_state::{KvmChips, KvmVcpu};
 use crate::machine::{Machine, MachineConfig};
+use crate::persist::Persist;
 use crate::virtio::DriveOverrides;
 
-/// The version byte of `vmstate`.
-/// 2: the devices' state was added. 3: the virtio devices' too. 4: a
-/// drive is a raw file or a layered disk, with its overlay's blocks.
-pub const FORMAT_VERSION: u8 = 4;
 pub const STATE_FILE: &str = "vmstate";
 pub const MEMORY_FILE: &str = "memory";
 pub const DIRTY_FILE: &str = "dirty";
 const PAGE: usize = 4096;
-
-/// One vCPU.
-#[derive(Serialize, Deserialize)]
-pub struct VcpuState {
-    pub regs: kvm_regs,
-    pub sregs: kvm_sregs,
-    pub xsave: kvm_xsave,
-    pub xcrs: kvm_xcrs,
-    /// Every MSR KVM lists, as (index, value).
-    pub msrs: Vec<(u32, u64)>,
-    pub lapic: kvm_lapic_state,
-    pub mp_state: kvm_mp_state,
-    pub events: kvm_vcpu_events,
-    pub debug_regs: kvm_debugregs,
-}
-
-/// The whole VM except its memory.
-#[derive(Serialize, Deserialize)]
-pub struct VmState {
-    pub vcpus_count: u8,
-    pub memory_mb: u32,
-    pub vcpus: Vec<VcpuState>,
-    pub pic_master: kvm_irqchip,
-    pub pic_slave: kvm_irqchip,
-    pub ioapic: kvm_irqchip,
-    pub pit: kvm_pit_state2,
-    pub clock: kvm_clock_data,
-    /// The serial port's registers and unread input.
-    pub devices: DevicesState,
-    /// The virtio devices, in slot order.
-    pub virtio: Vec<crate::virtio::persist::DeviceState>,
-}
 
 /// Where a restored VM's memory comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,76 +139,29 @@ impl Machine {
 
     fn save_state(&self, dir: &Path) -> Result<()> {
         fs::create_dir_all(dir).map_err(io(dir))?;
-        let state = self.capture()?;
-        let mut bytes = postcard::to_extend(&state, vec![FORMAT_VERSION])
-            .map_err(|e| Error::Snapshot(format!("cannot encode the VM state: {e}")))?;
-        let crc = crc32c::crc32c(&bytes);
-        bytes.extend_from_slice(&crc.to_le_bytes());
+        let bytes = format::encode(&self.capture()?)?;
         write_synced(&dir.join(STATE_FILE), |file| file.write_all(&bytes))
     }
 
+    /// Every part's state, in restore order.
     fn capture(&self) -> Result<VmState> {
         let msr_list = self
             .kvm
             .get_msr_index_list()
             .map_err(kvm_err("list the MSRs"))?;
-        let mut vcpus = Vec::new();
-        for vcpu in &self.vcpus {
-            let entries: Vec<kvm_msr_entry> = msr_list
-                .as_slice()
-                .iter()
-                .map(|&index| kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                })
-                .collect();
-            let mut msrs = Msrs::from_entries(&entries)
-                .map_err(|e| Error::Snapshot(format!("too many MSRs: {e:?}")))?;
-            let read = vcpu.get_msrs(&mut msrs).map_err(kvm_err("read MSRs"))?;
-            if read != entries.len() {
-                let failed = entries[read].index;
-                return Err(Error::Snapshot(format!(
-                    "KVM lists MSR {failed:#x} but cannot read it"
-                )));
-            }
-            vcpus.push(VcpuState {
-                regs: vcpu.get_regs().map_err(kvm_err("read registers"))?,
-                sregs: vcpu
-                    .get_sregs()
-                    .map_err(kvm_err("read special registers"))?,
-                xsave: vcpu.get_xsave().map_err(kvm_err("read XSAVE state"))?,
-                xcrs: vcpu.get_xcrs().map_err(kvm_err("read XCRs"))?,
-                msrs: msrs.as_slice().iter().map(|e| (e.index, e.data)).collect(),
-                lapic: vcpu.get_lapic().map_err(kvm_err("read the LAPIC"))?,
-                mp_state: vcpu.get_mp_state().map_err(kvm_err("read the MP state"))?,
-                events: vcpu
-                    .get_vcpu_events()
-                    .map_err(kvm_err("read vCPU events"))?,
-                debug_regs: vcpu
-                    .get_debug_regs()
-                    .map_err(kvm_err("read debug registers"))?,
-            });
-        }
-        let chip = |id| -> Result<kvm_irqchip> {
-            let mut chip = kvm_irqchip {
-                chip_id: id,
-                ..Default::default()
-            };
-            self.vm
-                .get_irqchip(&mut chip)
-                .map_err(kvm_err("read the irqchip"))?;
-            Ok(chip)
-        };
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|fd| KvmVcpu::new(fd, msr_list.as_slice()).save())
+            .collect::<Result<Vec<_>>>()?;
         Ok(VmState {
-            vcpus_count: self.config.vcpus,
-            memory_mb: self.config.memory_mb,
+            machine: MachineShape {
+                vcpus: self.config.vcpus,
+                memory_mb: self.config.memory_mb,
+            },
             vcpus,
-            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-            pit: self.vm.get_pit2().map_err(kvm_err("read the PIT"))?,
-            clock: self.vm.get_clock().map_err(kvm_err("read the KVM clock"))?,
-            devices: self.devices.state(),
+            chips: KvmChips::new(&self.vm).save()?,
+            serial: self.devices.save_serial()?,
             virtio: self.virtio().save()?,
         })
     }
@@ -372,85 +296,31 @@ impl Machine {
         drives: &DriveOverrides,
     ) -> Result<Machine> {
         let machine = Machine::with_memory(config, memory, serial_out)?;
-        machine.devices.restore(&state.devices)?;
+        machine.devices.restore_serial(&state.serial)?;
         machine
             .virtio()
             .restore(&machine.vm, &state.virtio, drives)?;
-        for (vcpu, saved) in machine.vcpus.iter().zip(&state.vcpus) {
-            vcpu.set_sregs(&saved.sregs)
-                .map_err(kvm_err("set special registers"))?;
-            vcpu.set_regs(&saved.regs)
-                .map_err(kvm_err("set registers"))?;
-            // SAFETY: the XSAVE area was read from a vCPU of this host's
-            // KVM and is handed back unchanged.
-            unsafe { vcpu.set_xsave(&saved.xsave) }.map_err(kvm_err("set XSAVE state"))?;
-            vcpu.set_xcrs(&saved.xcrs).map_err(kvm_err("set XCRs"))?;
-            crate::boot::set_msrs(vcpu, &saved.msrs, |index| {
-                Error::Snapshot(format!("KVM refused MSR {index:#x} from the snapshot"))
-            })?;
-            vcpu.set_lapic(&saved.lapic)
-                .map_err(kvm_err("set the LAPIC"))?;
-            vcpu.set_mp_state(saved.mp_state)
-                .map_err(kvm_err("set the MP state"))?;
-            vcpu.set_vcpu_events(&saved.events)
-                .map_err(kvm_err("set vCPU events"))?;
-            vcpu.set_debug_regs(&saved.debug_regs)
-                .map_err(kvm_err("set debug registers"))?;
+        let msr_list = machine
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("list the MSRs"))?;
+        for (fd, saved) in machine.vcpus.iter().zip(&state.vcpus) {
+            KvmVcpu::restore(KvmVcpu::new(fd, msr_list.as_slice()), saved)?;
         }
-        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
-            machine
-                .vm
-                .set_irqchip(chip)
-                .map_err(kvm_err("set the irqchip"))?;
-        }
-        machine
-            .vm
-            .set_pit2(&state.pit)
-            .map_err(kvm_err("set the PIT"))?;
-        let clock = kvm_clock_data {
-            clock: state.clock.clock,
-            ..Default::default()
-        };
-        machine
-            .vm
-            .set_clock(&clock)
-            .map_err(kvm_err("set the KVM clock"))?;
+        KvmChips::restore(&machine.vm, &state.chips)?;
         Ok(machine)
     }
 }
 
-/// Reads and checks `vmstate`; returns it with the machine it describes.
+/// Reads and checks `vmstate` (of any version this VMM reads, upgraded);
+/// returns it with the machine it describes.
 fn read_state(path: &Path) -> Result<(VmState, MachineConfig)> {
-    let bytes = fs::read(path).map_err(io(path))?;
-    let damaged = |why: &str| Error::Snapshot(format!("{} {why}", path.display()));
-    if bytes.len() < 5 {
-        return Err(damaged("is too short to be a VM state"));
-    }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    if crc32c::crc32c(body).to_le_bytes() != crc {
-        return Err(damaged("is damaged: its checksum does not match"));
-    }
-    if body[0] != FORMAT_VERSION {
-        return Err(damaged(&format!(
-            "has format version {} but this wrenn-vmm knows {FORMAT_VERSION}: use a wrenn-vmm \
-             of the same version",
-            body[0]
-        )));
-    }
-    let state: VmState = postcard::from_bytes(&body[1..])
-        .map_err(|e| damaged(&format!("cannot be decoded: {e}")))?;
-    if state.vcpus.len() != usize::from(state.vcpus_count) {
-        return Err(damaged(&format!(
-            "holds {} vCPUs but says {}",
-            state.vcpus.len(),
-            state.vcpus_count
-        )));
-    }
-    let config = MachineConfig {
-        vcpus: state.vcpus_count,
-        memory_mb: state.memory_mb,
-        track_dirty_pages: false,
-    };
+    let bytes = fs::read(path).map_err(|source| StateFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let (state, _version) = format::decode(path, &bytes)?;
+    let config = state.config();
     Ok((state, config))
 }
 
