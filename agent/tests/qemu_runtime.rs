@@ -37,7 +37,7 @@ fn spec_for(image: &GuestImage, netns: &NetNs, name: &str) -> VmSpec {
         kernel: image.kernel.clone(),
         initramfs: image.initramfs.clone(),
         base_rootfs: image.rootfs.clone(),
-        base_format: "raw",
+        base_format: wrenn_agent::runtime::DiskFormat::Raw,
         dir: std::env::temp_dir().join(format!("wrenn-{name}-{}", std::process::id())),
         netns: netns.name().to_owned(),
         extra_cmdline: String::new(),

@@ -19,7 +19,9 @@ use lmdb_schema::{
 use wrenn_agent::clock::Clock;
 use wrenn_agent::config::{Config, Overrides};
 use wrenn_agent::network::{NetError, SlotNetwork};
-use wrenn_agent::runtime::{Runtime, RuntimeError, VmHandle, VmSpec, VmState};
+use wrenn_agent::runtime::{
+    DiskFormat, Runtime, RuntimeError, RuntimeKind, VmHandle, VmSpec, VmState,
+};
 use wrenn_agent::sandbox::templates::Templates;
 use wrenn_agent::sandbox::{HostCapacity, Manager, Parts};
 use wrenn_agent::store::LayerStore;
@@ -32,8 +34,8 @@ struct FakeRuntime {
 }
 
 impl Runtime for FakeRuntime {
-    fn name(&self) -> &'static str {
-        "qemu"
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Qemu
     }
 
     fn boot(&self, _: &VmSpec) -> Result<VmHandle, RuntimeError> {
@@ -75,8 +77,8 @@ impl Runtime for FakeRuntime {
         dir.join("fake.sock")
     }
 
-    fn snapshot_disk_file(&self) -> &'static str {
-        "disk.qcow2"
+    fn snapshot_disk_file(&self) -> (&'static str, DiskFormat) {
+        ("disk.qcow2", DiskFormat::Qcow2)
     }
 
     fn snapshot_disk(&self, _: &Path, _: &Path, _: &Path) -> Result<(), RuntimeError> {
@@ -190,7 +192,7 @@ impl Node {
             expires_at_ms: None,
             timeout_action: TimeoutAction::Kill,
             slot: Some(slot),
-            runtime: "qemu".into(),
+            runtime: RuntimeKind::Qemu,
             vmm: vm.map(|_| VmmProcess {
                 pid,
                 start_time_ticks: 1,
@@ -200,6 +202,7 @@ impl Node {
             error: None,
             updated_at_ms: 0,
             memory_header: None,
+            vm_state_version: None,
         };
         self.store
             .write(|txn| {

@@ -55,9 +55,10 @@ pub use events::{Events, EventsMut};
 pub use keys::{EventSeq, Key, LayerId, SandboxId, SlotId, TemplateName};
 pub use meta::{Meta, MetaMut, MAX_NODE_ID_LEN, MAX_SETTING_LEN, MAX_SETTING_NAME_LEN};
 pub use records::{
-    EventRecord, LayerRecord, SandboxRecord, SandboxStatus, SlotRecord, TemplateKind,
-    TemplateRecord, TimeoutAction, VmmProcess,
+    DiskFormat, EventRecord, LayerRecord, RuntimeKind, SandboxRecord, SandboxStatus, SlotRecord,
+    TemplateKind, TemplateRecord, TimeoutAction, VmStateVersion, VmmProcess,
 };
 pub use schema::SCHEMA_VERSION;
 pub use store::{Store, StoreOptions, FILE_NAME};
 pub use txn::{Iter, ReadTxn, Table, TableMut, WriteTxn};
+pub use wrenn_layers::HeaderId;

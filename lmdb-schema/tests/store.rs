@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::thread;
 
 use lmdb_schema::{
-    Error, EventRecord, EventSeq, SandboxId, SandboxRecord, SandboxStatus, SlotId, SlotRecord,
-    Store, StoreOptions, TemplateKind, TemplateName, TemplateRecord, TimeoutAction, VmmProcess,
-    FILE_NAME, SCHEMA_VERSION,
+    DiskFormat, Error, EventRecord, EventSeq, RuntimeKind, SandboxId, SandboxRecord, SandboxStatus,
+    SlotId, SlotRecord, Store, StoreOptions, TemplateKind, TemplateName, TemplateRecord,
+    TimeoutAction, VmmProcess, FILE_NAME, SCHEMA_VERSION,
 };
 
 fn open(dir: &Path) -> Store {
@@ -35,7 +35,7 @@ fn sandbox(id_text: &str) -> SandboxRecord {
         expires_at_ms: None,
         timeout_action: TimeoutAction::Kill,
         slot: None,
-        runtime: "qemu".to_owned(),
+        runtime: RuntimeKind::Qemu,
         vmm: Some(VmmProcess {
             pid: 7,
             start_time_ticks: 99,
@@ -45,6 +45,7 @@ fn sandbox(id_text: &str) -> SandboxRecord {
         error: Some("none yet".to_owned()),
         updated_at_ms: 2,
         memory_header: None,
+        vm_state_version: None,
     }
 }
 
@@ -57,6 +58,8 @@ fn template(name: &str) -> TemplateRecord {
         kernel: "k".to_owned(),
         initramfs: "i".to_owned(),
         rootfs: "r".to_owned(),
+        disk_format: DiskFormat::Raw,
+        runtime: None,
         size_bytes: 10,
         sha256: None,
         parent_sandbox: None,
@@ -65,6 +68,7 @@ fn template(name: &str) -> TemplateRecord {
         vm_state: None,
         disk_base: None,
         envd_token: None,
+        vm_state_version: None,
     }
 }
 

@@ -22,6 +22,7 @@ pub mod vmm_api;
 
 use std::path::{Path, PathBuf};
 
+pub use lmdb_schema::{DiskFormat, RuntimeKind};
 use thiserror::Error;
 
 // Files every runtime keeps in a sandbox's folder.
@@ -46,9 +47,9 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// The template's root file system; never written.
     pub base_rootfs: PathBuf,
-    /// Its format: `raw` for a base image and a native snapshot's disk,
-    /// `qcow2` for a QEMU snapshot's disk.
-    pub base_format: &'static str,
+    /// Its format: raw for a base image and a native snapshot's disk,
+    /// qcow2 for a QEMU snapshot's disk.
+    pub base_format: DiskFormat,
     /// The sandbox's own folder: disk, sockets, console log.
     pub dir: PathBuf,
     /// Network namespace holding `tap0`, entered before the VM starts.
@@ -116,8 +117,13 @@ pub enum RuntimeError {
 
 /// A way of running sandbox VMs.
 pub trait Runtime: Send + Sync {
+    /// Which runtime this is; records store it.
+    fn kind(&self) -> RuntimeKind;
+
     /// Short name, as reported by `GET /v1/node`.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &'static str {
+        self.kind().as_str()
+    }
 
     /// Boots a VM; it is starting (not yet serving) when this returns.
     fn boot(&self, spec: &VmSpec) -> Result<VmHandle, RuntimeError>;
@@ -157,10 +163,10 @@ pub trait Runtime: Send + Sync {
     /// The control socket a VM of the sandbox folder `dir` serves.
     fn control_socket(&self, dir: &Path) -> PathBuf;
 
-    /// The name a snapshot gives its copy of the disk; its extension says
-    /// the format (`disk.qcow2`, `disk.raw`), so a node can tell which
-    /// runtime took a snapshot.
-    fn snapshot_disk_file(&self) -> &'static str;
+    /// The name a snapshot gives its copy of the disk (`disk.qcow2`,
+    /// `disk.raw`), and the disk's format, which the snapshot's record
+    /// stores.
+    fn snapshot_disk_file(&self) -> (&'static str, DiskFormat);
 
     /// Writes the disk of the paused sandbox in `sandbox_dir` to `dest` as
     /// a snapshot's disk (not synced: the caller syncs the snapshot).
@@ -171,15 +177,6 @@ pub trait Runtime: Send + Sync {
         base_raw: &Path,
         dest: &Path,
     ) -> Result<(), RuntimeError>;
-}
-
-/// The runtime whose snapshots store their disk as `file`, by the file's
-/// extension: `qemu` for qcow2, `native` for raw.
-pub fn runtime_of_snapshot_disk(file: &Path) -> &'static str {
-    match file.extension().and_then(|e| e.to_str()) {
-        Some("qcow2") => "qemu",
-        _ => "native",
-    }
 }
 
 /// Maps an I/O error on `path` to a [`RuntimeError::Prepare`].

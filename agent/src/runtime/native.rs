@@ -33,7 +33,8 @@ use super::disk::copy_sparse;
 use super::process;
 use super::vmm_api::VmmApi;
 use super::{
-    prepare, Runtime, RuntimeError, VmHandle, VmSpec, VmState, CONSOLE_LOG, MEMORY_FILE, PID_FILE,
+    prepare, DiskFormat, Runtime, RuntimeError, RuntimeKind, VmHandle, VmSpec, VmState,
+    CONSOLE_LOG, MEMORY_FILE, PID_FILE,
 };
 
 /// Files of a VM inside its sandbox folder (and the shared ones above).
@@ -305,7 +306,7 @@ impl NativeRuntime {
 
     /// The sandbox's own raw disk, copied from the template's.
     fn make_disk(&self, spec: &VmSpec) -> Result<(), RuntimeError> {
-        if spec.base_format != "raw" {
+        if spec.base_format != DiskFormat::Raw {
             return Err(RuntimeError::Disk(format!(
                 "the template's disk {} is {}, but the native runtime (wrenn-vmm) serves raw \
                  disks only: it is a snapshot taken by the QEMU runtime. Take the snapshot \
@@ -374,8 +375,8 @@ impl NativeRuntime {
 }
 
 impl Runtime for NativeRuntime {
-    fn name(&self) -> &'static str {
-        "native"
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Native
     }
 
     fn boot(&self, spec: &VmSpec) -> Result<VmHandle, RuntimeError> {
@@ -493,8 +494,8 @@ impl Runtime for NativeRuntime {
         dir.join(API_SOCKET)
     }
 
-    fn snapshot_disk_file(&self) -> &'static str {
-        SNAPSHOT_DISK
+    fn snapshot_disk_file(&self) -> (&'static str, DiskFormat) {
+        (SNAPSHOT_DISK, DiskFormat::Raw)
     }
 
     /// A copy of the raw disk (reflinked or sparse).
@@ -582,7 +583,7 @@ mod tests {
             kernel: dir.join("vmlinuz"),
             initramfs: dir.join("initramfs.cpio.gz"),
             base_rootfs: dir.join("rootfs.ext4"),
-            base_format: "raw",
+            base_format: DiskFormat::Raw,
             dir: dir.join("sandbox"),
             netns: "wrenn-none".into(),
             extra_cmdline: "wrenn.debug".into(),
@@ -611,7 +612,7 @@ mod tests {
     fn a_qcow2_template_is_refused_with_what_to_do() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut spec = spec(dir.path());
-        spec.base_format = "qcow2";
+        spec.base_format = DiskFormat::Qcow2;
         let runtime = NativeRuntime::new(PathBuf::from(VMM_BINARY));
         let err = runtime.make_disk(&spec).expect_err("qcow2").to_string();
         assert!(

@@ -35,22 +35,8 @@ impl Accel {
     }
 }
 
-/// Which runtime runs this node's sandboxes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RuntimeKind {
-    /// `wrenn-vmm`, our own VMM; KVM only.
-    Native,
-    Qemu,
-}
-
-impl RuntimeKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RuntimeKind::Native => "native",
-            RuntimeKind::Qemu => "qemu",
-        }
-    }
-}
+/// Which runtime runs this node's sandboxes: the type the records store.
+pub use lmdb_schema::RuntimeKind;
 
 /// What was read from the host.
 #[derive(Debug, Clone, PartialEq, Eq)]

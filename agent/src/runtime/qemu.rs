@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use super::probe::Accel;
 use super::process;
 use super::qmp::Qmp;
-use super::{prepare, Runtime, RuntimeError, VmHandle, VmSpec, VmState};
+use super::{prepare, DiskFormat, Runtime, RuntimeError, RuntimeKind, VmHandle, VmSpec, VmState};
 use crate::tools;
 
 // The names every runtime shares, here too for callers that know QEMU.
@@ -191,7 +191,15 @@ impl QemuRuntime {
         let overlay = spec.dir.join(OVERLAY);
         let _ = std::fs::remove_file(&overlay);
         let out = Command::new(&self.qemu_img)
-            .args(["create", "-q", "-f", "qcow2", "-F", spec.base_format, "-b"])
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                spec.base_format.as_str(),
+                "-b",
+            ])
             .arg(&spec.base_rootfs)
             .arg(&overlay)
             .output()
@@ -286,8 +294,8 @@ impl Runtime for QemuRuntime {
         self.restore(spec, state)
     }
 
-    fn name(&self) -> &'static str {
-        "qemu"
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Qemu
     }
 
     fn attach(&self, handle: &VmHandle) -> VmState {
@@ -324,8 +332,8 @@ impl Runtime for QemuRuntime {
         dir.join(QMP_SOCKET)
     }
 
-    fn snapshot_disk_file(&self) -> &'static str {
-        SNAPSHOT_DISK
+    fn snapshot_disk_file(&self) -> (&'static str, DiskFormat) {
+        (SNAPSHOT_DISK, DiskFormat::Qcow2)
     }
 
     /// The overlay flattened into one qcow2 file over the raw base image, so

@@ -154,12 +154,13 @@ impl Manager {
             expires_at_ms: Some(now + request.timeout_s * 1000),
             timeout_action: request.timeout_action,
             slot: None,
-            runtime: self.runtime.name().to_owned(),
+            runtime: self.runtime.kind(),
             vmm: None,
             envd_token: Some(random_token()?),
             error: None,
             updated_at_ms: now,
-            memory_header: memory.as_ref().map(|(id, _)| id.0),
+            memory_header: memory.as_ref().map(|(id, _)| *id),
+            vm_state_version: None,
         };
         let slots = self.registry.slots();
         record.slot = Some(self.store.write_with(|txn| {
@@ -296,10 +297,8 @@ impl Manager {
     }
 
     /// The header a record names, loaded and checked.
-    pub(super) fn load_memory(&self, id: Option<[u8; 32]>) -> Result<Option<Header>, SandboxError> {
-        Ok(id
-            .map(|id| self.layers.load_header(&HeaderId(id)))
-            .transpose()?)
+    pub(super) fn load_memory(&self, id: Option<HeaderId>) -> Result<Option<Header>, SandboxError> {
+        Ok(id.map(|id| self.layers.load_header(&id)).transpose()?)
     }
 
     /// Deletes headers and layers no snapshot uses any more, logging

@@ -28,7 +28,7 @@ impl Manager {
         let now = self.now_ms();
         record.set_status(SandboxStatus::Paused, now);
         if let Some((header, _)) = memory {
-            record.memory_header = Some(header.id().map_err(crate::store::Error::from)?.0);
+            record.memory_header = Some(header.id().map_err(crate::store::Error::from)?);
         }
         let paused = record.clone();
         self.store.write_with(|txn| {
@@ -129,7 +129,7 @@ impl Manager {
         mut record: SandboxRecord,
     ) -> Result<SandboxRecord, SandboxError> {
         let id = &record.id.clone();
-        let here = self.runtime.name();
+        let here = self.runtime.kind();
         if record.runtime != here {
             return Err(SandboxError::Conflict(format!(
                 "sandbox {id} was paused under the {} runtime, but this node now runs {here}: \

@@ -146,12 +146,13 @@ mod tests {
             expires_at_ms: None,
             timeout_action: TimeoutAction::Kill,
             slot: slot.then_some(SlotId(3)),
-            runtime: "qemu".into(),
+            runtime: lmdb_schema::RuntimeKind::Qemu,
             vmm: None,
             envd_token: None,
             error: None,
             updated_at_ms: 0,
-            memory_header: memory_header.then_some([7; 32]),
+            memory_header: memory_header.then_some(lmdb_schema::HeaderId([7; 32])),
+            vm_state_version: None,
         }
     }
 

@@ -79,14 +79,12 @@ impl Manager {
         &self,
         template: &TemplateRecord,
     ) -> Result<(HeaderId, Header), SandboxError> {
-        let id =
-            template
-                .memory_header
-                .map(HeaderId)
-                .ok_or_else(|| SandboxError::BrokenSnapshot {
-                    name: template.name.to_string(),
-                    missing: "memory",
-                })?;
+        let id = template
+            .memory_header
+            .ok_or_else(|| SandboxError::BrokenSnapshot {
+                name: template.name.to_string(),
+                missing: "memory",
+            })?;
         Ok((id, self.layers.load_header(&id)?))
     }
 
@@ -96,10 +94,10 @@ impl Manager {
             Ok(self.store().read(|txn| {
                 let mut keep = std::collections::HashSet::new();
                 for item in txn.templates().iter()? {
-                    keep.extend(item?.1.memory_header.map(HeaderId));
+                    keep.extend(item?.1.memory_header);
                 }
                 for item in txn.sandboxes().iter()? {
-                    keep.extend(item?.1.memory_header.map(HeaderId));
+                    keep.extend(item?.1.memory_header);
                 }
                 Ok(keep)
             })?)
@@ -239,6 +237,7 @@ impl Snapshots<'_> {
 
         let files_size = dir_size(&final_dir);
         let memory_size = memory.stored_blocks() * u64::from(memory.block_size());
+        let (disk_file, disk_format) = self.m.runtime.snapshot_disk_file();
         let record = TemplateRecord {
             name: name.clone(),
             kind: TemplateKind::Snapshot,
@@ -246,15 +245,18 @@ impl Snapshots<'_> {
             memory_mb: Some(sandbox.memory_mb),
             kernel,
             initramfs,
-            rootfs: path_text(&final_dir.join(self.m.runtime.snapshot_disk_file())),
+            rootfs: path_text(&final_dir.join(disk_file)),
+            disk_format,
+            runtime: Some(self.m.runtime.kind()),
             size_bytes: files_size + memory_size,
             sha256: None,
             parent_sandbox: Some(sandbox.id.clone()),
             created_at_ms: self.m.now_ms(),
-            memory_header: Some(memory_id.0),
+            memory_header: Some(memory_id),
             vm_state: Some(path_text(&final_dir.join(VM_STATE))),
             disk_base: Some(path_text(&disk_base)),
             envd_token: sandbox.envd_token.clone(),
+            vm_state_version: sandbox.vm_state_version,
         };
         let committed = self.m.store().write_with(|txn| {
             let mut released = Vec::new();
@@ -307,7 +309,7 @@ impl Snapshots<'_> {
         let state = dir.join(VM_STATE);
         fs::copy(self.m.state_file(&sandbox.id), &state)
             .map_err(SandboxError::io("copy the VM state to", &state))?;
-        let disk = dir.join(self.m.runtime.snapshot_disk_file());
+        let disk = dir.join(self.m.runtime.snapshot_disk_file().0);
         self.m
             .runtime
             .snapshot_disk(&self.m.sandbox_dir(&sandbox.id), disk_base, &disk)?;

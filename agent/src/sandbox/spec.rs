@@ -2,13 +2,12 @@
 //! spec a sandbox's record turns into.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use lmdb_schema::{SandboxRecord, TemplateName, TemplateRecord, TimeoutAction};
 
 use super::error::SandboxError;
 use super::manager::Manager;
-use crate::runtime::{runtime_of_snapshot_disk, VmSpec};
+use crate::runtime::{DiskFormat, VmSpec};
 
 /// What a caller asks for when creating a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,11 +115,11 @@ impl Manager {
         &self,
         snapshot: &TemplateRecord,
     ) -> Result<(), SandboxError> {
-        let taken_by = runtime_of_snapshot_disk(Path::new(&snapshot.rootfs));
-        let here = self.runtime.name();
-        if taken_by == here {
-            return Ok(());
-        }
+        let here = self.runtime.kind();
+        let taken_by = match snapshot.runtime {
+            Some(taken_by) if taken_by != here => taken_by,
+            _ => return Ok(()),
+        };
         Err(SandboxError::Conflict(format!(
             "snapshot {} was taken by the {taken_by} runtime, but this node runs {here}: \
              create it on a node that runs {taken_by} (runtime = \"{taken_by}\"), or take \
@@ -136,10 +135,7 @@ impl Manager {
     ) -> Result<VmSpec, SandboxError> {
         let (paths, base_format) = match self.snapshot_record(&record.template)? {
             Some(t) => {
-                let format = match runtime_of_snapshot_disk(Path::new(&t.rootfs)) {
-                    "qemu" => "qcow2",
-                    _ => "raw",
-                };
+                let format = t.disk_format;
                 let files = super::templates::TemplateFiles {
                     kernel: t.kernel.into(),
                     initramfs: t.initramfs.into(),
@@ -147,7 +143,7 @@ impl Manager {
                 };
                 (files, format)
             }
-            None => (self.templates.files(&record.template)?, "raw"),
+            None => (self.templates.files(&record.template)?, DiskFormat::Raw),
         };
         Ok(VmSpec {
             sandbox_id: record.id.to_string(),

@@ -10,12 +10,14 @@
 //! postcard is not self-describing.
 
 mod event;
+mod kinds;
 mod layer;
 mod sandbox;
 mod slot;
 mod template;
 
 pub use event::EventRecord;
+pub use kinds::{DiskFormat, RuntimeKind, VmStateVersion};
 pub use layer::LayerRecord;
 pub use sandbox::{SandboxRecord, SandboxStatus, TimeoutAction, VmmProcess};
 pub use slot::SlotRecord;
@@ -29,6 +31,7 @@ pub(crate) mod samples {
 
     use super::*;
     use crate::keys::{SandboxId, SlotId, TemplateName};
+    use wrenn_layers::HeaderId;
 
     pub fn sandbox_id() -> SandboxId {
         SandboxId::parse("sb-test1").unwrap()
@@ -48,7 +51,7 @@ pub(crate) mod samples {
             expires_at_ms: Some(1_700_000_300_000),
             timeout_action: TimeoutAction::Pause,
             slot: Some(SlotId(3)),
-            runtime: "qemu".into(),
+            runtime: RuntimeKind::Qemu,
             vmm: Some(VmmProcess {
                 pid: 4242,
                 start_time_ticks: 123_456,
@@ -57,7 +60,8 @@ pub(crate) mod samples {
             envd_token: Some("secret".into()),
             error: None,
             updated_at_ms: 1_700_000_000_500,
-            memory_header: Some([0xcd; 32]),
+            memory_header: Some(HeaderId([0xcd; 32])),
+            vm_state_version: None,
         }
     }
 
@@ -70,14 +74,17 @@ pub(crate) mod samples {
             kernel: "vmlinuz".into(),
             initramfs: "initramfs.cpio.gz".into(),
             rootfs: "rootfs.ext4".into(),
+            disk_format: DiskFormat::Raw,
+            runtime: Some(RuntimeKind::Native),
             size_bytes: 2 << 30,
             sha256: Some("ab".repeat(32)),
             parent_sandbox: Some(sandbox_id()),
             created_at_ms: 1_700_000_000_000,
-            memory_header: Some([0xef; 32]),
+            memory_header: Some(HeaderId([0xef; 32])),
             vm_state: Some("vmstate".into()),
             disk_base: Some("rootfs.ext4".into()),
             envd_token: Some("token".into()),
+            vm_state_version: Some(VmStateVersion { major: 1, minor: 0 }),
         }
     }
 
@@ -146,6 +153,7 @@ mod golden {
     fn sandbox_v1_upgrades() {
         let mut expected = samples::sandbox();
         expected.memory_header = None;
+        expected.vm_state_version = None;
         upgrades(
             "010873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc310101030471656d75019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc31",
             expected,
@@ -153,11 +161,23 @@ mod golden {
     }
 
     #[test]
-    fn sandbox_v2() {
-        check(
-            2,
-            samples::sandbox(),
+    fn sandbox_v2_upgrades() {
+        let mut expected = samples::sandbox();
+        expected.vm_state_version = None;
+        upgrades(
             "020873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc310101030471656d75019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc3101cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
+            expected,
+        );
+    }
+
+    #[test]
+    fn sandbox_v3() {
+        let mut record = samples::sandbox();
+        record.vm_state_version = Some(crate::records::VmStateVersion { major: 1, minor: 2 });
+        check(
+            3,
+            record,
+            "030873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc3101010300019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc3101cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd010102",
         );
     }
 
@@ -168,6 +188,7 @@ mod golden {
         expected.vm_state = None;
         expected.disk_base = None;
         expected.envd_token = None;
+        expected.vm_state_version = None;
         upgrades(
             "0106736e61702d310101020007766d6c696e757a11696e697472616d66732e6370696f2e677a0b726f6f7466732e657874348080808008014061626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162010873622d746573743180d095ffbc31",
             expected,
@@ -175,11 +196,22 @@ mod golden {
     }
 
     #[test]
-    fn template_v2() {
-        check(
-            2,
-            samples::template(),
+    fn template_v2_upgrades() {
+        // A snapshot whose disk is not .qcow2 was the native runtime's.
+        let mut expected = samples::template();
+        expected.vm_state_version = None;
+        upgrades(
             "0206736e61702d310101020007766d6c696e757a11696e697472616d66732e6370696f2e677a0b726f6f7466732e657874348080808008014061626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162010873622d746573743180d095ffbc3101efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef0107766d7374617465010b726f6f7466732e657874340105746f6b656e",
+            expected,
+        );
+    }
+
+    #[test]
+    fn template_v3() {
+        check(
+            3,
+            samples::template(),
+            "0306736e61702d310101020007766d6c696e757a11696e697472616d66732e6370696f2e677a0b726f6f7466732e657874340001018080808008014061626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162010873622d746573743180d095ffbc3101efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef0107766d7374617465010b726f6f7466732e657874340105746f6b656e010100",
         );
     }
 

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{decode_body, sealed::Upgrade, Record};
 use crate::keys::sealed::KeyBytes;
+use wrenn_layers::HeaderId;
+
+use super::kinds::{RuntimeKind, VmStateVersion};
 use crate::keys::{SandboxId, SlotId, TemplateName};
 
 /// Where a sandbox is in its lifecycle.
@@ -113,7 +116,9 @@ pub struct VmmProcess {
     pub control_socket: String,
 }
 
-/// One sandbox (record version 2: adds `memory_header`).
+/// One sandbox (record version 3: the runtime, the memory header and the
+/// VM state version are types of their own; version 2 added
+/// `memory_header`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRecord {
     /// Its id; the same as the key.
@@ -140,8 +145,8 @@ pub struct SandboxRecord {
     pub timeout_action: TimeoutAction,
     /// The network slot it holds, if any.
     pub slot: Option<SlotId>,
-    /// The runtime that runs it, such as `qemu`.
-    pub runtime: String,
+    /// The runtime that runs it (and that alone can resume it).
+    pub runtime: RuntimeKind,
     /// Its VMM process while one exists.
     pub vmm: Option<VmmProcess>,
     /// The token for its guest agent (envd).
@@ -154,7 +159,68 @@ pub struct SandboxRecord {
     /// itself; while running, the snapshot it was last restored from (the
     /// parent of its next pause). Each header named here holds references
     /// on its layers. `None`: booted cold and never paused.
-    pub memory_header: Option<[u8; 32]>,
+    pub memory_header: Option<HeaderId>,
+    /// While paused under the native runtime: the version of its saved VM
+    /// state, so that a node can tell, before trying, whether its
+    /// wrenn-vmm can resume it. `None` under QEMU, or never paused.
+    pub vm_state_version: Option<VmStateVersion>,
+}
+
+/// Version 2, frozen: decoded and upgraded, never written.
+#[derive(Deserialize)]
+struct SandboxRecordV2 {
+    id: SandboxId,
+    status: SandboxStatus,
+    template: TemplateName,
+    vcpus: u32,
+    memory_mb: u32,
+    metadata: BTreeMap<String, String>,
+    env: BTreeMap<String, String>,
+    internet: bool,
+    created_at_ms: u64,
+    expires_at_ms: Option<u64>,
+    timeout_action: TimeoutAction,
+    slot: Option<SlotId>,
+    runtime: String,
+    vmm: Option<VmmProcess>,
+    envd_token: Option<String>,
+    error: Option<String>,
+    updated_at_ms: u64,
+    memory_header: Option<[u8; 32]>,
+}
+
+impl TryFrom<SandboxRecordV2> for SandboxRecord {
+    type Error = String;
+
+    fn try_from(v2: SandboxRecordV2) -> Result<SandboxRecord, String> {
+        let runtime = RuntimeKind::parse(&v2.runtime).ok_or_else(|| {
+            format!(
+                "sandbox {} names runtime {:?}, which is neither qemu nor native",
+                v2.id, v2.runtime
+            )
+        })?;
+        Ok(SandboxRecord {
+            id: v2.id,
+            status: v2.status,
+            template: v2.template,
+            vcpus: v2.vcpus,
+            memory_mb: v2.memory_mb,
+            metadata: v2.metadata,
+            env: v2.env,
+            internet: v2.internet,
+            created_at_ms: v2.created_at_ms,
+            expires_at_ms: v2.expires_at_ms,
+            timeout_action: v2.timeout_action,
+            slot: v2.slot,
+            runtime,
+            vmm: v2.vmm,
+            envd_token: v2.envd_token,
+            error: v2.error,
+            updated_at_ms: v2.updated_at_ms,
+            memory_header: v2.memory_header.map(HeaderId),
+            vm_state_version: None,
+        })
+    }
 }
 
 /// Version 1, frozen: decoded and upgraded, never written.
@@ -179,9 +245,9 @@ struct SandboxRecordV1 {
     updated_at_ms: u64,
 }
 
-impl From<SandboxRecordV1> for SandboxRecord {
-    fn from(v1: SandboxRecordV1) -> SandboxRecord {
-        SandboxRecord {
+impl From<SandboxRecordV1> for SandboxRecordV2 {
+    fn from(v1: SandboxRecordV1) -> SandboxRecordV2 {
+        SandboxRecordV2 {
             id: v1.id,
             status: v1.status,
             template: v1.template,
@@ -224,7 +290,11 @@ impl Upgrade for SandboxRecord {
 
     fn upgrade(version: u8, body: &[u8]) -> Option<Result<Self, String>> {
         match version {
-            1 => Some(decode_body::<SandboxRecordV1>(body).map(SandboxRecord::from)),
+            1 => Some(
+                decode_body::<SandboxRecordV1>(body)
+                    .and_then(|v1| SandboxRecord::try_from(SandboxRecordV2::from(v1))),
+            ),
+            2 => Some(decode_body::<SandboxRecordV2>(body).and_then(SandboxRecord::try_from)),
             _ => None,
         }
     }
@@ -232,7 +302,7 @@ impl Upgrade for SandboxRecord {
 
 impl Record for SandboxRecord {
     const DATABASE: &'static str = "sandboxes";
-    const CURRENT_VERSION: u8 = 2;
+    const CURRENT_VERSION: u8 = 3;
     type Key = SandboxId;
 }
 
@@ -246,7 +316,7 @@ mod tests {
     fn round_trip() {
         let record = samples::sandbox();
         let bytes = encode(&record).unwrap();
-        assert_eq!(bytes[0], 2);
+        assert_eq!(bytes[0], 3);
         assert_eq!(decode::<SandboxRecord>(&record.id, &bytes).unwrap(), record);
     }
 

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{decode_body, sealed::Upgrade, Record};
 use crate::keys::sealed::KeyBytes;
+use wrenn_layers::HeaderId;
+
+use super::kinds::{DiskFormat, RuntimeKind, VmStateVersion};
 use crate::keys::{SandboxId, TemplateName};
 
 /// How a template came to be.
@@ -38,7 +41,9 @@ impl fmt::Display for TemplateKind {
     }
 }
 
-/// One template (record version 2: adds what a snapshot restores from).
+/// One template (record version 3: says the runtime that took a snapshot,
+/// the format of its disk and the version of its VM state, and names its
+/// memory header by type; version 2 added what a snapshot restores from).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TemplateRecord {
     /// Its name; the same as the key.
@@ -55,6 +60,11 @@ pub struct TemplateRecord {
     pub initramfs: String,
     /// Root file system image path.
     pub rootfs: String,
+    /// How `rootfs` is laid out.
+    pub disk_format: DiskFormat,
+    /// The runtime that took a snapshot template, the only one that can
+    /// restore it; `None` for a base template, which any runtime boots.
+    pub runtime: Option<RuntimeKind>,
     /// Bytes on disk of all its files.
     pub size_bytes: u64,
     /// SHA-256 of the root file system, lowercase hex, when known.
@@ -65,7 +75,7 @@ pub struct TemplateRecord {
     pub created_at_ms: u64,
     /// A snapshot's memory: a layer-store header holding references on its
     /// layers.
-    pub memory_header: Option<[u8; 32]>,
+    pub memory_header: Option<HeaderId>,
     /// A snapshot's saved device and CPU state (path).
     pub vm_state: Option<String>,
     /// The raw image a snapshot's disk (`rootfs`, qcow2) rests on.
@@ -73,6 +83,69 @@ pub struct TemplateRecord {
     /// The guest agent's token inside a snapshot: a new sandbox uses it once
     /// to hand envd its own.
     pub envd_token: Option<String>,
+    /// The version of a native snapshot's VM state; `None` for QEMU's and
+    /// for base templates.
+    pub vm_state_version: Option<VmStateVersion>,
+}
+
+/// Version 2, frozen: decoded and upgraded, never written.
+#[derive(Deserialize)]
+struct TemplateRecordV2 {
+    name: TemplateName,
+    kind: TemplateKind,
+    vcpus: Option<u32>,
+    memory_mb: Option<u32>,
+    kernel: String,
+    initramfs: String,
+    rootfs: String,
+    size_bytes: u64,
+    sha256: Option<String>,
+    parent_sandbox: Option<SandboxId>,
+    created_at_ms: u64,
+    memory_header: Option<[u8; 32]>,
+    vm_state: Option<String>,
+    disk_base: Option<String>,
+    envd_token: Option<String>,
+}
+
+impl From<TemplateRecordV2> for TemplateRecord {
+    /// Version 2 said the disk's format, and with it the runtime that took a
+    /// snapshot, only by the file's extension: `.qcow2` was QEMU's, anything
+    /// else a raw disk of the native runtime. This is the one place that
+    /// still reads it from the name.
+    fn from(v2: TemplateRecordV2) -> TemplateRecord {
+        let qcow2 = v2.rootfs.ends_with(".qcow2");
+        let disk_format = if qcow2 {
+            DiskFormat::Qcow2
+        } else {
+            DiskFormat::Raw
+        };
+        let runtime = (v2.kind == TemplateKind::Snapshot).then_some(if qcow2 {
+            RuntimeKind::Qemu
+        } else {
+            RuntimeKind::Native
+        });
+        TemplateRecord {
+            name: v2.name,
+            kind: v2.kind,
+            vcpus: v2.vcpus,
+            memory_mb: v2.memory_mb,
+            kernel: v2.kernel,
+            initramfs: v2.initramfs,
+            rootfs: v2.rootfs,
+            disk_format,
+            runtime,
+            size_bytes: v2.size_bytes,
+            sha256: v2.sha256,
+            parent_sandbox: v2.parent_sandbox,
+            created_at_ms: v2.created_at_ms,
+            memory_header: v2.memory_header.map(HeaderId),
+            vm_state: v2.vm_state,
+            disk_base: v2.disk_base,
+            envd_token: v2.envd_token,
+            vm_state_version: None,
+        }
+    }
 }
 
 /// Version 1, frozen: decoded and upgraded, never written.
@@ -91,9 +164,9 @@ struct TemplateRecordV1 {
     created_at_ms: u64,
 }
 
-impl From<TemplateRecordV1> for TemplateRecord {
-    fn from(v1: TemplateRecordV1) -> TemplateRecord {
-        TemplateRecord {
+impl From<TemplateRecordV1> for TemplateRecordV2 {
+    fn from(v1: TemplateRecordV1) -> TemplateRecordV2 {
+        TemplateRecordV2 {
             name: v1.name,
             kind: v1.kind,
             vcpus: v1.vcpus,
@@ -127,7 +200,11 @@ impl Upgrade for TemplateRecord {
 
     fn upgrade(version: u8, body: &[u8]) -> Option<Result<Self, String>> {
         match version {
-            1 => Some(decode_body::<TemplateRecordV1>(body).map(TemplateRecord::from)),
+            1 => Some(
+                decode_body::<TemplateRecordV1>(body)
+                    .map(|v1| TemplateRecord::from(TemplateRecordV2::from(v1))),
+            ),
+            2 => Some(decode_body::<TemplateRecordV2>(body).map(TemplateRecord::from)),
             _ => None,
         }
     }
@@ -135,7 +212,7 @@ impl Upgrade for TemplateRecord {
 
 impl Record for TemplateRecord {
     const DATABASE: &'static str = "templates";
-    const CURRENT_VERSION: u8 = 2;
+    const CURRENT_VERSION: u8 = 3;
     type Key = TemplateName;
 }
 
@@ -149,7 +226,7 @@ mod tests {
     fn round_trip() {
         let record = samples::template();
         let bytes = encode(&record).unwrap();
-        assert_eq!(bytes[0], 2);
+        assert_eq!(bytes[0], 3);
         assert_eq!(
             decode::<TemplateRecord>(&record.name, &bytes).unwrap(),
             record
