@@ -18,7 +18,11 @@ fn main() {
         .collect();
     sources.sort();
     for source in sources {
-        let name = source.file_stem().unwrap().to_string_lossy().into_owned();
+        let name = source
+            .file_stem()
+            .expect("a guest source file has a name")
+            .to_string_lossy()
+            .into_owned();
         let object = Path::new(&out).join(format!("{name}.o"));
         let binary = Path::new(&out).join(format!("{name}.bin"));
         run(Command::new("as")

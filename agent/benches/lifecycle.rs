@@ -3,6 +3,8 @@
 //! snapshot, create from a snapshot, and the disk a paused sandbox uses.
 //! Prints Markdown tables and writes them to `target/bench/lifecycle.md`.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

@@ -2,6 +2,8 @@
 //! do, never a panic, a hang or a 5xx. Runs against a real agent process;
 //! only the missing-file case boots a VM.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use common::{images_dir_or_skip, raw_exchange, Agent};

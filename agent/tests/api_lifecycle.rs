@@ -2,6 +2,8 @@
 //! sandbox, run Python, move files, destroy it, and find nothing left; many
 //! sandboxes at once, isolated; internet on and off; timeouts.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::io::{Read, Write};

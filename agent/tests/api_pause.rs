@@ -2,6 +2,8 @@
 //! files come back exactly, across many generations; wrong-state requests
 //! are refused with a message.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use common::{images_dir_or_skip, Agent};

@@ -2,6 +2,8 @@
 //! and the next start re-attaches to them and finishes or rolls back what
 //! was half done.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! sandbox, sandboxes restored from it that diverge independently, deletion
 //! refused while they live, layers shared and freed, and bad input.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use common::{images_dir_or_skip, Agent};

@@ -5,6 +5,8 @@
 //! Each test builds a `PATH` folder of links to every program it needs except
 //! `qemu-img`, so it runs on the real host without uninstalling anything.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -13,6 +13,8 @@
 //! built here (`cargo build -p wrenn-vmm`, a no-op when it is fresh) into
 //! the folder of the wrenn-agent under test, where the agent looks first.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -20,6 +20,8 @@
 //! removes the shared root table and restores `net.ipv4.ip_forward` if no
 //! slot is left on the machine.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};

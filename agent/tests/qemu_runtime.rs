@@ -5,6 +5,8 @@
 //! Needs root, QEMU and the guest image (`make image`); under `make test`
 //! (`WRENN_E2E=1`) a missing image fails, elsewhere the test is skipped.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -7,6 +7,8 @@
 //! agent would have left it. The kill -9 tests (`api_restart.rs`,
 //! `api_pause.rs`) prove the same paths against real QEMU.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -3,6 +3,8 @@
 //! addressing, reference counts, garbage collection, damaged headers,
 //! crashes, block reads.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 #[path = "support/rng.rs"]
 mod rng;
 

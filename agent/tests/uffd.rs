@@ -4,6 +4,8 @@
 //! (threads touching that memory), and a page server in the same process
 //! serves it from a two-generation snapshot in a real layer store.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 #[path = "support/rng.rs"]
 mod rng;
 

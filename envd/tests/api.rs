@@ -2,6 +2,8 @@
 //! shapes for bad requests, and HTTP edge cases (100-continue, aborted
 //! uploads with huge Content-Length).
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::io::{Read, Write};

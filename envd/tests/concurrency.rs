@@ -1,6 +1,8 @@
 //! Long-lived streams get their own threads: many open event streams and
 //! watches must not delay ordinary requests.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -1,6 +1,8 @@
 //! Files: streamed upload/download (200 MiB by sha256), stat, list, mkdir,
 //! move, delete, permissions as another user, and path validation.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::io::{self, Read};

@@ -2,6 +2,8 @@
 //! concurrency, background processes with re-attach and stdin, users, and
 //! spawn failures reported as JSON errors before any stream starts.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -1,6 +1,8 @@
 //! Terminals: a PTY is the controlling terminal with the requested size,
 //! resizes reach the program, stdin goes through the terminal, and EOF is ^D.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use common::{end_of, output_of, wait_for_output, Envd};

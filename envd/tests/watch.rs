@@ -2,6 +2,8 @@
 //! recursive watches that follow new sub-directories, and the end of the
 //! stream when the watched directory is deleted.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::sync::mpsc::Receiver;

@@ -3,6 +3,8 @@
 //! cap, NDJSON events arriving one by one, the long-running cap, closures as
 //! handlers and a Unix socket listener.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;

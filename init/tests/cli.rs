@@ -2,6 +2,8 @@
 //! checks its test subcommands: `modules-order` on a real modules.dep in a
 //! temporary directory, `parse-cmdline`, `render-etc`, and the usage errors.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -2,6 +2,8 @@
 //! from a newer program, damaged values and keys, a newer schema version.
 //! Each must be a clear error, never a panic or a silent open.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 use std::path::Path;
 
 use heed::types::Bytes;

@@ -1,6 +1,8 @@
 //! The store on real LMDB files in temporary directories: records, keys,
 //! events, slots, meta, transactions, map growth, concurrency, reopening.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

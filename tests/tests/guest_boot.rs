@@ -6,6 +6,8 @@
 //! (`WRENN_E2E=1`) a missing image fails the test; elsewhere it is skipped
 //! with a loud message.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 use std::io::Write;
 use std::time::{Duration, Instant};
 

@@ -7,6 +7,8 @@
 //! as the agent's QEMU runtime runs it, on the guest image when there is
 //! one. Prints Markdown tables and writes them to `target/bench/vmm.md`.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

@@ -2,6 +2,8 @@
 //! guest program, pause, snapshot (full and diff), resume, load a snapshot
 //! in a second process, and bad requests. Needs /dev/kvm for the VM parts.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -2,6 +2,8 @@
 //! /dev/kvm (hardware KVM or this machine's PVM); without it each test says
 //! so and passes.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use common::{kvm_or_skip, Console};

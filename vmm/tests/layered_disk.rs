@@ -6,6 +6,8 @@
 //! and read back through `wrenn_layers::Reader`. Needs /dev/kvm for the
 //! guest parts; says so and passes the rest without.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::os::unix::fs::FileExt;

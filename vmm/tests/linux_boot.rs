@@ -4,6 +4,8 @@
 //! code is emulated), so the tests stop there; with hardware KVM they take
 //! milliseconds.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use common::Console;

@@ -2,6 +2,8 @@
 //! sees its own APIC ID, and is paused, saved and restored with the rest.
 //! The `smp` guest (vmm/guests/smp.s) counts on every vCPU.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};

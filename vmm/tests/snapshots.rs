@@ -2,6 +2,8 @@
 //! (vmm/guests/counter.s) must print after a restore exactly what an
 //! uninterrupted run prints. Needs /dev/kvm; says so and passes without.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use common::{counter_output, kvm_or_skip, Console, COUNTER_TARGET};

@@ -8,6 +8,8 @@
 //! page, its index as a little-endian u64, then its 4096 bytes) and
 //! unpacked into a sparse `memory` file before a restore.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::fs::File;

@@ -6,6 +6,8 @@
 //! prefetches what the first one faulted on. Needs /dev/kvm and
 //! userfaultfd.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use common::{counter_output, kvm_or_skip, Console};

@@ -4,6 +4,8 @@
 //! snapshot between block requests that resumes in a new VM. Needs
 //! /dev/kvm; says so and passes without.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 mod common;
 
 use std::os::unix::fs::FileExt;

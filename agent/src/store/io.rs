@@ -366,8 +366,8 @@ fn entry(op: &Op<'_>, done: usize, dir: Dir) -> io_uring::squeue::Entry {
     let len = (op.range.len() - done).min(MAX_SUBMIT) as u32;
     let offset = op.offset + done as u64;
     match dir {
-        // SAFETY (pointer arithmetic): `at` is inside the buffer, checked
-        // against its length by `check_ranges`.
+        // SAFETY: pointer arithmetic only: `at` is inside the buffer,
+        // checked against its length by `check_ranges`.
         Dir::Read(base) => opcode::Read::new(fd, unsafe { base.add(at) }, len)
             .offset(offset)
             .build(),
