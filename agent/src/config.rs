@@ -51,6 +51,12 @@ pub struct ApiConfig {
     pub workers: usize,
     /// Largest JSON request body, in bytes.
     pub max_json_body: usize,
+    /// Longest request header line (request line included), in bytes;
+    /// longer ones are answered 431.
+    pub max_header_line: usize,
+    /// Largest request head (request line and headers), in bytes; larger
+    /// ones are answered 431.
+    pub max_head: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -254,6 +260,14 @@ impl Config {
                 net.slots, net.first_slot
             ));
         }
+        let api = &self.api;
+        if api.max_header_line < 1024 || api.max_head < api.max_header_line {
+            return invalid(format!(
+                "api.max_header_line is {} and api.max_head {}: a line needs at least 1024 \
+                 bytes and the head at least one line",
+                api.max_header_line, api.max_head
+            ));
+        }
         if self.sandbox.default_timeout_s > self.sandbox.max_timeout_s {
             return invalid("sandbox.default_timeout_s is above sandbox.max_timeout_s".into());
         }
@@ -324,6 +338,10 @@ mod tests {
         assert_eq!(config.api.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(config.node.state_dir, PathBuf::from("/var/lib/wrenn"));
         assert!(config.api.key_hashes.is_empty());
+        assert_eq!(
+            (config.api.max_header_line, config.api.max_head),
+            (16384, 65536)
+        );
     }
 
     #[test]

@@ -154,6 +154,8 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
     let server_config = ServerConfig {
         workers: config.api.workers,
         max_json_body: config.api.max_json_body,
+        max_header_line: config.api.max_header_line,
+        max_head: config.api.max_head,
         bind_hint: Some("choose another address with --listen or WRENN_LISTEN"),
         ..ServerConfig::new(
             "wrenn-agent",

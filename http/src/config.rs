@@ -15,6 +15,10 @@ const QUEUE_DEPTH: usize = 256;
 const MAX_LONG_RUNNING: usize = 1024;
 /// Largest JSON request body accepted (1 MiB).
 const MAX_JSON_BODY: usize = 1 << 20;
+/// Longest line of a request head, the request line included (16 KiB).
+const MAX_HEADER_LINE: usize = 16 << 10;
+/// Largest request head: request line, headers and the blank line (64 KiB).
+const MAX_HEAD: usize = 64 << 10;
 /// A write that makes no progress for this long fails (client not reading).
 const SEND_TIMEOUT: Duration = Duration::from_secs(120);
 /// TCP keepalive: first probe after this much silence...
@@ -32,12 +36,10 @@ const MAX_DECLARED_BODY: usize = 1 << 42;
 /// Where a server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
-    /// A TCP address such as `0.0.0.0:49983` (port 0 picks a free one). It
-    /// is resolved again whenever the server listens again.
+    /// A TCP address such as `0.0.0.0:49983` (port 0 picks a free one).
     Tcp(String),
     /// A Unix socket at this path. The path must not exist at start (remove
-    /// a stale socket first); when the server listens again after an accept
-    /// failure it replaces its own socket file.
+    /// a stale socket first).
     Unix(PathBuf),
 }
 
@@ -74,6 +76,15 @@ pub struct ServerConfig {
     /// Largest JSON request body `Exchange::json` reads; larger ones are
     /// answered 413 (default 1 MiB).
     pub max_json_body: usize,
+    /// Longest line of a request head, request line included, not counting
+    /// its CRLF; a longer one is answered 431 and the connection closed
+    /// (default 16 KiB).
+    pub max_header_line: usize,
+    /// Largest request head (request line, headers, CRLFs and the blank
+    /// line), counted afresh for every request of a keep-alive connection;
+    /// a larger one is answered 431 and the connection closed (default
+    /// 64 KiB).
+    pub max_head: usize,
     /// A write that makes no progress for this long fails: a client that
     /// stops reading is dropped (default 120 s; zero means never).
     pub send_timeout: Duration,
@@ -106,6 +117,8 @@ impl ServerConfig {
             queue_depth: QUEUE_DEPTH,
             max_long_running: MAX_LONG_RUNNING,
             max_json_body: MAX_JSON_BODY,
+            max_header_line: MAX_HEADER_LINE,
+            max_head: MAX_HEAD,
             send_timeout: SEND_TIMEOUT,
             keepalive_idle: KEEPALIVE_IDLE,
             keepalive_interval: KEEPALIVE_INTERVAL,

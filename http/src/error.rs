@@ -25,6 +25,7 @@ pub enum ErrorCode {
     Conflict,
     PayloadTooLarge,
     TooManyRequests,
+    HeaderFieldsTooLarge,
     Internal,
     NotImplemented,
     Unavailable,
@@ -43,6 +44,7 @@ impl ErrorCode {
             Self::Conflict => 409,
             Self::PayloadTooLarge => 413,
             Self::TooManyRequests => 429,
+            Self::HeaderFieldsTooLarge => 431,
             Self::Internal => 500,
             Self::NotImplemented => 501,
             Self::Unavailable => 503,
@@ -63,6 +65,7 @@ impl ErrorCode {
             Self::Conflict => "conflict",
             Self::PayloadTooLarge => "payload_too_large",
             Self::TooManyRequests => "too_many_requests",
+            Self::HeaderFieldsTooLarge => "header_fields_too_large",
             Self::Internal => "internal",
             Self::NotImplemented => "not_implemented",
             Self::Unavailable => "unavailable",
@@ -122,6 +125,11 @@ impl ApiError {
 
     pub fn too_many_requests(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::TooManyRequests, message)
+    }
+
+    /// 431: the request head passed one of the server's limits.
+    pub fn header_fields_too_large(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::HeaderFieldsTooLarge, message)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -230,6 +238,11 @@ mod tests {
             (ErrorCode::Conflict, 409, "conflict"),
             (ErrorCode::PayloadTooLarge, 413, "payload_too_large"),
             (ErrorCode::TooManyRequests, 429, "too_many_requests"),
+            (
+                ErrorCode::HeaderFieldsTooLarge,
+                431,
+                "header_fields_too_large",
+            ),
             (ErrorCode::Internal, 500, "internal"),
             (ErrorCode::NotImplemented, 501, "not_implemented"),
             (ErrorCode::Unavailable, 503, "unavailable"),

@@ -29,10 +29,16 @@ pub mod config;
 pub mod error;
 /// `Exchange` (one request and its answer), `Reply`, JSON bodies, responses.
 pub mod exchange;
-/// Binding TCP or Unix listeners with the socket options connections inherit.
+/// Reading one request head under the line and head limits.
+mod head;
+/// Binding the public listener (TCP or Unix) and tiny_http's backend socket.
 mod listener;
+/// Reusable threads for the relay's connections.
+mod pool;
 /// `Query`: percent-decoded query strings.
 pub mod query;
+/// The relay in front of tiny_http: limits each request head, answers 431.
+mod relay;
 /// `Server` and `Handler`: worker pool, long-running threads, accept recovery.
 pub mod server;
 /// `NdjsonStream`: chunked NDJSON, flushed event by event.

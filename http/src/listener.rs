@@ -1,65 +1,170 @@
 //! Listening sockets: binds the configured address with the socket options
-//! accepted connections inherit, and wraps the listener in tiny_http.
+//! accepted connections inherit, accepts its connections for the relay
+//! (`relay.rs`), and binds tiny_http on a private backend socket that only
+//! the relay connects to.
 //!
 //! Accepted sockets inherit options set on the listener: a send timeout (a
 //! client that stops reading a stream or download is dropped) and, on TCP,
 //! keepalive with a user timeout (a peer that vanished is noticed). There is
-//! deliberately no receive timeout: on a listener it also applies to
-//! `accept`, and tiny_http's accept loop stops at the first accept error.
+//! deliberately no receive timeout: an idle keep-alive connection is not an
+//! error.
+//!
+//! The backend socket is a Linux abstract Unix socket (no file to clean up),
+//! one name per server. tiny_http stops accepting on it after its first
+//! accept error (for example out of file descriptors); the server then binds
+//! the same name again, and the relay retries its connects meanwhile. The
+//! public listener's own accept errors are retried in place.
 
 use std::io;
-use std::net::{TcpListener, ToSocketAddrs};
+use std::mem::ManuallyDrop;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::ops::Deref;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{self, UnixListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use crate::config::{Listen, ServerConfig};
+use crate::head::HeadLimits;
+use crate::relay::{Client, Relay};
 use crate::server::StartupError;
 
-/// Binds the listener with its socket options and wraps it in tiny_http.
-/// `again` says the server is listening again after an accept failure: a
-/// Unix socket file it left behind is then replaced.
-pub(crate) fn bind(config: &ServerConfig, again: bool) -> Result<tiny_http::Server, StartupError> {
+/// Backend sockets made by this process so far, for unique names.
+static BACKENDS: AtomicUsize = AtomicUsize::new(0);
+
+/// tiny_http serving the backend socket. Never dropped: tiny_http's `Drop`
+/// unwraps the socket's path, which an abstract socket does not have, and a
+/// server lives as long as its process anyway.
+pub(crate) struct Backend(ManuallyDrop<tiny_http::Server>);
+
+impl Deref for Backend {
+    type Target = tiny_http::Server;
+
+    fn deref(&self) -> &tiny_http::Server {
+        &self.0
+    }
+}
+
+/// A server's sockets once it listens.
+pub(crate) struct Bound {
+    pub backend: Backend,
+    /// The backend socket's address, to bind it again.
+    pub backend_addr: net::SocketAddr,
+    /// The public TCP address (the real port when port 0 was asked for).
+    pub local_addr: Option<SocketAddr>,
+}
+
+/// The listener clients connect to.
+enum Public {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Public {
+    fn accept(&self) -> io::Result<Client> {
+        match self {
+            Self::Tcp(l) => {
+                let (stream, _) = l.accept()?;
+                // The relay writes what tiny_http wrote, already whole:
+                // holding a small write back for an ACK only adds latency.
+                stream.set_nodelay(true)?;
+                Ok(Client::Tcp(stream))
+            }
+            Self::Unix(l) => l.accept().map(|(s, _)| Client::Unix(s)),
+        }
+    }
+}
+
+/// Binds the public listener with its socket options and the backend
+/// socket, and starts accepting connections.
+pub(crate) fn bind(config: &ServerConfig) -> Result<Bound, StartupError> {
     let bind_err = |source| StartupError::Bind {
         addr: config.listen.to_string(),
         hint: config.bind_hint,
         source,
     };
-    let (server, local) = match &config.listen {
+    let (public, local_addr) = match &config.listen {
         Listen::Tcp(addr) => {
             let addrs: Vec<_> = addr.to_socket_addrs().map_err(bind_err)?.collect();
             let listener = TcpListener::bind(&addrs[..]).map_err(bind_err)?;
             set_tcp_options(&listener, config).map_err(bind_err)?;
-            let local = listener.local_addr().map_err(bind_err)?.to_string();
-            (tiny_http::Server::from_listener(listener, None), local)
+            let local = listener.local_addr().map_err(bind_err)?;
+            (Public::Tcp(listener), Some(local))
         }
         Listen::Unix(path) => {
-            if again {
-                // Ours, from before the failure; nothing listens on it now.
-                let _ = std::fs::remove_file(path);
-            }
             let listener = UnixListener::bind(path).map_err(bind_err)?;
             set_send_timeout(&listener, config.send_timeout).map_err(bind_err)?;
-            let local = config.listen.to_string();
-            (tiny_http::Server::from_listener(listener, None), local)
+            (Public::Unix(listener), None)
         }
     };
-    let server = server.map_err(|e| StartupError::Server(e.to_string()))?;
-    tracing::info!(addr = %local, version = config.version, "{} listening", config.name);
-    Ok(server)
+    let backend_addr = backend_address(config.name)?;
+    let backend = bind_backend(&backend_addr)?;
+    let limits = HeadLimits {
+        line: config.max_header_line,
+        head: config.max_head,
+    };
+    let relay = Arc::new(Relay::new(config.name, backend_addr.clone(), limits));
+    thread::Builder::new()
+        .name(format!("{}-accept", config.name))
+        .spawn(move || accept_loop(&public, &relay))
+        .map_err(StartupError::Threads)?;
+    let shown = local_addr.map_or_else(|| config.listen.to_string(), |a| a.to_string());
+    tracing::info!(addr = %shown, version = config.version, "{} listening", config.name);
+    Ok(Bound {
+        backend,
+        backend_addr,
+        local_addr,
+    })
 }
 
-/// Listens again, retrying with a growing delay until it works.
-pub(crate) fn rebind(config: &ServerConfig) -> tiny_http::Server {
+/// Binds the backend socket again, retrying with a growing delay until it
+/// works (the old one is gone once tiny_http's accept loop has stopped).
+pub(crate) fn rebind(addr: &net::SocketAddr) -> Backend {
     let mut delay = Duration::from_millis(100);
     loop {
         thread::sleep(delay);
-        match bind(config, true) {
-            Ok(server) => return server,
+        match bind_backend(addr) {
+            Ok(backend) => return backend,
             Err(err) => tracing::error!(error = %err, "listening again failed; retrying"),
         }
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A backend address no other server of this process or another uses.
+fn backend_address(name: &str) -> Result<net::SocketAddr, StartupError> {
+    let seq = BACKENDS.fetch_add(1, Ordering::Relaxed);
+    let id = format!("wrenn-http/{name}/{}/{seq}", std::process::id());
+    net::SocketAddr::from_abstract_name(id).map_err(|e| StartupError::Server(e.to_string()))
+}
+
+fn bind_backend(addr: &net::SocketAddr) -> Result<Backend, StartupError> {
+    let listener = UnixListener::bind_addr(addr)
+        .map_err(|e| StartupError::Server(format!("cannot bind the backend socket: {e}")))?;
+    let server = tiny_http::Server::from_listener(listener, None)
+        .map_err(|e| StartupError::Server(e.to_string()))?;
+    Ok(Backend(ManuallyDrop::new(server)))
+}
+
+/// Hands every accepted connection to the relay; accept errors (e.g. out
+/// of file descriptors) are retried after a growing pause.
+fn accept_loop(public: &Public, relay: &Arc<Relay>) {
+    let mut delay = Duration::from_millis(10);
+    loop {
+        match public.accept() {
+            Ok(client) => {
+                delay = Duration::from_millis(10);
+                relay.spawn(client);
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "accepting a connection failed; retrying");
+                thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
     }
 }
 

@@ -8,9 +8,12 @@
 //! handler's; the server only moves requests to threads, catches panics
 //! (answered 500) and writes one access-log line per request.
 //!
-//! tiny_http stops accepting after its first accept error (for example out of
-//! file descriptors); the server then keeps serving the connections already
-//! open and listens again on a fresh socket.
+//! Clients never talk to tiny_http directly: the relay (`relay.rs`) reads
+//! each request head under the configured limits and forwards it to
+//! tiny_http on a private backend socket. tiny_http stops accepting there
+//! after its first accept error (for example out of file descriptors); the
+//! server then keeps serving the requests already read and binds the backend
+//! socket again.
 
 use std::io;
 use std::net::SocketAddr;
@@ -90,35 +93,29 @@ impl std::error::Error for StartupError {}
 /// A server that is listening, with its worker pool started.
 pub struct Server<H: Handler> {
     dispatcher: Dispatcher<H>,
-    listener: tiny_http::Server,
+    bound: listener::Bound,
 }
 
 impl<H: Handler> Server<H> {
     /// Starts the worker pool and listens as `config` says.
     pub fn bind(config: ServerConfig, handler: H) -> Result<Self, StartupError> {
         let dispatcher = Dispatcher::start(Arc::new(Shared { config, handler }))?;
-        let listener = listener::bind(&dispatcher.shared.config, false)?;
-        Ok(Self {
-            dispatcher,
-            listener,
-        })
+        let bound = listener::bind(&dispatcher.shared.config)?;
+        Ok(Self { dispatcher, bound })
     }
 
     /// The TCP address listened on (the real port when port 0 was asked
     /// for); `None` on a Unix socket.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.server_addr().to_ip()
+        self.bound.local_addr
     }
 
-    /// Serves requests until the process exits. After an accept failure the
-    /// open connections are still served and the server listens again (on a
-    /// TCP port 0, that is a new port).
+    /// Serves requests until the process exits. After an accept failure on
+    /// the backend socket the requests already read are still served and
+    /// the backend socket is bound again; clients keep the same address.
     pub fn run(self) -> ! {
-        let Self {
-            dispatcher,
-            listener,
-        } = self;
-        let mut server = Arc::new(listener);
+        let Self { dispatcher, bound } = self;
+        let mut server = Arc::new(bound.backend);
         loop {
             match server.recv() {
                 Ok(request) => dispatcher.dispatch(request),
@@ -128,7 +125,7 @@ impl<H: Handler> Server<H> {
                     // listen again on a fresh socket.
                     tracing::error!(error = %err, "accepting connections failed; listening again");
                     keep_serving(server, dispatcher.clone());
-                    server = Arc::new(listener::rebind(&dispatcher.shared.config));
+                    server = Arc::new(listener::rebind(&bound.backend_addr));
                 }
             }
         }
@@ -136,7 +133,7 @@ impl<H: Handler> Server<H> {
 }
 
 /// Drains requests still arriving on an old server's open connections.
-fn keep_serving<H: Handler>(server: Arc<tiny_http::Server>, dispatcher: Dispatcher<H>) {
+fn keep_serving<H: Handler>(server: Arc<listener::Backend>, dispatcher: Dispatcher<H>) {
     let spawned = thread::Builder::new()
         .name(format!("{}-old-listener", dispatcher.shared.config.name))
         .spawn(move || loop {
