@@ -5,6 +5,8 @@
 //! requests, and a client trickling an endless header is cut off at the
 //! limit instead of being read until memory runs out.
 
+#![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

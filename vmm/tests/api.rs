@@ -217,11 +217,10 @@ fn sigterm_ends_the_vmm_and_removes_its_socket() {
         vmm.boot_program(env!("WRENN_GUEST_SMP"));
         vmm.wait_serial("cpus");
     }
+    let pid = vmm.child.id() as i32;
     // SAFETY: kill has no memory arguments; the PID is our child's.
-    assert_eq!(
-        unsafe { libc::kill(vmm.child.id() as i32, libc::SIGTERM) },
-        0
-    );
+    let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(sent, 0);
     assert!(vmm.wait().success(), "a stop signal is a clean end");
     assert!(!vmm.socket.exists(), "the API socket is removed");
 }
