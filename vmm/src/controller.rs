@@ -580,3 +580,89 @@ impl std::io::Write for SharedWriter {
             .flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller() -> (Controller, mpsc::Receiver<String>) {
+        let (ended, heard) = mpsc::channel();
+        let controller = Controller::new(Box::new(std::io::sink()), ended, false).expect("new");
+        (controller, heard)
+    }
+
+    fn info(controller: &Controller) -> VmInfo {
+        match controller.execute(VmmAction::GetInfo) {
+            Ok(Outcome::Info(info)) => info,
+            other => panic!("GET /: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_vm_that_has_not_started_takes_configuration_and_refuses_running_actions() {
+        let (controller, _) = controller();
+        let config = MachineConfig {
+            vcpus: 2,
+            memory_mb: 64,
+            track_dirty_pages: false,
+        };
+        controller
+            .execute(VmmAction::SetMachineConfig(config))
+            .expect("config");
+        let now = info(&controller);
+        assert_eq!(
+            (now.phase, now.vcpu_count, now.mem_size_mib),
+            (VmPhase::NotStarted, 2, 64)
+        );
+        let bad = MachineConfig { vcpus: 0, ..config };
+        assert!(matches!(
+            controller.execute(VmmAction::SetMachineConfig(bad)),
+            Err(Error::Vcpus(0))
+        ));
+        assert!(matches!(
+            controller.execute(VmmAction::Start),
+            Err(Error::NoBootSource)
+        ));
+        for action in [VmmAction::Pause, VmmAction::Resume] {
+            let err = controller.execute(action).expect_err("not running");
+            assert!(
+                matches!(
+                    err,
+                    Error::WrongState {
+                        now: "not started",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        let snapshot = VmmAction::CreateSnapshot {
+            dir: "/nonexistent".into(),
+            diff: false,
+        };
+        let err = controller.execute(snapshot).expect_err("not paused");
+        assert!(err.to_string().contains("Pause first"), "{err}");
+        assert_eq!(info(&controller).phase, VmPhase::NotStarted);
+    }
+
+    #[test]
+    fn shutdown_ends_a_vm_for_good_and_configuring_after_it_is_a_conflict() {
+        let (controller, heard) = controller();
+        controller.execute(VmmAction::Shutdown).expect("shutdown");
+        assert_eq!(heard.try_recv().as_deref(), Ok("shut down through the API"));
+        assert!(matches!(
+            info(&controller).phase,
+            VmPhase::Exited { reason } if reason == "shut down through the API"
+        ));
+        let boot = VmmAction::SetBootSource(BootSource::Program("/p".into()));
+        let err = controller.execute(boot).expect_err("exited");
+        assert!(
+            matches!(err, Error::WrongState { now: "exited", .. }),
+            "{err}"
+        );
+        assert!(matches!(
+            controller.execute(VmmAction::Shutdown),
+            Err(Error::GuestEnded { .. })
+        ));
+    }
+}
