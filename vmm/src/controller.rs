@@ -665,4 +665,27 @@ mod tests {
             Err(Error::GuestEnded { .. })
         ));
     }
+
+    #[test]
+    fn a_failed_snapshot_on_a_file_system_without_room_is_no_space_with_its_cause() {
+        let dir = std::env::temp_dir().join("wrenn-vmm-no-such-snapshot-folder");
+        let cause = || Error::Snapshot("the memory file: write failed".into());
+        // No file system has u64::MAX bytes free: the failure is for want
+        // of room, and says so with the original error as its source.
+        let err = out_of_space(&dir, u64::MAX, cause());
+        assert!(
+            matches!(
+                &err,
+                Error::SnapshotNoSpace {
+                    needed: u64::MAX,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("free space there"), "{err}");
+        assert!(std::error::Error::source(&err).is_some());
+        // With room to spare the original error stands.
+        assert!(matches!(out_of_space(&dir, 0, cause()), Error::Snapshot(_)));
+    }
 }
