@@ -1,15 +1,28 @@
-//! The VM's lifecycle behind the control API: configure, start, pause,
-//! resume, snapshot, load a snapshot, shut down. A `vcpus` thread runs the
-//! machine ([`Machine::run_vcpus`]: a thread per vCPU); a pause sets a
-//! flag and wakes it, and it kicks every vCPU out of `KVM_RUN`.
+//! The owner of the VM: executes the API's [`VmmAction`]s one at a time.
+//!
+//! The VM is one value, [`Vm`], behind one lock that each action holds from
+//! its first check to its last change, so two requests can never both find
+//! the VM "not started" and both build one: the second waits and then finds
+//! it running (HTTP 409). Its phases are different types: the pre-boot
+//! configuration ([`PreBoot`]) exists only before start and is consumed by
+//! `InstanceStart` or `snapshot/load`; a running VM is its `vcpus` thread
+//! ([`Machine::run_vcpus`]: a thread per vCPU); a paused one is the
+//! [`Machine`] itself. A pause sets a flag and wakes the `vcpus` thread,
+//! which kicks every vCPU out of `KVM_RUN` and hands the machine back.
+//!
+//! What it is not: the parser ([`crate::request`]) or the HTTP server
+//! ([`crate::api`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+
+use vmm_api::{VmInfo, VmPhase};
 
 use crate::error::{Error, Result};
 use crate::machine::{Exit, Machine, MachineConfig};
+use crate::request::VmmAction;
 use crate::snapshot::MemoryFrom;
 use crate::virtio::block::DriveConfig;
 use crate::virtio::net::NetConfig;
@@ -37,48 +50,194 @@ pub enum Memory {
     Served(PathBuf),
 }
 
-/// Where the VM is in its life, as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Phase {
-    NotStarted,
-    Running,
-    Paused,
-    /// The guest ended (reset, halt, triple fault) or failed.
-    Exited(String),
+/// What an executed action answers.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Done; nothing to say (HTTP 204).
+    Done,
+    /// `GET /`.
+    Info(VmInfo),
 }
 
-impl Phase {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Phase::NotStarted => "not_started",
-            Phase::Running => "running",
-            Phase::Paused => "paused",
-            Phase::Exited(_) => "exited",
+/// The configuration of a VM that has not started: set piece by piece
+/// through the API, consumed when the VM is built.
+#[derive(Debug, Clone)]
+pub struct PreBoot {
+    config: MachineConfig,
+    boot: Option<BootSource>,
+    /// Devices plugged in at start: drives then network interfaces, each
+    /// in the order first configured (the root drive first).
+    drives: Vec<DriveConfig>,
+    nets: Vec<NetConfig>,
+}
+
+impl Default for PreBoot {
+    fn default() -> PreBoot {
+        PreBoot {
+            config: MachineConfig {
+                vcpus: 1,
+                memory_mb: 128,
+                track_dirty_pages: false,
+            },
+            boot: None,
+            drives: Vec::new(),
+            nets: Vec::new(),
         }
+    }
+}
+
+impl PreBoot {
+    fn set_config(&mut self, config: MachineConfig) -> Result<()> {
+        Machine::check(config)?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Adds a drive, or replaces the one with the same id; the file must
+    /// open (read-only drives need only read access), and only one drive
+    /// may be the root device.
+    fn set_drive(&mut self, config: DriveConfig) -> Result<()> {
+        crate::virtio::block::check(&config)?;
+        if config.is_root_device {
+            if let Some(root) = self
+                .drives
+                .iter()
+                .find(|d| d.is_root_device && d.drive_id != config.drive_id)
+            {
+                return Err(Error::Virtio(crate::virtio::DeviceError::SecondRoot {
+                    root: root.drive_id.clone(),
+                    drive_id: config.drive_id,
+                }));
+            }
+        }
+        match self
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == config.drive_id)
+        {
+            Some(drive) => *drive = config,
+            None => self.drives.push(config),
+        }
+        Ok(())
+    }
+
+    /// Adds a network interface, or replaces the one with the same id;
+    /// its tap is opened at start.
+    fn set_net(&mut self, config: NetConfig) {
+        match self.nets.iter_mut().find(|n| n.iface_id == config.iface_id) {
+            Some(net) => *net = config,
+            None => self.nets.push(config),
+        }
+    }
+
+    /// The machine this configuration describes, loaded and ready to run.
+    fn build(&self, serial: Box<dyn std::io::Write + Send>) -> Result<Machine> {
+        let boot = self.boot.as_ref().ok_or(Error::NoBootSource)?;
+        let mut machine = Machine::new(self.config, serial)?;
+        let mut drives = self.drives.clone();
+        // The root drive is the first device (vda).
+        drives.sort_by_key(|d| !d.is_root_device);
+        for drive in drives {
+            machine.add_drive(drive)?;
+        }
+        for net in &self.nets {
+            machine.add_net(net.clone())?;
+        }
+        match boot {
+            BootSource::Program(path) => {
+                let program = std::fs::read(path).map_err(|source| Error::ReadProgram {
+                    path: path.clone(),
+                    source,
+                })?;
+                machine.load_program(&program)?;
+            }
+            BootSource::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let devices = machine.virtio().slots();
+                machine.load_linux_with_devices(kernel, initrd.as_deref(), cmdline, &devices)?
+            }
+        }
+        Ok(machine)
     }
 }
 
 type VcpuResult = (Machine, Result<Exit>);
 
-enum State {
-    NotStarted,
-    Running {
-        thread: JoinHandle<VcpuResult>,
-        stop: Arc<AtomicBool>,
-    },
-    Paused(Box<Machine>),
-    Exited(String),
+/// A running VM: its `vcpus` thread, which hands the machine back when it
+/// stops.
+struct Running {
+    thread: JoinHandle<VcpuResult>,
+    stop: Arc<AtomicBool>,
+    config: MachineConfig,
 }
 
-/// Owns the VM; shared by the API's threads.
+/// The VM in each phase of its life.
+enum Vm {
+    NotStarted(PreBoot),
+    Running(Running),
+    Paused(Box<Machine>),
+    Exited {
+        reason: String,
+        config: MachineConfig,
+    },
+    /// Only between the two halves of a change of phase, under the lock:
+    /// seen afterwards only if that change panicked.
+    Unusable,
+}
+
+impl Vm {
+    fn phase_name(&self) -> &'static str {
+        match self {
+            Vm::NotStarted(_) => "not started",
+            Vm::Running(_) => "running",
+            Vm::Paused(_) => "paused",
+            Vm::Exited { .. } => "exited",
+            Vm::Unusable => "unusable",
+        }
+    }
+
+    fn info(&self) -> VmInfo {
+        let (phase, config) = match self {
+            Vm::NotStarted(pre) => (VmPhase::NotStarted, pre.config),
+            Vm::Running(running) => (VmPhase::Running, running.config),
+            Vm::Paused(machine) => (VmPhase::Paused, machine.config),
+            Vm::Exited { reason, config } => (
+                VmPhase::Exited {
+                    reason: reason.clone(),
+                },
+                *config,
+            ),
+            Vm::Unusable => (
+                VmPhase::Exited {
+                    reason: Error::Unusable.to_string(),
+                },
+                PreBoot::default().config,
+            ),
+        };
+        VmInfo {
+            phase,
+            vcpu_count: config.vcpus,
+            mem_size_mib: config.memory_mb,
+        }
+    }
+
+    fn config(&self) -> MachineConfig {
+        let info = self.info();
+        MachineConfig {
+            vcpus: info.vcpu_count,
+            memory_mb: info.mem_size_mib,
+            track_dirty_pages: false,
+        }
+    }
+}
+
+/// Owns the VM; shared by the API's threads, which it serves one at a
+/// time.
 pub struct Controller {
-    state: Mutex<State>,
-    config: Mutex<MachineConfig>,
-    boot: Mutex<Option<BootSource>>,
-    /// Devices plugged in at start: drives then network interfaces, each
-    /// in the order first configured (the root drive first).
-    drives: Mutex<Vec<DriveConfig>>,
-    nets: Mutex<Vec<NetConfig>>,
+    vm: Mutex<Vm>,
     serial: SharedWriter,
     /// Told once when the guest has ended on its own.
     ended: mpsc::Sender<String>,
@@ -97,185 +256,103 @@ impl Controller {
         // Before any seccomp filter: it needs rt_sigaction.
         crate::machine::install_kick_handler()?;
         Ok(Controller {
-            state: Mutex::new(State::NotStarted),
-            config: Mutex::new(MachineConfig {
-                vcpus: 1,
-                memory_mb: 128,
-                track_dirty_pages: false,
-            }),
-            boot: Mutex::new(None),
-            drives: Mutex::new(Vec::new()),
-            nets: Mutex::new(Vec::new()),
+            vm: Mutex::new(Vm::NotStarted(PreBoot::default())),
             serial: SharedWriter(Arc::new(Mutex::new(serial))),
             ended,
             seccomp,
         })
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Executes one action, holding the VM for all of it.
+    pub fn execute(&self, action: VmmAction) -> Result<Outcome> {
+        let mut vm = self.lock();
+        self.notice_end(&mut vm);
+        match action {
+            VmmAction::GetInfo => return Ok(Outcome::Info(vm.info())),
+            VmmAction::SetMachineConfig(config) => {
+                pre_boot(&mut vm, "change the machine config")?.set_config(config)?
+            }
+            VmmAction::SetBootSource(boot) => {
+                pre_boot(&mut vm, "change the boot source")?.boot = Some(boot)
+            }
+            VmmAction::SetDrive(drive) => pre_boot(&mut vm, "change drives")?.set_drive(drive)?,
+            VmmAction::SetNetworkInterface(net) => {
+                pre_boot(&mut vm, "change network interfaces")?.set_net(net)
+            }
+            VmmAction::Start => self.start(&mut vm)?,
+            VmmAction::LoadSnapshot {
+                dir,
+                memory,
+                drives,
+                resume,
+            } => self.load(&mut vm, &dir, memory, &drives, resume)?,
+            VmmAction::Pause => self.pause(&mut vm)?,
+            VmmAction::Resume => self.resume(&mut vm)?,
+            VmmAction::Shutdown => self.shutdown(&mut vm)?,
+            VmmAction::CreateSnapshot { dir, diff } => snapshot(&vm, &dir, diff)?,
+        }
+        Ok(Outcome::Done)
     }
 
-    /// The current phase; notices a guest that ended by itself.
-    pub fn phase(&self) -> Phase {
-        let mut state = self.state();
-        if let State::Running { thread, .. } = &*state {
-            if thread.is_finished() {
-                let ended = std::mem::replace(&mut *state, State::NotStarted);
-                *state = self.settle(ended);
+    fn lock(&self) -> MutexGuard<'_, Vm> {
+        self.vm.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A guest that ended by itself leaves its `vcpus` thread finished:
+    /// collect it.
+    fn notice_end(&self, vm: &mut Vm) {
+        if let Vm::Running(running) = vm {
+            if running.thread.is_finished() {
+                let Vm::Running(running) = std::mem::replace(vm, Vm::Unusable) else {
+                    return;
+                };
+                *vm = settle(running);
             }
         }
-        match &*state {
-            State::NotStarted => Phase::NotStarted,
-            State::Running { .. } => Phase::Running,
-            State::Paused(_) => Phase::Paused,
-            State::Exited(why) => Phase::Exited(why.clone()),
-        }
-    }
-
-    fn not_started(&self, what: &str) -> Result<()> {
-        match self.phase() {
-            Phase::NotStarted => Ok(()),
-            other => Err(Error::State(format!(
-                "cannot {what}: the VM is {}; only a VM that has not started can be configured",
-                other.as_str()
-            ))),
-        }
-    }
-
-    pub fn set_config(&self, config: MachineConfig) -> Result<()> {
-        self.not_started("change the machine config")?;
-        Machine::check(config)?;
-        *self.config.lock().unwrap_or_else(PoisonError::into_inner) = config;
-        Ok(())
-    }
-
-    pub fn config(&self) -> MachineConfig {
-        *self.config.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub fn set_boot(&self, boot: BootSource) -> Result<()> {
-        self.not_started("change the boot source")?;
-        *self.boot.lock().unwrap_or_else(PoisonError::into_inner) = Some(boot);
-        Ok(())
-    }
-
-    /// Adds a drive, or replaces the one with the same id; the file must
-    /// open (read-only drives need only read access), and only one drive
-    /// may be the root device.
-    pub fn set_drive(&self, config: DriveConfig) -> Result<()> {
-        self.not_started("change drives")?;
-        crate::virtio::block::check(&config)?;
-        let mut drives = self.drives.lock().unwrap_or_else(PoisonError::into_inner);
-        if config.is_root_device {
-            if let Some(root) = drives
-                .iter()
-                .find(|d| d.is_root_device && d.drive_id != config.drive_id)
-            {
-                return Err(Error::Virtio(crate::virtio::DeviceError::SecondRoot {
-                    root: root.drive_id.clone(),
-                    drive_id: config.drive_id,
-                }));
-            }
-        }
-        match drives.iter_mut().find(|d| d.drive_id == config.drive_id) {
-            Some(drive) => *drive = config,
-            None => drives.push(config),
-        }
-        Ok(())
-    }
-
-    /// Adds a network interface, or replaces the one with the same id;
-    /// its tap is opened at start.
-    pub fn set_net(&self, config: NetConfig) -> Result<()> {
-        self.not_started("change network interfaces")?;
-        crate::virtio::net::check_tap_name(&config.iface_id, &config.tap_name)?;
-        let mut nets = self.nets.lock().unwrap_or_else(PoisonError::into_inner);
-        match nets.iter_mut().find(|n| n.iface_id == config.iface_id) {
-            Some(net) => *net = config,
-            None => nets.push(config),
-        }
-        Ok(())
     }
 
     fn serial(&self) -> Box<dyn std::io::Write + Send> {
         Box::new(self.serial.clone())
     }
 
-    /// Builds the VM from the config and boot source and starts it.
-    pub fn start(&self) -> Result<()> {
-        self.not_started("start")?;
-        let boot = self
-            .boot
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .ok_or_else(|| Error::State("no boot source: PUT /boot-source first".into()))?;
-        let mut machine = Machine::new(self.config(), self.serial())?;
-        let mut drives = self
-            .drives
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        // The root drive is the first device (vda).
-        drives.sort_by_key(|d| !d.is_root_device);
-        for drive in drives {
-            machine.add_drive(drive)?;
-        }
-        let nets = self
-            .nets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        for net in nets {
-            machine.add_net(net)?;
-        }
-        match &boot {
-            BootSource::Program(path) => {
-                let program = std::fs::read(path)
-                    .map_err(|e| Error::Kernel(format!("cannot read {}: {e}", path.display())))?;
-                machine.load_program(&program)?;
-            }
-            BootSource::Kernel {
-                kernel,
-                initrd,
-                cmdline,
-            } => {
-                let devices = machine.virtio().slots();
-                machine.load_linux_with_devices(kernel, initrd.as_deref(), cmdline, &devices)?
-            }
-        }
-        self.run(machine)
+    /// Builds the VM from its configuration and runs it; the configuration
+    /// is kept if that fails, so the VMM stays usable.
+    fn start(&self, vm: &mut Vm) -> Result<()> {
+        let pre = pre_boot(vm, "start the VM")?;
+        let machine = pre.build(self.serial())?;
+        *vm = Vm::Running(self.run(machine)?);
+        Ok(())
     }
 
     /// Restores the snapshot in `dir`, with the drives named in `drives`
     /// at those paths; the VM is paused afterwards unless `resume`.
-    pub fn load(
+    fn load(
         &self,
-        dir: &std::path::Path,
+        vm: &mut Vm,
+        dir: &Path,
         memory: Memory,
         drives: &DriveOverrides,
         resume: bool,
     ) -> Result<()> {
-        self.not_started("load a snapshot")?;
+        pre_boot(vm, "load a snapshot")?;
         let machine = match memory {
             Memory::From(from) => Machine::restore_with_drives(dir, from, self.serial(), drives)?,
             Memory::Served(socket) => {
                 Machine::restore_served_with_drives(dir, &socket, self.serial(), drives)?
             }
         };
-        *self.config.lock().unwrap_or_else(PoisonError::into_inner) = machine.config;
-        if resume {
-            self.run(machine)
+        *vm = if resume {
+            Vm::Running(self.run(machine)?)
         } else {
-            *self.state() = State::Paused(Box::new(machine));
-            Ok(())
-        }
+            Vm::Paused(Box::new(machine))
+        };
+        Ok(())
     }
 
-    fn run(&self, mut machine: Machine) -> Result<()> {
+    fn run(&self, mut machine: Machine) -> Result<Running> {
         let stop = Arc::new(AtomicBool::new(false));
         let seccomp = self.seccomp;
+        let config = machine.config;
         // From this (API) thread, so that it inherits the VMM filter, not
         // the vCPU's.
         machine.virtio().start(seccomp)?;
@@ -306,87 +383,180 @@ impl Controller {
                 })
                 .map_err(|e| Error::Vcpu(format!("cannot start the vCPU thread: {e}")))?
         };
-        *self.state() = State::Running { thread, stop };
-        Ok(())
+        Ok(Running {
+            thread,
+            stop,
+            config,
+        })
     }
 
-    /// What a finished vCPU thread leaves.
-    fn settle(&self, state: State) -> State {
-        let State::Running { thread, .. } = state else {
-            return state;
+    /// Stops the vCPUs where they are.
+    fn pause(&self, vm: &mut Vm) -> Result<()> {
+        if !matches!(vm, Vm::Running(_)) {
+            return Err(wrong(vm, "pause the VM", "only a running VM can be paused"));
+        }
+        let Vm::Running(running) = std::mem::replace(vm, Vm::Unusable) else {
+            return Err(Error::Unusable);
         };
-        match thread.join() {
-            Ok((machine, Ok(Exit::Paused))) => match machine.virtio().stop() {
-                Ok(()) => State::Paused(Box::new(machine)),
-                Err(e) => State::Exited(e.to_string()),
-            },
-            Ok((_, Ok(exit))) => State::Exited(format!("{exit:?}")),
-            Ok((_, Err(e))) => State::Exited(e.to_string()),
-            Err(_) => State::Exited("the vCPU thread panicked".into()),
+        stop(&running);
+        *vm = settle(running);
+        match vm {
+            Vm::Paused(_) => Ok(()),
+            Vm::Exited { reason, .. } => Err(Error::GuestEnded {
+                reason: reason.clone(),
+            }),
+            _ => Err(Error::Unusable),
         }
     }
 
-    /// Stops the vCPU where it is.
-    pub fn pause(&self) -> Result<()> {
-        let mut state = self.state();
-        let State::Running { thread, stop } = &*state else {
-            return Err(wrong(&state, "pause", "running"));
-        };
-        stop.store(true, Ordering::Release);
-        // It kicks the vCPUs out of KVM_RUN and ends.
-        thread.thread().unpark();
-        let running = std::mem::replace(&mut *state, State::NotStarted);
-        *state = self.settle(running);
-        match &*state {
-            State::Paused(_) => Ok(()),
-            State::Exited(why) => Err(Error::State(format!("the guest ended first: {why}"))),
-            _ => Err(Error::State("the vCPU did not stop".into())),
+    fn resume(&self, vm: &mut Vm) -> Result<()> {
+        if !matches!(vm, Vm::Paused(_)) {
+            return Err(wrong(
+                vm,
+                "resume the VM",
+                "only a paused VM can be resumed",
+            ));
         }
-    }
-
-    pub fn resume(&self) -> Result<()> {
-        let mut state = self.state();
-        if !matches!(&*state, State::Paused(_)) {
-            return Err(wrong(&state, "resume", "paused"));
-        }
-        let State::Paused(machine) = std::mem::replace(&mut *state, State::NotStarted) else {
-            unreachable!("checked above");
+        let Vm::Paused(machine) = std::mem::replace(vm, Vm::Unusable) else {
+            return Err(Error::Unusable);
         };
-        drop(state);
-        self.run(*machine)
+        let config = machine.config;
+        match self.run(*machine) {
+            Ok(running) => {
+                *vm = Vm::Running(running);
+                Ok(())
+            }
+            Err(e) => {
+                *vm = Vm::Exited {
+                    reason: format!("could not resume: {e}"),
+                    config,
+                };
+                Err(e)
+            }
+        }
     }
 
     /// Stops the guest for good, wherever it is, and frees its memory; the
     /// process then ends (`ended` hears it).
-    pub fn shutdown(&self) -> Result<()> {
-        let mut state = self.state();
-        if let State::Running { thread, stop } = &*state {
-            stop.store(true, Ordering::Release);
-            thread.thread().unpark();
+    fn shutdown(&self, vm: &mut Vm) -> Result<()> {
+        if let Vm::Exited { reason, .. } = vm {
+            return Err(Error::GuestEnded {
+                reason: reason.clone(),
+            });
         }
-        let now = std::mem::replace(&mut *state, State::NotStarted);
-        if let State::Exited(why) = self.settle(now) {
-            *state = State::Exited(why.clone());
-            return Err(Error::State(format!("the guest has already ended: {why}")));
+        let config = vm.config();
+        if let Vm::Running(running) = std::mem::replace(vm, Vm::Unusable) {
+            stop(&running);
+            if let Vm::Exited { reason, config } = settle(running) {
+                *vm = Vm::Exited {
+                    reason: reason.clone(),
+                    config,
+                };
+                return Err(Error::GuestEnded { reason });
+            }
         }
         const WHY: &str = "shut down through the API";
-        *state = State::Exited(WHY.into());
+        *vm = Vm::Exited {
+            reason: WHY.into(),
+            config,
+        };
         let _ = self.ended.send(WHY.into());
         Ok(())
     }
+}
 
-    /// Saves the paused VM into `dir`: full, or only what changed since
-    /// the last snapshot.
-    pub fn snapshot(&self, dir: &std::path::Path, diff: bool) -> Result<()> {
-        let state = self.state();
-        let State::Paused(machine) = &*state else {
-            return Err(wrong(&state, "snapshot", "paused"));
-        };
-        if diff {
-            machine.save_diff(dir).map(drop)
-        } else {
-            machine.save(dir)
-        }
+/// The pre-boot configuration, if the VM has not started.
+fn pre_boot<'a>(vm: &'a mut Vm, action: &'static str) -> Result<&'a mut PreBoot> {
+    match vm {
+        Vm::NotStarted(pre) => Ok(pre),
+        Vm::Unusable => Err(Error::Unusable),
+        other => Err(wrong(
+            other,
+            action,
+            "only a VM that has not started can be configured, started or loaded; start \
+             another wrenn-vmm for another VM",
+        )),
+    }
+}
+
+/// Saves the paused VM into `dir`: full, or only what changed since the
+/// last snapshot.
+fn snapshot(vm: &Vm, dir: &Path, diff: bool) -> Result<()> {
+    let Vm::Paused(machine) = vm else {
+        return Err(wrong(
+            vm,
+            "snapshot the VM",
+            "only a paused VM can be saved: PUT /actions Pause first",
+        ));
+    };
+    let saved = if diff {
+        machine.save_diff(dir).map(drop)
+    } else {
+        machine.save(dir)
+    };
+    saved.map_err(|e| out_of_space(dir, u64::from(machine.config.memory_mb) << 20, e))
+}
+
+/// `error`, or [`Error::SnapshotNoSpace`] when the file system of `dir`
+/// has less room than the guest's memory: the snapshot failed for want of
+/// space.
+fn out_of_space(dir: &Path, needed: u64, error: Error) -> Error {
+    let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(dir);
+    match free_bytes(existing) {
+        Some(available) if available < needed => Error::SnapshotNoSpace {
+            dir: dir.to_path_buf(),
+            available,
+            needed,
+            source: Box::new(error),
+        },
+        _ => error,
+    }
+}
+
+/// The bytes an unprivileged writer may still use on `path`'s file system.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value for the call to fill.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a NUL-terminated path and `stat` a valid, writable
+    // statvfs, both alive for the call.
+    if unsafe { libc::statvfs(name.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Asks the `vcpus` thread to stop the vCPUs and hand the machine back.
+fn stop(running: &Running) {
+    running.stop.store(true, Ordering::Release);
+    // It kicks the vCPUs out of KVM_RUN and ends.
+    running.thread.thread().unpark();
+}
+
+/// What a stopping (or stopped) `vcpus` thread leaves.
+fn settle(running: Running) -> Vm {
+    let config = running.config;
+    let exited = |reason: String| Vm::Exited { reason, config };
+    match running.thread.join() {
+        Ok((machine, Ok(Exit::Paused))) => match machine.virtio().stop() {
+            Ok(()) => Vm::Paused(Box::new(machine)),
+            Err(e) => exited(e.to_string()),
+        },
+        Ok((_, Ok(exit))) => exited(format!("{exit:?}")),
+        Ok((_, Err(e))) => exited(e.to_string()),
+        Err(_) => exited("the vCPU thread panicked".into()),
+    }
+}
+
+fn wrong(vm: &Vm, action: &'static str, remedy: &'static str) -> Error {
+    if matches!(vm, Vm::Unusable) {
+        return Error::Unusable;
+    }
+    Error::WrongState {
+        action,
+        now: vm.phase_name(),
+        remedy,
     }
 }
 
@@ -411,14 +581,111 @@ impl std::io::Write for SharedWriter {
     }
 }
 
-fn wrong(state: &State, action: &str, wanted: &str) -> Error {
-    let now = match state {
-        State::NotStarted => "not started",
-        State::Running { .. } => "running",
-        State::Paused(_) => "paused",
-        State::Exited(_) => "exited",
-    };
-    Error::State(format!(
-        "cannot {action} the VM: it is {now}; only a {wanted} VM can be"
-    ))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller() -> (Controller, mpsc::Receiver<String>) {
+        let (ended, heard) = mpsc::channel();
+        let controller = Controller::new(Box::new(std::io::sink()), ended, false).expect("new");
+        (controller, heard)
+    }
+
+    fn info(controller: &Controller) -> VmInfo {
+        match controller.execute(VmmAction::GetInfo) {
+            Ok(Outcome::Info(info)) => info,
+            other => panic!("GET /: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_vm_that_has_not_started_takes_configuration_and_refuses_running_actions() {
+        let (controller, _) = controller();
+        let config = MachineConfig {
+            vcpus: 2,
+            memory_mb: 64,
+            track_dirty_pages: false,
+        };
+        controller
+            .execute(VmmAction::SetMachineConfig(config))
+            .expect("config");
+        let now = info(&controller);
+        assert_eq!(
+            (now.phase, now.vcpu_count, now.mem_size_mib),
+            (VmPhase::NotStarted, 2, 64)
+        );
+        let bad = MachineConfig { vcpus: 0, ..config };
+        assert!(matches!(
+            controller.execute(VmmAction::SetMachineConfig(bad)),
+            Err(Error::Vcpus(0))
+        ));
+        assert!(matches!(
+            controller.execute(VmmAction::Start),
+            Err(Error::NoBootSource)
+        ));
+        for action in [VmmAction::Pause, VmmAction::Resume] {
+            let err = controller.execute(action).expect_err("not running");
+            assert!(
+                matches!(
+                    err,
+                    Error::WrongState {
+                        now: "not started",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        let snapshot = VmmAction::CreateSnapshot {
+            dir: "/nonexistent".into(),
+            diff: false,
+        };
+        let err = controller.execute(snapshot).expect_err("not paused");
+        assert!(err.to_string().contains("Pause first"), "{err}");
+        assert_eq!(info(&controller).phase, VmPhase::NotStarted);
+    }
+
+    #[test]
+    fn shutdown_ends_a_vm_for_good_and_configuring_after_it_is_a_conflict() {
+        let (controller, heard) = controller();
+        controller.execute(VmmAction::Shutdown).expect("shutdown");
+        assert_eq!(heard.try_recv().as_deref(), Ok("shut down through the API"));
+        assert!(matches!(
+            info(&controller).phase,
+            VmPhase::Exited { reason } if reason == "shut down through the API"
+        ));
+        let boot = VmmAction::SetBootSource(BootSource::Program("/p".into()));
+        let err = controller.execute(boot).expect_err("exited");
+        assert!(
+            matches!(err, Error::WrongState { now: "exited", .. }),
+            "{err}"
+        );
+        assert!(matches!(
+            controller.execute(VmmAction::Shutdown),
+            Err(Error::GuestEnded { .. })
+        ));
+    }
+
+    #[test]
+    fn a_failed_snapshot_on_a_file_system_without_room_is_no_space_with_its_cause() {
+        let dir = std::env::temp_dir().join("wrenn-vmm-no-such-snapshot-folder");
+        let cause = || Error::Snapshot("the memory file: write failed".into());
+        // No file system has u64::MAX bytes free: the failure is for want
+        // of room, and says so with the original error as its source.
+        let err = out_of_space(&dir, u64::MAX, cause());
+        assert!(
+            matches!(
+                &err,
+                Error::SnapshotNoSpace {
+                    needed: u64::MAX,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("free space there"), "{err}");
+        assert!(std::error::Error::source(&err).is_some());
+        // With room to spare the original error stands.
+        assert!(matches!(out_of_space(&dir, 0, cause()), Error::Snapshot(_)));
+    }
 }

@@ -34,8 +34,42 @@ pub enum Error {
     Acpi(String),
     #[error("seccomp: {0}; the VMM does not run a guest without its filters")]
     Seccomp(String),
-    #[error("{0}")]
-    State(String),
+    /// The request needs the VM in another phase (HTTP 409).
+    #[error("cannot {action}: the VM is {now}; {remedy}")]
+    WrongState {
+        /// What was asked, such as "pause the VM".
+        action: &'static str,
+        /// The phase it is in: "not started", "running", "paused", "exited".
+        now: &'static str,
+        /// What to do instead.
+        remedy: &'static str,
+    },
+    /// `InstanceStart` before `PUT /boot-source` (HTTP 409).
+    #[error("no boot source: PUT /boot-source first")]
+    NoBootSource,
+    /// The guest ended before (or while) the request was served (HTTP 409).
+    #[error("the guest has already ended: {reason}; start another wrenn-vmm for a new VM")]
+    GuestEnded { reason: String },
+    /// An earlier request stopped halfway through a change of phase (a
+    /// panic, a bug): nothing more can be done with this VM (HTTP 500).
+    #[error("the VM is unusable: an earlier request failed halfway through; shut this wrenn-vmm down and start another")]
+    Unusable,
+    /// The flat program of `PUT /boot-source` cannot be read (HTTP 400).
+    #[error("cannot read the program {path}: {source}; check program_path")]
+    ReadProgram {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// A snapshot could not be written and its file system is (nearly)
+    /// full (HTTP 507).
+    #[error("cannot write the snapshot into {dir}: its file system has {available} bytes free and the guest has {needed} bytes of memory; free space there or choose another snapshot_path ({source})")]
+    SnapshotNoSpace {
+        dir: std::path::PathBuf,
+        available: u64,
+        needed: u64,
+        #[source]
+        source: Box<Error>,
+    },
     #[error("vCPU: {0}")]
     Vcpu(String),
     #[error("snapshot: {0}")]

@@ -1,8 +1,10 @@
 //! `wrenn-vmm`: Wrenn's KVM microVM monitor, one process per sandbox.
 //!
 //! - [`acpi`]: the ACPI tables that describe the machine to Linux.
-//! - [`api`]: the control API on a Unix socket.
-//! - [`controller`]: the VM's lifecycle behind the API, the vCPU thread.
+//! - [`api`]: the control API's HTTP side on a Unix socket.
+//! - [`request`]: the API's parser: a request becomes a [`request::VmmAction`].
+//! - [`controller`]: the owner of the VM, which executes actions one at a
+//!   time; the vCPU thread.
 //! - [`machine`]: the VM: KVM file descriptors, guest memory, vCPUs, the
 //!   exit loop and the port I/O it dispatches.
 //! - [`boot`]: the 64-bit entry state (GDT, identity page tables, control
@@ -29,6 +31,7 @@ pub mod kvm_state;
 pub mod linux;
 pub mod machine;
 pub mod persist;
+pub mod request;
 pub mod seccomp;
 pub mod snapshot;
 pub mod uffd;

@@ -107,6 +107,8 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_shutdown,
     libc::SYS_sigaltstack,
     libc::SYS_socket,
+    // A failed snapshot asks whether its file system is full.
+    libc::SYS_statfs,
     libc::SYS_statx,
     libc::SYS_tgkill,
     libc::SYS_unlink,

@@ -224,3 +224,48 @@ fn sigterm_ends_the_vmm_and_removes_its_socket() {
     assert!(vmm.wait().success(), "a stop signal is a clean end");
     assert!(!vmm.socket.exists(), "the API socket is removed");
 }
+
+#[test]
+fn the_agents_client_reads_typed_phases_and_tells_an_older_vmm_by_its_error_code() {
+    use vmm_api::{paths, Action, BootSource, MachineConfig, VmPhase};
+    use wrenn_agent::runtime::vmm_api::{CallError, VmmApi};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut vmm = Vmm::start(dir.path(), "client");
+    let api = VmmApi::new(&vmm.socket);
+    let info = api.info().expect("GET /");
+    assert_eq!(info.phase, VmPhase::NotStarted);
+    // A resource this VMM does not have, as an older VMM answers a newer
+    // agent.
+    let err = api
+        .put("/drives-v2/rootfs", &json!({}))
+        .expect_err("no such resource");
+    assert!(err.is_unknown_resource(), "{err}");
+    let err = api.action(Action::Pause).expect_err("not started");
+    assert!(
+        matches!(&err, CallError::Refused { status: 409, code, .. } if code == "conflict"),
+        "{err}"
+    );
+    assert!(!err.is_unknown_resource());
+    if !kvm_or_skip("the agent's client starting a guest") {
+        return;
+    }
+    let config = MachineConfig {
+        vcpu_count: 1,
+        mem_size_mib: 16,
+        track_dirty_pages: false,
+    };
+    api.put(paths::MACHINE_CONFIG, &config).expect("config");
+    let program = BootSource::Program {
+        program_path: env!("WRENN_GUEST_SMP").into(),
+    };
+    api.put(paths::BOOT_SOURCE, &program).expect("boot source");
+    api.action(Action::InstanceStart).expect("start");
+    let info = api.info().expect("GET / while running");
+    assert_eq!(
+        (info.phase, info.vcpu_count, info.mem_size_mib),
+        (VmPhase::Running, 1, 16)
+    );
+    api.action(Action::Shutdown).expect("shutdown");
+    assert!(vmm.wait().success());
+}

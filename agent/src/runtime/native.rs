@@ -27,11 +27,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use serde_json::json;
+use vmm_api::{
+    paths, Action, BootSource, Drive, DriveOverride, DriveSource, MachineConfig, MemBackend,
+    NetworkInterface, SnapshotCreate, SnapshotLoad, SnapshotType, VmPhase,
+};
 
 use super::disk::copy_sparse;
 use super::process;
-use super::vmm_api::VmmApi;
+use super::vmm_api::{CallError, VmmApi};
 use super::{
     prepare, DiskFormat, Runtime, RuntimeError, RuntimeKind, VmHandle, VmSpec, VmState,
     CONSOLE_LOG, MEMORY_FILE, PID_FILE,
@@ -265,43 +268,43 @@ impl NativeRuntime {
             ))
         })?;
         api.put(
-            "/machine-config",
-            &json!({
-                "vcpu_count": vcpus,
-                "mem_size_mib": spec.memory_mb,
-                "track_dirty_pages": false,
-            }),
+            paths::MACHINE_CONFIG,
+            &MachineConfig {
+                vcpu_count: vcpus,
+                mem_size_mib: spec.memory_mb,
+                track_dirty_pages: false,
+            },
         )?;
         api.put(
-            "/boot-source",
-            &json!({
-                "kernel_image_path": Self::kernel_for(spec),
-                "initrd_path": spec.initramfs,
-                "boot_args": Self::cmdline(spec),
-            }),
+            paths::BOOT_SOURCE,
+            &BootSource::Kernel {
+                kernel_image_path: Self::kernel_for(spec),
+                initrd_path: Some(spec.initramfs.clone()),
+                boot_args: Some(Self::cmdline(spec)),
+            },
         )?;
         api.put(
-            &format!("/drives/{ROOT_DRIVE}"),
-            &json!({
-                "drive_id": ROOT_DRIVE,
-                "path_on_host": spec.dir.join(DISK),
-                "is_root_device": true,
-                "is_read_only": false,
-            }),
+            &paths::drive(ROOT_DRIVE),
+            &Drive {
+                drive_id: ROOT_DRIVE.into(),
+                source: DriveSource::Raw(spec.dir.join(DISK)),
+                is_root_device: true,
+                is_read_only: false,
+            },
         )
         .map_err(missing_device("a virtio-blk disk (PUT /drives)"))?;
         api.put(
-            &format!("/network-interfaces/{NET_IFACE}"),
-            &json!({
-                "iface_id": NET_IFACE,
-                "host_dev_name": TAP,
-                "guest_mac": GUEST_MAC,
-            }),
+            &paths::network_interface(NET_IFACE),
+            &NetworkInterface {
+                iface_id: NET_IFACE.into(),
+                host_dev_name: TAP.into(),
+                guest_mac: GUEST_MAC.into(),
+            },
         )
         .map_err(missing_device(
             "a virtio-net interface (PUT /network-interfaces)",
         ))?;
-        api.action("InstanceStart")
+        Ok(api.action(Action::InstanceStart)?)
     }
 
     /// The sandbox's own raw disk, copied from the template's.
@@ -354,17 +357,20 @@ impl NativeRuntime {
         let loaded = linked.and_then(|()| {
             let handle = self.launch(spec)?;
             let api = VmmApi::new(&handle.control_socket);
-            let body = json!({
-                "snapshot_path": load_dir,
-                "mem_backend": { "backend_type": "File" },
-                "resume_vm": true,
-                "drive_overrides": [{ "drive_id": ROOT_DRIVE, "path_on_host": disk }],
-            });
-            match api.put("/snapshot/load", &body) {
+            let body = SnapshotLoad {
+                snapshot_path: load_dir.clone(),
+                mem_backend: MemBackend::File,
+                drive_overrides: vec![DriveOverride {
+                    drive_id: ROOT_DRIVE.into(),
+                    source: DriveSource::Raw(disk.clone()),
+                }],
+                resume_vm: true,
+            };
+            match api.put(paths::SNAPSHOT_LOAD, &body) {
                 Ok(()) => Ok(handle),
                 Err(e) => {
                     let _ = self.stop(&handle);
-                    Err(e)
+                    Err(e.into())
                 }
             }
         });
@@ -397,10 +403,13 @@ impl Runtime for NativeRuntime {
         if !process::is_same_process(handle.pid, handle.start_time_ticks) {
             return VmState::Gone;
         }
-        match VmmApi::new(&handle.control_socket).state() {
-            Ok((state, _)) if state == "paused" || state == "not_started" => VmState::Paused,
-            Ok((state, _)) if state == "exited" => VmState::Gone,
-            _ => VmState::Running,
+        match VmmApi::new(&handle.control_socket)
+            .info()
+            .map(|info| info.phase)
+        {
+            Ok(VmPhase::Paused | VmPhase::NotStarted) => VmState::Paused,
+            Ok(VmPhase::Exited { .. }) => VmState::Gone,
+            Ok(VmPhase::Running) | Err(_) => VmState::Running,
         }
     }
 
@@ -435,14 +444,18 @@ impl Runtime for NativeRuntime {
         }
         let api = VmmApi::new(&handle.control_socket);
         let started = Instant::now();
-        match api.state()? {
-            (s, _) if s == "running" => api.action("Pause")?,
+        match api.info()?.phase {
+            VmPhase::Running => api.action(Action::Pause)?,
             // An earlier pause (cut short by an agent crash) got this far.
-            (s, _) if s == "paused" => {}
-            (s, exit) => {
+            VmPhase::Paused => {}
+            VmPhase::NotStarted => {
+                return Err(RuntimeError::Vmm(
+                    "the VM is not_started: there is nothing to save".into(),
+                ))
+            }
+            VmPhase::Exited { reason } => {
                 return Err(RuntimeError::Vmm(format!(
-                    "the VM is {s}{}: there is nothing to save",
-                    exit.map(|why| format!(" ({why})")).unwrap_or_default()
+                    "the VM is exited ({reason}): there is nothing to save"
                 )))
             }
         }
@@ -450,8 +463,11 @@ impl Runtime for NativeRuntime {
         let _ = std::fs::remove_dir_all(&save_dir);
         std::fs::create_dir(&save_dir).map_err(prepare(&save_dir))?;
         api.put(
-            "/snapshot/create",
-            &json!({ "snapshot_path": save_dir, "snapshot_type": "Full" }),
+            paths::SNAPSHOT_CREATE,
+            &SnapshotCreate {
+                snapshot_path: save_dir.clone(),
+                snapshot_type: SnapshotType::Full,
+            },
         )?;
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,
@@ -561,13 +577,16 @@ fn log_tail(dir: &Path) -> String {
 }
 
 /// Says that a VMM without `what` is older than this agent.
-fn missing_device(what: &'static str) -> impl Fn(RuntimeError) -> RuntimeError {
-    move |e| match e {
-        RuntimeError::Vmm(message) if message.contains(": 404:") => RuntimeError::Vmm(format!(
-            "{message}; this wrenn-vmm cannot attach {what}: rebuild it from the same source \
-             as wrenn-agent (`cargo build -p wrenn-vmm`)"
-        )),
-        other => other,
+fn missing_device(what: &'static str) -> impl Fn(CallError) -> RuntimeError {
+    move |e| {
+        if e.is_unknown_resource() {
+            RuntimeError::Vmm(format!(
+                "{e}; this wrenn-vmm cannot attach {what}: rebuild it from the same source as \
+                 wrenn-agent (`cargo build -p wrenn-vmm`)"
+            ))
+        } else {
+            e.into()
+        }
     }
 }
 

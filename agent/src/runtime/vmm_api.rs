@@ -4,14 +4,18 @@
 //! One request per connection (`Connection: close`), read to its end: the
 //! API answers small JSON bodies or none, so this is all the agent needs and
 //! is written out rather than pulled in as an HTTP library that cannot
-//! speak over Unix sockets.
+//! speak over Unix sockets. The bodies and answers are the `vmm-api`
+//! crate's types, the same the VMM parses; a refusal comes back as a
+//! [`CallError::Refused`] with the VMM's status and error code.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::Value;
+use vmm_api::{paths, Action, ErrorBody, InstanceAction, VmInfo};
 
 use super::RuntimeError;
 
@@ -20,6 +24,58 @@ use super::RuntimeError;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest answer read; the API's are a few hundred bytes.
 const MAX_ANSWER: u64 = 1 << 20;
+
+/// A request the VMM did not carry out.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The socket does not accept connections: no VMM serves it.
+    #[error("{method} {path}: cannot connect to {}: {source}", .socket.display())]
+    Connect {
+        method: &'static str,
+        path: String,
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    /// The connection failed while the request or its answer travelled.
+    #[error("{method} {path}: {what}: {source}")]
+    Io {
+        method: &'static str,
+        path: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// The answer is not HTTP with a JSON body of the expected shape.
+    #[error("{method} {path}: {why}")]
+    Answer {
+        method: &'static str,
+        path: String,
+        why: String,
+    },
+    /// The VMM answered with an error: its status and the body's code and
+    /// message.
+    #[error("{method} {path}: {status}: {message}")]
+    Refused {
+        method: &'static str,
+        path: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+}
+
+impl CallError {
+    /// Whether the VMM does not know the resource: it is older than the
+    /// agent (a 404 with code `not_found`).
+    pub fn is_unknown_resource(&self) -> bool {
+        matches!(self, CallError::Refused { status: 404, code, .. } if code == vmm_api::codes::NOT_FOUND)
+    }
+}
+
+impl From<CallError> for RuntimeError {
+    fn from(error: CallError) -> RuntimeError {
+        RuntimeError::Vmm(error.to_string())
+    }
+}
 
 /// The API of one wrenn-vmm process.
 #[derive(Debug, Clone)]
@@ -39,41 +95,60 @@ impl VmmApi {
         UnixStream::connect(&self.socket).is_ok()
     }
 
-    /// `GET /`: the VM's state (`not_started`, `running`, `paused`,
-    /// `exited`) and, once exited, why.
-    pub fn state(&self) -> Result<(String, Option<String>), RuntimeError> {
-        let info = self.call("GET", "/", None)?;
-        let state = info["state"].as_str().unwrap_or("unknown").to_owned();
-        let exit = info["exit"].as_str().map(str::to_owned);
-        Ok((state, exit))
+    /// `GET /`: the VM's phase (with why it exited, once it has) and size.
+    pub fn info(&self) -> Result<VmInfo, CallError> {
+        let json = self.call("GET", paths::INFO, None)?;
+        serde_json::from_value(json).map_err(|e| CallError::Answer {
+            method: "GET",
+            path: paths::INFO.into(),
+            why: format!("the VM's state is not what this agent reads: {e}"),
+        })
     }
 
-    /// `PUT path` with a JSON body; Ok when the VMM accepted it.
-    pub fn put(&self, path: &str, body: &Value) -> Result<(), RuntimeError> {
-        self.call("PUT", path, Some(body)).map(drop)
+    /// `PUT path` with a body of the `vmm-api` crate; Ok when the VMM
+    /// accepted it.
+    pub fn put<T: Serialize>(&self, path: &str, body: &T) -> Result<(), CallError> {
+        let body = serde_json::to_string(body).map_err(|e| CallError::Answer {
+            method: "PUT",
+            path: path.into(),
+            why: format!("cannot encode the request: {e}"),
+        })?;
+        self.call("PUT", path, Some(&body)).map(drop)
     }
 
-    /// `PUT /actions` with `action_type`.
-    pub fn action(&self, action_type: &str) -> Result<(), RuntimeError> {
-        self.put(
-            "/actions",
-            &serde_json::json!({ "action_type": action_type }),
-        )
+    /// `PUT /actions`.
+    pub fn action(&self, action_type: Action) -> Result<(), CallError> {
+        self.put(paths::ACTIONS, &InstanceAction { action_type })
     }
 
     /// Sends one request; the JSON body of a 2xx answer (null when empty),
-    /// else an error that carries the VMM's message.
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, RuntimeError> {
-        let fail = |what: String| RuntimeError::Vmm(format!("{method} {path}: {what}"));
-        let mut stream = UnixStream::connect(&self.socket)
-            .map_err(|e| fail(format!("cannot connect to {}: {e}", self.socket.display())))?;
-        for timeout in [
-            stream.set_read_timeout(Some(REQUEST_TIMEOUT)),
-            stream.set_write_timeout(Some(REQUEST_TIMEOUT)),
-        ] {
-            timeout.map_err(|e| fail(e.to_string()))?;
-        }
-        let body = body.map(Value::to_string).unwrap_or_default();
+    /// else the VMM's error.
+    fn call(
+        &self,
+        method: &'static str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<Value, CallError> {
+        let io = |what: &'static str| {
+            move |source| CallError::Io {
+                method,
+                path: path.into(),
+                what,
+                source,
+            }
+        };
+        let mut stream =
+            UnixStream::connect(&self.socket).map_err(|source| CallError::Connect {
+                method,
+                path: path.into(),
+                socket: self.socket.clone(),
+                source,
+            })?;
+        stream
+            .set_read_timeout(Some(REQUEST_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(REQUEST_TIMEOUT)))
+            .map_err(io("setting timeouts"))?;
+        let body = body.unwrap_or_default();
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: wrenn-vmm\r\nAccept: application/json\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -81,21 +156,31 @@ impl VmmApi {
         );
         stream
             .write_all(request.as_bytes())
-            .map_err(|e| fail(format!("sending: {e}")))?;
+            .map_err(io("sending"))?;
         let mut answer = Vec::new();
         stream
             .take(MAX_ANSWER)
             .read_to_end(&mut answer)
-            .map_err(|e| fail(format!("reading the answer: {e}")))?;
-        let (status, json) = parse_answer(&answer).map_err(fail)?;
+            .map_err(io("reading the answer"))?;
+        let (status, json) = parse_answer(&answer).map_err(|why| CallError::Answer {
+            method,
+            path: path.into(),
+            why,
+        })?;
         if (200..300).contains(&status) {
             return Ok(json);
         }
-        let message = json["error"]["message"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| json.to_string());
-        Err(fail(format!("{status}: {message}")))
+        let (code, message) = match serde_json::from_value::<ErrorBody>(json.clone()) {
+            Ok(body) => (body.error.code, body.error.message),
+            Err(_) => (String::new(), json.to_string()),
+        };
+        Err(CallError::Refused {
+            method,
+            path: path.into(),
+            status,
+            code,
+            message,
+        })
     }
 }
 
@@ -124,6 +209,29 @@ fn parse_answer(raw: &[u8]) -> Result<(u16, Value), String> {
 mod tests {
     use super::*;
 
+    fn refused(status: u16, code: &str) -> CallError {
+        CallError::Refused {
+            method: "PUT",
+            path: "/drives/rootfs".into(),
+            status,
+            code: code.into(),
+            message: "no resource at /drives/rootfs".into(),
+        }
+    }
+
+    #[test]
+    fn only_a_not_found_answer_means_an_older_vmm() {
+        assert!(refused(404, "not_found").is_unknown_resource());
+        assert!(!refused(400, "invalid_argument").is_unknown_resource());
+        assert!(!refused(409, "conflict").is_unknown_resource());
+        assert!(!refused(404, "").is_unknown_resource());
+        let text = RuntimeError::from(refused(404, "not_found")).to_string();
+        assert!(
+            text.contains("PUT /drives/rootfs: 404: no resource"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn answers_are_parsed_with_and_without_a_body() {
         let (status, json) =
@@ -143,7 +251,7 @@ mod tests {
     fn a_missing_socket_is_an_error_that_names_it() {
         let api = VmmApi::new(Path::new("/nonexistent/wrenn-vmm.sock"));
         assert!(!api.is_up());
-        let err = api.state().expect_err("no VMM");
+        let err = api.info().expect_err("no VMM");
         assert!(
             err.to_string().contains("/nonexistent/wrenn-vmm.sock"),
             "{err}"
