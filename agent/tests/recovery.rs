@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lmdb_schema::{
-    SandboxId, SandboxRecord, SandboxStatus, SlotId, SlotRecord, Store, StoreOptions, TemplateName,
-    TimeoutAction, VmmProcess,
+    SandboxId, SandboxRecord, SandboxStatus, SlotId, SlotRecord, Store, StoreOptions, TemplateKind,
+    TemplateName, TemplateRecord, TimeoutAction, VmStateVersion, VmmProcess,
 };
 use wrenn_agent::clock::Clock;
 use wrenn_agent::config::{Config, Overrides};
@@ -33,6 +33,8 @@ use wrenn_agent::store::LayerStore;
 struct FakeRuntime {
     vms: Mutex<HashMap<u32, VmState>>,
     stopped: Mutex<Vec<u32>>,
+    /// The newest VM state version it restores; `None`: any.
+    restores_up_to: Option<VmStateVersion>,
 }
 
 impl Runtime for FakeRuntime {
@@ -86,6 +88,15 @@ impl Runtime for FakeRuntime {
     fn snapshot_disk(&self, _: &Path, _: &Path, _: &Path) -> Result<(), RuntimeError> {
         Ok(())
     }
+
+    fn can_restore(&self, version: Option<VmStateVersion>) -> Result<(), String> {
+        match (self.restores_up_to, version) {
+            (Some(newest), Some(v)) if v > newest => Err(format!(
+                "it is VM state {v}, newer than the {newest} this fake restores"
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Slots with a network, and the ones torn down.
@@ -137,6 +148,10 @@ struct Node {
 
 impl Node {
     fn new() -> Node {
+        Self::with_runtime(FakeRuntime::default())
+    }
+
+    fn with_runtime(runtime: FakeRuntime) -> Node {
         let dir = tempfile::tempdir().expect("temp dir");
         let overrides = Overrides {
             state_dir: Some(dir.path().to_path_buf()),
@@ -147,7 +162,7 @@ impl Node {
         let first_slot = config.network.first_slot;
         let store = Arc::new(Store::open(dir.path(), StoreOptions::new()).expect("open the state"));
         let layers = LayerStore::open(dir.path(), Arc::clone(&store)).expect("open the layers");
-        let runtime = Arc::new(FakeRuntime::default());
+        let runtime = Arc::new(runtime);
         let network = Arc::new(FakeNetwork::default());
         let clock = Arc::new(FakeClock(AtomicU64::new(1_000_000)));
         let manager = Manager::new(Parts {
@@ -406,4 +421,96 @@ fn the_reaper_destroys_a_sandbox_once_the_clock_passes_its_timeout() {
     node.manager.node().reap_expired();
     assert!(node.record(&left.id).is_none());
     assert_eq!(node.events_of(&left.id), ["destroy"]);
+}
+
+fn version(major: u16, minor: u16) -> Option<VmStateVersion> {
+    Some(VmStateVersion { major, minor })
+}
+
+/// A node whose runtime restores VM states up to 1.0.
+fn node_restoring_up_to_1_0() -> Node {
+    Node::with_runtime(FakeRuntime {
+        restores_up_to: version(1, 0),
+        ..FakeRuntime::default()
+    })
+}
+
+/// Marks `record` paused with its state at `state_version`, slot freed.
+fn paused_at(node: &Node, record: &SandboxRecord, state_version: Option<VmStateVersion>) {
+    let mut paused = record.clone();
+    paused.status = SandboxStatus::Paused;
+    paused.slot = None;
+    paused.vmm = None;
+    paused.vm_state_version = state_version;
+    node.store
+        .write(|txn| {
+            txn.slots().delete(&record.slot.expect("slot"))?;
+            txn.sandboxes().put(&record.id, &paused)
+        })
+        .expect("pause");
+}
+
+#[test]
+fn sandboxes_and_snapshots_this_vmm_cannot_resume_are_named_at_start_with_why() {
+    let node = node_restoring_up_to_1_0();
+    let old = node.left_behind(SandboxStatus::Running, Some(VmState::Gone));
+    paused_at(&node, &old, version(1, 0));
+    let new = node.left_behind(SandboxStatus::Running, Some(VmState::Gone));
+    paused_at(&node, &new, version(1, 1));
+    let snapshot = TemplateRecord {
+        name: TemplateName::parse("from-a-newer-node").expect("name"),
+        kind: TemplateKind::Snapshot,
+        vcpus: Some(1),
+        memory_mb: Some(512),
+        kernel: "vmlinuz".into(),
+        initramfs: "initramfs".into(),
+        rootfs: "disk.qcow2".into(),
+        disk_format: DiskFormat::Qcow2,
+        runtime: Some(RuntimeKind::Qemu),
+        size_bytes: 0,
+        sha256: None,
+        parent_sandbox: None,
+        created_at_ms: 0,
+        memory_header: None,
+        vm_state: Some("vmstate".into()),
+        disk_base: Some("rootfs.ext4".into()),
+        envd_token: None,
+        vm_state_version: version(2, 0),
+    };
+    node.store
+        .write(|txn| txn.templates().put(&snapshot.name, &snapshot))
+        .expect("snapshot");
+    node.manager.node().reconcile().expect("reconcile");
+
+    let unresumable = node.manager.node().unresumable().expect("list");
+    let named: Vec<&str> = unresumable.iter().map(|(what, _)| what.as_str()).collect();
+    let sandbox = format!("sandbox {}", new.id);
+    assert_eq!(named, [sandbox.as_str(), "snapshot from-a-newer-node"]);
+    assert!(unresumable[0].1.contains("VM state 1.1"), "{unresumable:?}");
+    assert!(unresumable[1].1.contains("VM state 2.0"), "{unresumable:?}");
+    // Both stay as they are: a newer VMM can still resume them.
+    assert_eq!(
+        node.record(&new.id).expect("record").status,
+        SandboxStatus::Paused
+    );
+}
+
+#[test]
+fn a_resume_this_vmm_cannot_do_is_refused_before_anything_starts() {
+    let node = node_restoring_up_to_1_0();
+    let left = node.left_behind(SandboxStatus::Running, Some(VmState::Gone));
+    let slot = left.slot.expect("slot");
+    paused_at(&node, &left, version(1, 1));
+    let err = node.manager.resume(&left.id).expect_err("refused");
+    let answer = wrenn_http::ApiError::from(err);
+    assert_eq!(answer.status(), 409);
+    assert!(
+        answer.message().contains("cannot be resumed on this node"),
+        "{}",
+        answer.message()
+    );
+    let record = node.record(&left.id).expect("record");
+    assert_eq!((record.status, record.slot), (SandboxStatus::Paused, None));
+    assert_eq!(node.slot_holder(slot), None, "no slot was taken");
+    assert!(node.runtime.stopped.lock().expect("lock").is_empty());
 }

@@ -11,6 +11,8 @@
 //!   [`MemBackend`] and [`DriveOverride`].
 //! - [`VmInfo`] with [`VmPhase`]: the answer of `GET /`.
 //! - [`ErrorBody`]: `{"error": {"code", "message"}}` on every failure.
+//! - [`state`]: the version of a saved VM state, and which versions a VMM
+//!   reads.
 //!
 //! What this crate is not: the checks that need the host (files that must
 //! open, ids that must match the path, MAC addresses) are the VMM's; here
@@ -21,6 +23,8 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer, Serialize};
+
+pub mod state;
 
 /// The paths of the API's resources.
 pub mod paths {

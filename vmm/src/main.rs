@@ -48,12 +48,20 @@ struct Flags {
     /// Print the VM state version this binary writes and those it reads.
     #[arg(long)]
     state_version: bool,
+    /// With --state-version: print it as JSON (`vmm_api::state::StateSupport`),
+    /// for the agent.
+    #[arg(long, requires = "state_version")]
+    json: bool,
 }
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
     if flags.state_version {
-        println!("{}", wrenn_vmm::snapshot::supported_versions());
+        let support = wrenn_vmm::snapshot::format::SUPPORT;
+        match serde_json::to_string(&support) {
+            Ok(json) if flags.json => println!("{json}"),
+            _ => println!("{support}"),
+        }
         return ExitCode::SUCCESS;
     }
     if let Some(socket) = &flags.api_sock {

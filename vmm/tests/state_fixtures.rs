@@ -229,6 +229,14 @@ fn the_binary_prints_the_state_version_it_writes_and_reads() {
         text.trim(),
         format!("writes VM state {STATE_VERSION}; reads 1.0 to {STATE_VERSION} and format 4 (before versioned headers)")
     );
+    let json = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn-vmm"))
+        .args(["--state-version", "--json"])
+        .output()
+        .expect("wrenn-vmm runs");
+    let support: vmm_api::state::StateSupport =
+        serde_json::from_slice(&json.stdout).expect("--json prints a StateSupport");
+    assert_eq!(support.writes, STATE_VERSION);
+    assert_eq!(support.legacy_format, 4);
 }
 
 #[test]

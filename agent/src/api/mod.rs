@@ -103,6 +103,13 @@ impl Api {
             .collect();
         let capacity = manager.node().capacity();
         let layers = manager.snapshots().layer_usage().map_err(ApiError::from)?;
+        let unresumable: Vec<Value> = manager
+            .node()
+            .unresumable()
+            .map_err(ApiError::from)?
+            .into_iter()
+            .map(|(what, reason)| json!({"what": what, "reason": reason}))
+            .collect();
         Ok(Reply::Json(
             200,
             json!({
@@ -125,6 +132,7 @@ impl Api {
                     "files": layers.files,
                     "headers": layers.headers,
                 },
+                "unresumable": unresumable,
                 "usage": {
                     "sandboxes": live.len(),
                     "vcpus": live.iter().map(|s| u64::from(s.vcpus)).sum::<u64>(),

@@ -22,7 +22,7 @@ pub mod vmm_api;
 
 use std::path::{Path, PathBuf};
 
-pub use lmdb_schema::{DiskFormat, RuntimeKind};
+pub use lmdb_schema::{DiskFormat, RuntimeKind, VmStateVersion};
 use thiserror::Error;
 
 // Files every runtime keeps in a sandbox's folder.
@@ -167,6 +167,21 @@ pub trait Runtime: Send + Sync {
     /// `disk.raw`), and the disk's format, which the snapshot's record
     /// stores.
     fn snapshot_disk_file(&self) -> (&'static str, DiskFormat);
+
+    /// The version of the VM state file `state` that [`Runtime::pause_to`]
+    /// wrote, for the record; `None` when the runtime has no versions of
+    /// its own (QEMU) or the file says none.
+    fn state_version(&self, state: &Path) -> Option<VmStateVersion> {
+        let _ = state;
+        None
+    }
+
+    /// Whether this runtime can restore a VM state of `version`, or why
+    /// not. `None` (not recorded) is tried.
+    fn can_restore(&self, version: Option<VmStateVersion>) -> Result<(), String> {
+        let _ = version;
+        Ok(())
+    }
 
     /// Writes the disk of the paused sandbox in `sandbox_dir` to `dest` as
     /// a snapshot's disk (not synced: the caller syncs the snapshot).

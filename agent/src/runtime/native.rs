@@ -32,12 +32,14 @@ use vmm_api::{
     NetworkInterface, SnapshotCreate, SnapshotLoad, SnapshotType, VmPhase,
 };
 
+use vmm_api::state::{parse_header, FileVersion, StateSupport, StateVersion, HEADER_LEN};
+
 use super::disk::copy_sparse;
 use super::process;
 use super::vmm_api::{CallError, VmmApi};
 use super::{
     prepare, DiskFormat, Runtime, RuntimeError, RuntimeKind, VmHandle, VmSpec, VmState,
-    CONSOLE_LOG, MEMORY_FILE, PID_FILE,
+    VmStateVersion, CONSOLE_LOG, MEMORY_FILE, PID_FILE,
 };
 
 /// Files of a VM inside its sandbox folder (and the shared ones above).
@@ -79,6 +81,27 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Runs VMs with wrenn-vmm.
 pub struct NativeRuntime {
     binary: PathBuf,
+    /// The VM state versions the binary reads, from `wrenn-vmm
+    /// --state-version --json`; `None` for a VMM too old to say.
+    support: Option<StateSupport>,
+}
+
+/// The format byte of the `vmstate` files from before versioned headers.
+const LEGACY_STATE_FORMAT: u8 = 4;
+
+/// What `binary --state-version --json` says it reads; `None` when it
+/// cannot say.
+fn state_support(binary: &Path) -> Option<StateSupport> {
+    let out = Command::new(binary)
+        .args(["--state-version", "--json"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
 }
 
 /// Finds the wrenn-vmm binary: `configured` when set, else next to this
@@ -118,7 +141,14 @@ pub fn find_binary(configured: &Path) -> Result<PathBuf, String> {
 
 impl NativeRuntime {
     pub fn new(binary: PathBuf) -> NativeRuntime {
-        NativeRuntime { binary }
+        let support = state_support(&binary);
+        match &support {
+            Some(support) => tracing::info!(binary = %binary.display(), "wrenn-vmm {support}"),
+            None => tracing::warn!(binary = %binary.display(),
+                "wrenn-vmm does not say which VM state versions it reads (too old for \
+                 --state-version --json); resumes are tried without checking first"),
+        }
+        NativeRuntime { binary, support }
     }
 
     pub fn binary(&self) -> &Path {
@@ -514,6 +544,35 @@ impl Runtime for NativeRuntime {
         (SNAPSHOT_DISK, DiskFormat::Raw)
     }
 
+    /// The version in the saved state's header; `None` for a file from
+    /// before versioned headers, or one that cannot be read.
+    fn state_version(&self, state: &Path) -> Option<VmStateVersion> {
+        let mut start = Vec::with_capacity(HEADER_LEN);
+        File::open(state)
+            .and_then(|file| file.take(HEADER_LEN as u64).read_to_end(&mut start))
+            .ok()?;
+        match parse_header(&start, LEGACY_STATE_FORMAT) {
+            Ok(FileVersion::Versioned(v)) => Some(VmStateVersion {
+                major: v.major,
+                minor: v.minor,
+            }),
+            _ => None,
+        }
+    }
+
+    fn can_restore(&self, version: Option<VmStateVersion>) -> Result<(), String> {
+        let (Some(support), Some(v)) = (self.support, version) else {
+            return Ok(());
+        };
+        let found = FileVersion::Versioned(StateVersion {
+            major: v.major,
+            minor: v.minor,
+        });
+        support
+            .check(found)
+            .map_err(|why| format!("{} ({}): {why}", self.binary.display(), support))
+    }
+
     /// A copy of the raw disk (reflinked or sparse).
     fn snapshot_disk(
         &self,
@@ -660,5 +719,44 @@ mod tests {
         let runtime = NativeRuntime::new(dir.path().join("no-such-wrenn-vmm"));
         let err = runtime.launch(&spec).expect_err("no binary").to_string();
         assert!(err.contains("cargo build -p wrenn-vmm"), "{err}");
+    }
+
+    #[test]
+    fn the_state_version_is_read_from_the_header_and_checked_against_the_vmm() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir.path().join("vmstate");
+        let mut header = vmm_api::state::MAGIC.to_vec();
+        header.extend_from_slice(&[1, 0, 3, 0, 0xde, 0xad]);
+        std::fs::write(&state, &header).expect("write");
+        let runtime = NativeRuntime {
+            binary: PathBuf::from("wrenn-vmm"),
+            support: Some(StateSupport {
+                writes: StateVersion { major: 1, minor: 2 },
+                legacy_format: 4,
+            }),
+        };
+        let version = runtime.state_version(&state);
+        assert_eq!(version, Some(VmStateVersion { major: 1, minor: 3 }));
+        let why = runtime
+            .can_restore(version)
+            .expect_err("1.3 is newer than 1.2");
+        assert!(why.contains("newer than this wrenn-vmm knows"), "{why}");
+        assert_eq!(
+            runtime.can_restore(Some(VmStateVersion { major: 1, minor: 0 })),
+            Ok(())
+        );
+        // A file from before versioned headers has no version to record.
+        std::fs::write(&state, [4u8, 0, 0]).expect("write");
+        assert_eq!(runtime.state_version(&state), None);
+        assert_eq!(runtime.can_restore(None), Ok(()));
+    }
+
+    #[test]
+    fn a_vmm_that_cannot_say_its_versions_is_tried_without_a_check() {
+        let runtime = NativeRuntime::new(PathBuf::from("/nonexistent/wrenn-vmm"));
+        assert_eq!(
+            runtime.can_restore(Some(VmStateVersion { major: 9, minor: 0 })),
+            Ok(())
+        );
     }
 }

@@ -134,7 +134,36 @@ impl Node<'_> {
                 self.m.registry.save(&record)?;
             }
         }
+        for (what, why) in self.unresumable()? {
+            tracing::warn!(%what, "cannot be resumed by this node's VMM: {why}");
+        }
         self.remove_orphans()
+    }
+
+    /// The paused sandboxes and the snapshots whose saved VM state this
+    /// node's runtime cannot restore, each with why: `("sandbox sb-…",
+    /// reason)` or `("snapshot name", reason)`.
+    pub fn unresumable(&self) -> Result<Vec<(String, String)>, SandboxError> {
+        let runtime = &self.m.runtime;
+        let mut found = Vec::new();
+        for record in self.m.list()? {
+            if record.status != SandboxStatus::Paused || record.runtime != runtime.kind() {
+                continue;
+            }
+            if let Err(why) = runtime.can_restore(record.vm_state_version) {
+                found.push((format!("sandbox {}", record.id), why));
+            }
+        }
+        for snapshot in self.m.snapshots().list()? {
+            let record = snapshot.record;
+            if record.runtime != Some(runtime.kind()) {
+                continue;
+            }
+            if let Err(why) = runtime.can_restore(record.vm_state_version) {
+                found.push((format!("snapshot {}", record.name), why));
+            }
+        }
+        Ok(found)
     }
 
     /// What is on the host for `record`: its VM, its saved state, its

@@ -77,10 +77,11 @@ impl Manager {
     /// memory file into layers: a diff against the snapshot the sandbox
     /// came from, so a sandbox from a template stores only what it changed.
     pub(super) fn finish_pause(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
+        let state = self.state_file(&record.id);
         if let Some(vmm) = &record.vmm {
-            self.runtime
-                .pause_to(&handle_of(vmm), &self.state_file(&record.id))?;
+            self.runtime.pause_to(&handle_of(vmm), &state)?;
         }
+        record.vm_state_version = self.runtime.state_version(&state);
         if let Some(slot) = record.slot {
             self.network.teardown(slot.0)?;
         }
@@ -137,6 +138,13 @@ impl Manager {
                 record.runtime, record.runtime
             )));
         }
+        self.runtime
+            .can_restore(record.vm_state_version)
+            .map_err(|why| {
+                SandboxError::Conflict(format!(
+                    "sandbox {id} cannot be resumed on this node: {why}"
+                ))
+            })?;
         let slots = self.registry.slots();
         let now = self.now_ms();
         record.set_status(SandboxStatus::Resuming, now);

@@ -115,6 +115,14 @@ impl Manager {
         &self,
         snapshot: &TemplateRecord,
     ) -> Result<(), SandboxError> {
+        self.runtime
+            .can_restore(snapshot.vm_state_version)
+            .map_err(|why| {
+                SandboxError::Conflict(format!(
+                    "snapshot {} cannot be restored on this node: {why}",
+                    snapshot.name
+                ))
+            })?;
         let here = self.runtime.kind();
         let taken_by = match snapshot.runtime {
             Some(taken_by) if taken_by != here => taken_by,

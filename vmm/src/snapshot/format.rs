@@ -21,7 +21,6 @@
 //!
 //! Not here: what the state holds ([`super::state`]).
 
-use std::fmt;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -31,11 +30,10 @@ use thiserror::Error;
 use super::legacy::VmStateV4;
 use super::state::VmState;
 
-/// The first bytes of every versioned `vmstate`. Its first byte is not a
-/// format byte of the files before the header (1 to 4).
-pub const MAGIC: [u8; 8] = *b"WRNVMST\0";
-/// Bytes before the body: magic, major, minor.
-pub const HEADER_LEN: usize = 12;
+pub use vmm_api::state::{
+    FileVersion, StateSupport, StateVersion, VersionError, HEADER_LEN, MAGIC,
+};
+
 const CRC_LEN: usize = 4;
 
 /// The version of the state layout this VMM writes.
@@ -45,86 +43,21 @@ pub const STATE_VERSION: StateVersion = StateVersion { major: 1, minor: 0 };
 /// reads (older ones were refused before the header existed).
 pub const LEGACY_FORMAT: u8 = 4;
 
-/// A semantic version of the state layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct StateVersion {
-    pub major: u16,
-    pub minor: u16,
-}
-
-impl fmt::Display for StateVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.major, self.minor)
-    }
-}
-
-/// The version a `vmstate` file says it has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FileVersion {
-    /// A file before the header: byte 0 is the format number.
-    Legacy(u8),
-    /// A file with the header.
-    Versioned(StateVersion),
-}
-
-impl fmt::Display for FileVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FileVersion::Legacy(format) => {
-                write!(f, "format {format} (before versioned headers)")
-            }
-            FileVersion::Versioned(version) => write!(f, "{version}"),
-        }
-    }
-}
+/// What this VMM writes and reads.
+pub const SUPPORT: StateSupport = StateSupport {
+    writes: STATE_VERSION,
+    legacy_format: LEGACY_FORMAT,
+};
 
 /// What this VMM writes and reads, as `wrenn-vmm --state-version` prints
 /// it.
 pub fn supported_versions() -> String {
-    format!(
-        "writes VM state {STATE_VERSION}; reads {}.0 to {STATE_VERSION} and format \
-         {LEGACY_FORMAT} (before versioned headers)",
-        STATE_VERSION.major
-    )
-}
-
-/// Why a version cannot be read here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-pub enum VersionError {
-    #[error(
-        "it is VM state {found}, newer than this wrenn-vmm knows (it writes {STATE_VERSION} and \
-         reads {}.0 to {STATE_VERSION}): resume it with a wrenn-vmm >= the one that wrote it, \
-         one whose `wrenn-vmm --state-version` reads {found}",
-        STATE_VERSION.major
-    )]
-    TooNew { found: StateVersion },
-    #[error(
-        "it is VM state {found}, an older major than this wrenn-vmm reads (it writes \
-         {STATE_VERSION} and reads {}.0 to {STATE_VERSION}): resume it with the wrenn-vmm that \
-         wrote it, or boot the sandbox anew",
-        STATE_VERSION.major
-    )]
-    OldMajor { found: StateVersion },
-    #[error(
-        "it is VM state format {found}, older than format {LEGACY_FORMAT}, the oldest this \
-         wrenn-vmm reads: resume it with the wrenn-vmm that wrote it, or boot the sandbox anew"
-    )]
-    LegacyTooOld { found: u8 },
+    SUPPORT.to_string()
 }
 
 /// Whether this VMM reads files of `version`.
 pub fn check_version(version: FileVersion) -> Result<(), VersionError> {
-    match version {
-        FileVersion::Legacy(LEGACY_FORMAT) => Ok(()),
-        FileVersion::Legacy(found) => Err(VersionError::LegacyTooOld { found }),
-        FileVersion::Versioned(found) if found > STATE_VERSION => {
-            Err(VersionError::TooNew { found })
-        }
-        FileVersion::Versioned(found) if found.major < STATE_VERSION.major => {
-            Err(VersionError::OldMajor { found })
-        }
-        FileVersion::Versioned(_) => Ok(()),
-    }
+    SUPPORT.check(version)
 }
 
 /// A `vmstate` file that cannot be read or written.
@@ -162,25 +95,15 @@ pub enum StateFileError {
 /// The version in the first bytes of a file (all of its header when it
 /// has one).
 fn parse_header(path: &Path, start: &[u8]) -> Result<FileVersion, StateFileError> {
-    if let Some(header) = start.get(..HEADER_LEN) {
-        if header[..MAGIC.len()] == MAGIC {
-            let u16_at = |at: usize| u16::from_le_bytes([header[at], header[at + 1]]);
-            return Ok(FileVersion::Versioned(StateVersion {
-                major: u16_at(8),
-                minor: u16_at(10),
-            }));
-        }
-    }
-    match start.first() {
-        Some(&format @ 1..=LEGACY_FORMAT) => Ok(FileVersion::Legacy(format)),
-        Some(_) => Err(StateFileError::NotAState {
+    vmm_api::state::parse_header(start, LEGACY_FORMAT).map_err(|e| match e {
+        vmm_api::state::HeaderError::NotAState => StateFileError::NotAState {
             path: path.to_owned(),
-        }),
-        None => Err(StateFileError::TooShort {
+        },
+        vmm_api::state::HeaderError::Empty => StateFileError::TooShort {
             path: path.to_owned(),
             len: 0,
-        }),
-    }
+        },
+    })
 }
 
 /// The version of the `vmstate` file at `path`, from its header alone
