@@ -228,17 +228,26 @@ mod tests {
         ] {
             assert_eq!(
                 check_version(FileVersion::Versioned(found)),
-                Err(VersionError::TooNew { found })
+                Err(VersionError::TooNew {
+                    found,
+                    support: SUPPORT
+                })
             );
         }
         let found = StateVersion { major: 0, minor: 9 };
         assert_eq!(
             check_version(FileVersion::Versioned(found)),
-            Err(VersionError::OldMajor { found })
+            Err(VersionError::OldMajor {
+                found,
+                support: SUPPORT
+            })
         );
         assert_eq!(
             check_version(FileVersion::Legacy(3)),
-            Err(VersionError::LegacyTooOld { found: 3 })
+            Err(VersionError::LegacyTooOld {
+                found: 3,
+                support: SUPPORT
+            })
         );
     }
 
@@ -246,6 +255,7 @@ mod tests {
     fn a_too_new_file_names_both_versions_and_what_to_do() {
         let err = VersionError::TooNew {
             found: StateVersion { major: 2, minor: 3 },
+            support: SUPPORT,
         }
         .to_string();
         assert!(err.contains("VM state 2.3"), "{err}");
