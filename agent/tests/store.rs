@@ -688,7 +688,10 @@ fn gc_removes_strays_and_temp_files_and_reports_missing_files() {
     assert_eq!(report.missing, [kept]);
     assert_eq!(env.refcount(&kept), Some(1));
     let err = env.store.verify(&kept).unwrap_err();
-    assert!(matches!(err, Error::LayerMissing { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Format(FormatError::LayerMissing { .. })),
+        "{err}"
+    );
 }
 
 #[test]

@@ -75,8 +75,8 @@ const BASE_CMDLINE: &str = "console=ttyS0 earlyprintk=serial reboot=k panic=-1 r
 
 /// How long the VMM may take to serve its API after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long wrenn-vmm has to end after SIGTERM (it ends at once).
 const TERM_GRACE: Duration = Duration::from_secs(5);
-const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs VMs with wrenn-vmm.
 pub struct NativeRuntime {
@@ -184,8 +184,7 @@ impl NativeRuntime {
             let _ = std::fs::remove_file(dir.join(stale));
         }
         let socket = dir.join(API_SOCKET);
-        let netns_path = PathBuf::from(format!("/run/netns/{}", spec.netns));
-        let netns = File::open(&netns_path).map_err(prepare(&netns_path))?;
+        let netns = process::open_netns(&spec.netns)?;
         let log_path = dir.join(VMM_LOG);
         let log = OpenOptions::new()
             .create(true)
@@ -211,9 +210,7 @@ impl NativeRuntime {
         // process is not ours to reap and outlives the agent.
         unsafe {
             command.pre_exec(move || {
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                process::enter_netns(netns_fd)?;
                 match libc::fork() {
                     -1 => Err(std::io::Error::last_os_error()),
                     0 => {
@@ -445,15 +442,9 @@ impl Runtime for NativeRuntime {
 
     fn stop(&self, handle: &VmHandle) -> Result<(), RuntimeError> {
         let (pid, ticks) = (handle.pid, handle.start_time_ticks);
-        if process::is_same_process(pid, ticks) {
+        process::stop_escalating(pid, ticks, TERM_GRACE, || {
             process::signal(pid, ticks, Signal::SIGTERM);
-            if !process::wait_gone(pid, ticks, TERM_GRACE) {
-                process::signal(pid, ticks, Signal::SIGKILL);
-                if !process::wait_gone(pid, ticks, KILL_GRACE) {
-                    return Err(RuntimeError::Unkillable { pid });
-                }
-            }
-        }
+        })?;
         // A VMM ended by a signal leaves its socket behind.
         let _ = std::fs::remove_file(&handle.control_socket);
         Ok(())

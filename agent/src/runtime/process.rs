@@ -1,14 +1,17 @@
 //! Facts about host processes from `/proc`: whether a PID is still the
 //! process we started (PIDs are recycled), its memory and CPU time, which
-//! VM processes belong to a sandbox folder, and ending a process by PID.
+//! VM processes belong to a sandbox folder, ending a process by PID, and
+//! starting one inside a network namespace.
 
-use std::path::Path;
+use std::fs::File;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::VmStats;
+use super::{prepare, RuntimeError, VmStats};
 
 /// The fields of `/proc/PID/stat` after the command name, which may itself
 /// contain spaces and parentheses.
@@ -64,6 +67,53 @@ pub fn wait_gone(pid: u32, ticks: u64, timeout: Duration) -> bool {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// How long a process has to end after SIGKILL before it counts as
+/// unkillable.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Ends `pid` (if it is still the process that started at `ticks`): `ask`
+/// asks it to end on its own (a signal, a quit command); after `grace` it
+/// is sent SIGKILL; if it is still there [`KILL_GRACE`] later, that is an
+/// error. A process already gone is fine.
+pub fn stop_escalating(
+    pid: u32,
+    ticks: u64,
+    grace: Duration,
+    ask: impl FnOnce(),
+) -> Result<(), RuntimeError> {
+    if !is_same_process(pid, ticks) {
+        return Ok(());
+    }
+    ask();
+    if wait_gone(pid, ticks, grace) {
+        return Ok(());
+    }
+    signal(pid, ticks, Signal::SIGKILL);
+    if wait_gone(pid, ticks, KILL_GRACE) {
+        Ok(())
+    } else {
+        Err(RuntimeError::Unkillable { pid })
+    }
+}
+
+/// The pinned network namespace `name` (`/run/netns/<name>`), opened for a
+/// child to enter with [`enter_netns`] before it execs.
+pub fn open_netns(name: &str) -> Result<File, RuntimeError> {
+    let path = PathBuf::from(format!("/run/netns/{name}"));
+    File::open(&path).map_err(prepare(&path))
+}
+
+/// Moves the calling thread into the network namespace `fd`. Meant for a
+/// `pre_exec` closure: it makes one async-signal-safe system call.
+pub fn enter_netns(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: setns takes a descriptor and a flag; it touches no memory of
+    // ours. An invalid descriptor is an error, returned as such.
+    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Sends `signal` to `pid` if it is still the process that started at `ticks`.

@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
 use super::probe::Accel;
@@ -41,8 +40,8 @@ const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw \
                             tsc_early_khz=2000000 lpj=8000000";
 /// CPU model for TCG: `max` hung boots now and then; this one did not.
 const TCG_CPU: &str = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt";
+/// How long QEMU has to end after a QMP `quit`.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
-const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How long saving or loading the device state may take (it is small).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -148,8 +147,7 @@ impl QemuRuntime {
         for stale in [PID_FILE, QMP_SOCKET] {
             let _ = std::fs::remove_file(spec.dir.join(stale));
         }
-        let netns_path = PathBuf::from(format!("/run/netns/{}", spec.netns));
-        let netns = File::open(&netns_path).map_err(prepare(&netns_path))?;
+        let netns = process::open_netns(&spec.netns)?;
         let netns_fd = netns.as_raw_fd();
         let mut command = Command::new(&self.binary);
         command
@@ -161,9 +159,7 @@ impl QemuRuntime {
         // (setns, setsid) on a descriptor that stays open until spawn returns.
         unsafe {
             command.pre_exec(move || {
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                process::enter_netns(netns_fd)?;
                 libc::setsid();
                 Ok(())
             });
@@ -310,22 +306,11 @@ impl Runtime for QemuRuntime {
     }
 
     fn stop(&self, handle: &VmHandle) -> Result<(), RuntimeError> {
-        let (pid, ticks) = (handle.pid, handle.start_time_ticks);
-        if !process::is_same_process(pid, ticks) {
-            return Ok(());
-        }
-        if let Ok(mut qmp) = Qmp::connect(&handle.control_socket) {
-            let _ = qmp.execute("quit", serde_json::Value::Null);
-        }
-        if process::wait_gone(pid, ticks, QUIT_GRACE) {
-            return Ok(());
-        }
-        process::signal(pid, ticks, Signal::SIGKILL);
-        if process::wait_gone(pid, ticks, KILL_GRACE) {
-            Ok(())
-        } else {
-            Err(RuntimeError::Unkillable { pid })
-        }
+        process::stop_escalating(handle.pid, handle.start_time_ticks, QUIT_GRACE, || {
+            if let Ok(mut qmp) = Qmp::connect(&handle.control_socket) {
+                let _ = qmp.execute("quit", serde_json::Value::Null);
+            }
+        })
     }
 
     fn control_socket(&self, dir: &Path) -> PathBuf {

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::envd::{EnvdClient, EnvdError, ExecResult, ENVD_PORT};
 use super::error::SandboxError;
-use super::manager::{handle_of, Manager};
+use super::manager::{handle_of, slot_of, Manager};
 use crate::network;
 use crate::runtime::{VmState, CONSOLE_LOG};
 
@@ -87,10 +87,7 @@ impl Manager {
         &self,
         record: &SandboxRecord,
     ) -> Result<std::net::SocketAddr, SandboxError> {
-        let slot = record
-            .slot
-            .ok_or_else(|| SandboxError::NoSlot(record.id.to_string()))?;
-        let addrs = network::addr::SlotAddrs::new(slot.0)?;
+        let addrs = network::addr::SlotAddrs::new(slot_of(record)?)?;
         Ok(std::net::SocketAddr::from((addrs.host_ip, ENVD_PORT)))
     }
 

@@ -70,36 +70,24 @@ pub struct Manager {
 
 impl Manager {
     pub fn new(parts: Parts) -> Manager {
-        let Parts {
-            store,
-            layers,
-            runtime,
-            network,
-            clock,
-            config,
-            templates,
-            capacity,
-        } = parts;
-        let sandboxes_dir = config.node.state_dir.join("sandboxes");
-        let snapshots_dir = config.node.state_dir.join("snapshots");
-        let net = &config.network;
-        let registry = Registry::new(
-            Arc::clone(&store),
-            net.first_slot..net.first_slot + net.slots,
-            Arc::clone(&clock),
-        );
+        let state_dir = &parts.config.node.state_dir;
+        let net = &parts.config.network;
         Manager {
-            store,
-            layers,
-            runtime,
-            network,
-            clock,
-            config,
-            templates,
-            capacity,
-            sandboxes_dir,
-            snapshots_dir,
-            registry,
+            registry: Registry::new(
+                Arc::clone(&parts.store),
+                net.first_slot..net.first_slot + net.slots,
+                Arc::clone(&parts.clock),
+            ),
+            sandboxes_dir: state_dir.join("sandboxes"),
+            snapshots_dir: state_dir.join("snapshots"),
+            store: parts.store,
+            layers: parts.layers,
+            runtime: parts.runtime,
+            network: parts.network,
+            clock: parts.clock,
+            config: parts.config,
+            templates: parts.templates,
+            capacity: parts.capacity,
         }
     }
 
@@ -202,10 +190,7 @@ impl Manager {
         record: &mut SandboxRecord,
         undo: &mut Undo<'a>,
     ) -> Result<(), SandboxError> {
-        let slot = record
-            .slot
-            .map(|s| s.0)
-            .ok_or_else(|| SandboxError::NoSlot(record.id.to_string()))?;
+        let slot = slot_of(record)?;
         self.undo_folder(&record.id, undo);
         let netns = self.network.setup(slot, record.internet)?;
         self.undo_network(slot, undo);
@@ -227,10 +212,7 @@ impl Manager {
         memory: &Header,
         undo: &mut Undo<'a>,
     ) -> Result<(), SandboxError> {
-        let slot = record
-            .slot
-            .map(|s| s.0)
-            .ok_or_else(|| SandboxError::NoSlot(record.id.to_string()))?;
+        let slot = slot_of(record)?;
         let state = template
             .vm_state
             .as_deref()
@@ -422,6 +404,14 @@ impl Manager {
             Ok(record)
         })
     }
+}
+
+/// The network slot `record` holds, or the error that says it holds none.
+pub(super) fn slot_of(record: &SandboxRecord) -> Result<u32, SandboxError> {
+    record
+        .slot
+        .map(|s| s.0)
+        .ok_or_else(|| SandboxError::NoSlot(record.id.to_string()))
 }
 
 /// How to reach the VM a record names.

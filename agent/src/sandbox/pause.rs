@@ -7,7 +7,7 @@
 use lmdb_schema::{SandboxId, SandboxRecord, SandboxStatus};
 
 use super::error::SandboxError;
-use super::manager::{handle_of, remove_file_logged, vmm_of, Manager};
+use super::manager::{handle_of, remove_file_logged, slot_of, vmm_of, Manager};
 use super::node::stop_orphan_vm;
 use super::registry::{allocate_slot, free_slot, log_event};
 use super::undo::Undo;
@@ -185,10 +185,7 @@ impl Manager {
             // Paused by its timeout: a resumed sandbox gets a new lease.
             record.expires_at_ms = Some(now + self.config.sandbox.default_timeout_s * 1000);
         }
-        let slot = record
-            .slot
-            .map(|s| s.0)
-            .ok_or_else(|| SandboxError::NoSlot(record.id.to_string()))?;
+        let slot = slot_of(record)?;
         if let Some(memory) = self.load_memory(record.memory_header)? {
             let started = std::time::Instant::now();
             // A working copy: after a crash it is written again from layers.

@@ -111,18 +111,6 @@ pub enum Error {
         id: LayerId,
     },
 
-    /// A layer file that a header needs is gone.
-    #[error(
-        "layer {id} is used by a snapshot but {path} is missing: restore the file from a peer \
-         or a backup, or drop the snapshots that use it"
-    )]
-    LayerMissing {
-        /// The layer.
-        id: LayerId,
-        /// Where its file should be.
-        path: PathBuf,
-    },
-
     /// A header was released more often than retained.
     #[error(
         "layer {id} was released more often than it was retained (its record is {state}): \

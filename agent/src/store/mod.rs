@@ -229,14 +229,16 @@ impl LayerStore {
         Ok(file)
     }
 
-    /// Opens layer `id`; a missing file is [`Error::LayerMissing`].
+    /// Opens layer `id`; a missing file is the layer format's
+    /// `LayerMissing` ([`FormatError`]).
     fn open_layer_file(&self, id: &LayerId) -> Result<File> {
         let path = self.layer_path(id);
         File::open(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::LayerMissing {
+            std::io::ErrorKind::NotFound => FormatError::LayerMissing {
                 id: *id,
                 path: path.clone(),
-            },
+            }
+            .into(),
             _ => Error::io("open the layer", &path)(e),
         })
     }

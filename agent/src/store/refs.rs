@@ -8,7 +8,6 @@
 //! can leave behind (files without records, temporary files) and reports
 //! records whose file is gone.
 
-use crate::clock::now_ms;
 use std::collections::HashSet;
 use std::fs;
 use std::io::ErrorKind;
@@ -17,7 +16,8 @@ use lmdb_schema::{LayerId, LayerRecord, WriteTxn};
 
 use super::error::{Error, Result};
 use super::layer::{list, sync_dir, Entry};
-use super::LayerStore;
+use super::{FormatError, LayerStore};
+use crate::clock::now_ms;
 use wrenn_layers::{Header, HeaderId, LayerRef};
 
 /// What [`LayerStore::collect_garbage`] did.
@@ -71,7 +71,7 @@ impl LayerStore {
         let size = match fs::metadata(&path) {
             Ok(meta) => meta.len(),
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                return Err(Error::LayerMissing { id: layer.id, path })
+                return Err(FormatError::LayerMissing { id: layer.id, path }.into())
             }
             Err(e) => return Err(Error::io("inspect", path)(e)),
         };
