@@ -147,37 +147,34 @@ pub struct SerialSaved {
     pub in_buffer: Vec<u8>,
 }
 
+/// Builds `$to` from the same-named registers of `$from` and the input
+/// `$in_buffer`: the one list of the 8250's fields, for both directions.
+macro_rules! serial_registers {
+    ($to:ident, $from:expr, $in_buffer:expr) => {
+        $to {
+            baud_divisor_low: $from.baud_divisor_low,
+            baud_divisor_high: $from.baud_divisor_high,
+            interrupt_enable: $from.interrupt_enable,
+            interrupt_identification: $from.interrupt_identification,
+            line_control: $from.line_control,
+            line_status: $from.line_status,
+            modem_control: $from.modem_control,
+            modem_status: $from.modem_status,
+            scratch: $from.scratch,
+            in_buffer: $in_buffer,
+        }
+    };
+}
+
 impl From<SerialState> for SerialSaved {
     fn from(s: SerialState) -> SerialSaved {
-        SerialSaved {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+        serial_registers!(SerialSaved, s, s.in_buffer)
     }
 }
 
 impl From<&SerialSaved> for SerialState {
     fn from(s: &SerialSaved) -> SerialState {
-        SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
+        serial_registers!(SerialState, s, s.in_buffer.clone())
     }
 }
 

@@ -38,7 +38,6 @@ const KVM_RUN: u64 = 0xae80;
 const VMM_CALLS: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_bind,
-    libc::SYS_brk,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_clone,
@@ -52,14 +51,12 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_wait,
     libc::SYS_eventfd2,
-    libc::SYS_exit,
     libc::SYS_exit_group,
     libc::SYS_fcntl,
     libc::SYS_fdatasync,
     libc::SYS_fstat,
     libc::SYS_fsync,
     libc::SYS_ftruncate,
-    libc::SYS_futex,
     libc::SYS_getpid,
     libc::SYS_getrandom,
     libc::SYS_getsockname,
@@ -67,13 +64,8 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_ioctl,
     libc::SYS_listen,
     libc::SYS_lseek,
-    libc::SYS_madvise,
     libc::SYS_mkdir,
     libc::SYS_mkdirat,
-    libc::SYS_mmap,
-    libc::SYS_mprotect,
-    libc::SYS_mremap,
-    libc::SYS_munmap,
     libc::SYS_nanosleep,
     libc::SYS_newfstatat,
     libc::SYS_openat,
@@ -92,12 +84,9 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_renameat2,
     libc::SYS_rseq,
     libc::SYS_rt_sigaction,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigreturn,
     // The `signals` thread's sigwait for SIGTERM and SIGINT.
     libc::SYS_rt_sigtimedwait,
     libc::SYS_sched_getaffinity,
-    libc::SYS_sched_yield,
     // The vCPU thread adds its own filter.
     libc::SYS_seccomp,
     libc::SYS_sendmsg,
@@ -105,7 +94,6 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_set_robust_list,
     libc::SYS_setsockopt,
     libc::SYS_shutdown,
-    libc::SYS_sigaltstack,
     libc::SYS_socket,
     // A failed snapshot asks whether its file system is full.
     libc::SYS_statfs,
@@ -114,8 +102,6 @@ const VMM_CALLS: &[i64] = &[
     libc::SYS_unlink,
     libc::SYS_unlinkat,
     libc::SYS_userfaultfd,
-    libc::SYS_write,
-    libc::SYS_writev,
 ];
 
 /// The `api` thread: requests from tiny_http's channel to the workers'
@@ -125,22 +111,14 @@ const VMM_CALLS: &[i64] = &[
 const API_CALLS: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_bind,
-    libc::SYS_brk,
     libc::SYS_clock_gettime,
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_close,
-    libc::SYS_exit,
     libc::SYS_fcntl,
-    libc::SYS_futex,
     libc::SYS_getsockname,
     libc::SYS_gettid,
     libc::SYS_listen,
-    libc::SYS_madvise,
-    libc::SYS_mmap,
-    libc::SYS_mprotect,
-    libc::SYS_mremap,
-    libc::SYS_munmap,
     libc::SYS_nanosleep,
     libc::SYS_clock_nanosleep,
     libc::SYS_poll,
@@ -149,40 +127,26 @@ const API_CALLS: &[i64] = &[
     libc::SYS_read,
     libc::SYS_recvfrom,
     libc::SYS_rseq,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigreturn,
     libc::SYS_sched_getaffinity,
-    libc::SYS_sched_yield,
     libc::SYS_sendto,
     libc::SYS_set_robust_list,
     libc::SYS_setsockopt,
     libc::SYS_shutdown,
-    libc::SYS_sigaltstack,
     libc::SYS_socket,
     libc::SYS_unlink,
-    libc::SYS_write,
-    libc::SYS_writev,
 ];
 
 /// The `devices` thread: waiting, queue I/O on disk files and taps, and
 /// what a thread with a heap needs.
 const DEVICES_CALLS: &[i64] = &[
-    libc::SYS_brk,
     // Its epoll descriptor, when it ends.
     libc::SYS_close,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_wait,
-    libc::SYS_exit,
     // A layered disk's flush: the standard library's open checks its flags.
     libc::SYS_fcntl,
     libc::SYS_fdatasync,
     libc::SYS_fsync,
-    libc::SYS_futex,
-    libc::SYS_madvise,
-    libc::SYS_mmap,
-    libc::SYS_mprotect,
-    libc::SYS_mremap,
-    libc::SYS_munmap,
     // A layered disk's flush: the temporary list file and its folder.
     libc::SYS_openat,
     libc::SYS_pread64,
@@ -193,15 +157,12 @@ const DEVICES_CALLS: &[i64] = &[
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_renameat2,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_sched_yield,
-    libc::SYS_sigaltstack,
-    libc::SYS_write,
-    libc::SYS_writev,
 ];
 
-const VCPU_CALLS: &[i64] = &[
+/// What every thread needs, whatever else it does: its heap, its futexes,
+/// signal masks and returns, yielding, writing (logs, the serial port) and
+/// ending. Each filter below is these and its own.
+const THREAD_CALLS: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_exit,
     libc::SYS_futex,
@@ -218,9 +179,17 @@ const VCPU_CALLS: &[i64] = &[
     libc::SYS_writev,
 ];
 
+/// The vCPU thread calls nothing beyond the basics but `ioctl(KVM_RUN)`.
+const VCPU_CALLS: &[i64] = &[];
+
+/// A filter that allows [`THREAD_CALLS`], `calls` and, when given, `ioctl`
+/// under its rules.
 fn compile(calls: &[i64], ioctl: Option<Vec<SeccompRule>>) -> Result<BpfProgram> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        calls.iter().map(|&call| (call, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = THREAD_CALLS
+        .iter()
+        .chain(calls)
+        .map(|&call| (call, Vec::new()))
+        .collect();
     if let Some(ioctl) = ioctl {
         rules.insert(libc::SYS_ioctl, ioctl);
     }

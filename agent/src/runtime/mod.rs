@@ -194,6 +194,35 @@ pub trait Runtime: Send + Sync {
     ) -> Result<(), RuntimeError>;
 }
 
+/// Puts a saved VM state in place: `written` is fsynced, renamed to
+/// `state` and the folder fsynced, so after a crash `state` is either
+/// absent or whole (recovery takes its presence as "saved").
+pub(crate) fn publish_state(written: &Path, state: &Path) -> Result<(), RuntimeError> {
+    std::fs::File::open(written)
+        .and_then(|f| f.sync_all())
+        .map_err(prepare(written))?;
+    std::fs::rename(written, state).map_err(prepare(state))?;
+    if let Some(dir) = state.parent() {
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(prepare(dir))?;
+    }
+    Ok(())
+}
+
+/// The last step of a pause: the VM process is ended, and how long the
+/// whole pause took is logged.
+pub(crate) fn stop_after_pause(
+    runtime: &dyn Runtime,
+    handle: &VmHandle,
+    started: std::time::Instant,
+) -> Result<(), RuntimeError> {
+    let stopped = runtime.stop(handle);
+    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    tracing::debug!(ms, "VM process ended");
+    stopped
+}
+
 /// Maps an I/O error on `path` to a [`RuntimeError::Prepare`].
 pub(crate) fn prepare(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
     move |source| RuntimeError::Prepare {

@@ -38,8 +38,8 @@ use super::disk::copy_sparse;
 use super::process;
 use super::vmm_api::{CallError, VmmApi};
 use super::{
-    prepare, DiskFormat, Runtime, RuntimeError, RuntimeKind, VmHandle, VmSpec, VmState,
-    VmStateVersion, CONSOLE_LOG, MEMORY_FILE, PID_FILE,
+    prepare, publish_state, stop_after_pause, DiskFormat, Runtime, RuntimeError, RuntimeKind,
+    VmHandle, VmSpec, VmState, VmStateVersion, CONSOLE_LOG, MEMORY_FILE, PID_FILE,
 };
 
 /// Files of a VM inside its sandbox folder (and the shared ones above).
@@ -501,20 +501,9 @@ impl Runtime for NativeRuntime {
             save_dir.join(VMM_MEMORY_FILE),
         );
         std::fs::rename(&saved_memory, dir.join(MEMORY_FILE)).map_err(prepare(&saved_memory))?;
-        File::open(&saved_state)
-            .and_then(|f| f.sync_all())
-            .map_err(prepare(&saved_state))?;
-        std::fs::rename(&saved_state, state).map_err(prepare(state))?;
-        File::open(dir)
-            .and_then(|f| f.sync_all())
-            .map_err(prepare(dir))?;
+        publish_state(&saved_state, state)?;
         let _ = std::fs::remove_dir_all(&save_dir);
-        let stopped = self.stop(handle);
-        tracing::debug!(
-            ms = started.elapsed().as_millis() as u64,
-            "VM process ended"
-        );
-        stopped
+        stop_after_pause(self, handle, started)
     }
 
     fn restore(&self, spec: &VmSpec, state: &Path) -> Result<VmHandle, RuntimeError> {

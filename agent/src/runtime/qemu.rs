@@ -8,7 +8,6 @@
 //! their own blocks. The VM is started inside the sandbox's network namespace,
 //! where `tap0` waits for it.
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -20,7 +19,10 @@ use serde_json::{json, Value};
 use super::probe::Accel;
 use super::process;
 use super::qmp::Qmp;
-use super::{prepare, DiskFormat, Runtime, RuntimeError, RuntimeKind, VmHandle, VmSpec, VmState};
+use super::{
+    prepare, publish_state, stop_after_pause, DiskFormat, Runtime, RuntimeError, RuntimeKind,
+    VmHandle, VmSpec, VmState,
+};
 use crate::tools;
 
 // The names every runtime shares, here too for callers that know QEMU.
@@ -252,17 +254,9 @@ impl Runtime for QemuRuntime {
         }
         // QEMU serves one QMP client at a time: `stop` below connects anew.
         drop(qmp);
-        File::open(&partial)
-            .and_then(|f| f.sync_all())
-            .map_err(prepare(&partial))?;
-        std::fs::rename(&partial, state).map_err(prepare(state))?;
+        publish_state(&partial, state)?;
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "VM state synced");
-        let stopped = self.stop(handle);
-        tracing::debug!(
-            ms = started.elapsed().as_millis() as u64,
-            "VM process ended"
-        );
-        stopped
+        stop_after_pause(self, handle, started)
     }
 
     fn restore(&self, spec: &VmSpec, state: &Path) -> Result<VmHandle, RuntimeError> {
