@@ -156,4 +156,17 @@ mod tests {
         assert_eq!(wrong.status(), 405);
         assert_eq!(wrong.allow(), Some("GET, HEAD"));
     }
+
+    #[test]
+    fn error_answers_read_back_as_the_wire_error_body() {
+        let Err(error) = resolve(&Method::Get, "/nope") else {
+            panic!("/nope must not resolve");
+        };
+        let json = error.to_json();
+        let body: envd_api::ErrorBody =
+            serde_json::from_value(json.clone()).expect("envd's error body has the wire shape");
+        assert_eq!(body.error.code, "not_found");
+        assert_eq!(body.error.message, error.message());
+        assert_eq!(serde_json::to_value(&body).ok(), Some(json));
+    }
 }

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use envd_api::{Health, InitRequest, InitResponse};
 use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
-use serde::Deserialize;
 use serde_json::json;
 use wrenn_http::{ApiError, Exchange, Reply};
 
@@ -21,23 +21,16 @@ const CLOCK_TOLERANCE: Duration = Duration::from_secs(1);
 
 /// `GET /health`
 pub fn health() -> Reply {
-    Reply::Json(
-        200,
-        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
-    )
+    let health = Health {
+        status: "ok".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    Reply::Json(200, json!(health))
 }
 
 /// `GET /metrics`
 pub fn metrics(cpu: &CpuSampler) -> Result<Reply, ApiError> {
     Ok(Reply::Json(200, json!(metrics::collect(cpu)?)))
-}
-
-#[derive(Deserialize)]
-struct InitRequest {
-    access_token: Option<String>,
-    env_vars: Option<BTreeMap<String, String>>,
-    default_user: Option<String>,
-    timestamp_ms: Option<u64>,
 }
 
 /// `POST /init`: validates everything first, then applies it all at once.
@@ -70,10 +63,11 @@ pub fn init(settings: &SharedSettings, ex: &mut Exchange) -> Result<Reply, ApiEr
     }
     tracing::info!(default_user = %current.default_user, env_vars = current.env_vars.len(),
         token_set = current.access_token.is_some(), clock_set, "sandbox initialised");
-    Ok(Reply::Json(
-        200,
-        json!({"status": "ok", "clock_set": clock_set}),
-    ))
+    let answer = InitResponse {
+        status: "ok".to_owned(),
+        clock_set,
+    };
+    Ok(Reply::Json(200, json!(answer)))
 }
 
 fn validate_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {

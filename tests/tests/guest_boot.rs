@@ -50,7 +50,7 @@ fn guest_boots_to_envd_and_runs_python() {
         .netns()
         .run(|| Envd::new(GUEST_IP, ENVD_PORT).exec("python3", &["-c", "print(6*7)"]));
     let output = output.unwrap_or_else(|e| panic!("exec failed: {e}\n{}", vm.console_tail(40)));
-    assert_eq!(output.stdout_text(), "42\n", "events: {:?}", output.events);
+    assert_eq!(output.stdout_text(), "42\n", "run: {output:?}");
     assert_eq!(output.exit_code, Some(0));
 
     // wrenn-init configured the guest as the command line asked.

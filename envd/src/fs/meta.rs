@@ -5,7 +5,6 @@ use std::fs::{self, Metadata};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use serde::Serialize;
 use wrenn_http::ApiError;
 
 use super::paths::display;
@@ -17,23 +16,8 @@ pub const MAX_DEPTH: u64 = 64;
 /// Most entries one listing returns; the rest are cut off (`truncated`).
 pub const MAX_ENTRIES: usize = 100_000;
 
-/// One file, directory or link, as the API reports it.
-#[derive(Debug, Serialize)]
-pub struct EntryInfo {
-    pub name: String,
-    pub path: String,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub size: u64,
-    /// Permission bits in octal, e.g. "0644" (with setuid/setgid/sticky).
-    pub mode: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub owner: Option<String>,
-    pub group: Option<String>,
-    pub modified: String,
-    pub symlink_target: Option<String>,
-}
+/// One file, directory or link, and a listing, as the wire crate defines them.
+pub use envd_api::{EntryInfo, EntryKind, Listing};
 
 /// Describes `path` itself (a symlink is reported as a symlink).
 pub fn stat(path: &Path) -> Result<EntryInfo, ApiError> {
@@ -45,13 +29,13 @@ pub fn stat(path: &Path) -> Result<EntryInfo, ApiError> {
 fn describe(path: &Path, meta: &Metadata, names: &mut NameCache) -> EntryInfo {
     let file_type = meta.file_type();
     let kind = if file_type.is_symlink() {
-        "symlink"
+        EntryKind::Symlink
     } else if file_type.is_dir() {
-        "dir"
+        EntryKind::Dir
     } else if file_type.is_file() {
-        "file"
+        EntryKind::File
     } else {
-        "other"
+        EntryKind::Other
     };
     let symlink_target = file_type
         .is_symlink()
@@ -72,14 +56,6 @@ fn describe(path: &Path, meta: &Metadata, names: &mut NameCache) -> EntryInfo {
         modified: rfc3339(meta.modified().unwrap_or(std::time::UNIX_EPOCH)),
         symlink_target,
     }
-}
-
-/// A directory listing.
-#[derive(Debug, Serialize)]
-pub struct Listing {
-    pub entries: Vec<EntryInfo>,
-    /// True when `MAX_ENTRIES` was reached and entries were left out.
-    pub truncated: bool,
 }
 
 /// Lists `dir` down to `depth` levels (1 = direct children). Sub-directories
@@ -148,11 +124,11 @@ mod tests {
     #[test]
     fn stat_reports_type_mode_and_owner() {
         let info = stat(Path::new("/etc/passwd")).expect("stat passwd");
-        assert_eq!(info.kind, "file");
+        assert_eq!(info.kind, EntryKind::File);
         assert_eq!(info.name, "passwd");
         assert_eq!(info.mode.len(), 4);
         let root = stat(Path::new("/")).expect("stat /");
-        assert_eq!(root.kind, "dir");
+        assert_eq!(root.kind, EntryKind::Dir);
     }
 
     #[test]

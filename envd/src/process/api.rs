@@ -5,12 +5,13 @@ use std::io;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
+use envd_api::Started;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use wrenn_http::stream::{NdjsonStream, KEEPALIVE_INTERVAL};
 use wrenn_http::{describe_io, ApiError, Exchange, Reply, Request};
 
-use super::events::{signal_name, Event};
+use super::events::{self, signal_name, Event};
 use super::launch::{self, SignalError};
 use super::output::Cursor;
 use super::pty::{self, PtySize};
@@ -35,10 +36,11 @@ pub fn start(
     let plan = spec::plan(request, &settings.snapshot())?;
     let process = launch::start(registry, &plan)?;
     if plan.background {
-        return Ok(Reply::Json(
-            201,
-            json!({"pid": process.pid, "tag": process.tag}),
-        ));
+        let started = Started {
+            pid: process.pid,
+            tag: process.tag.clone(),
+        };
+        return Ok(Reply::Json(201, json!(started)));
     }
     follow(&process, ex.take_request()?);
     Ok(Reply::Streamed)
@@ -93,7 +95,7 @@ pub fn follow(process: &Process, request: Request) {
 fn stream_events(process: &Process, mut stream: NdjsonStream) -> io::Result<()> {
     stream.send(&Event::Start {
         pid: process.pid,
-        tag: process.tag.as_deref(),
+        tag: process.tag.clone(),
     })?;
     let mut cursor = Cursor::default();
     loop {
@@ -106,10 +108,10 @@ fn stream_events(process: &Process, mut stream: NdjsonStream) -> io::Result<()> 
             })?;
         }
         for chunk in &batch.chunks {
-            stream.queue(&Event::output(chunk))?;
+            stream.queue(&events::output(chunk))?;
         }
         if let Some(exit) = &batch.end {
-            stream.queue(&Event::end(exit))?;
+            stream.queue(&events::end(exit))?;
             return stream.finish();
         }
         if stream.queued_len() == 0 {
@@ -235,7 +237,7 @@ pub fn signal(registry: &Registry, ex: &mut Exchange, selector: &str) -> Result<
 /// `POST /processes/{sel}/resize`: sets the terminal size.
 pub fn resize(registry: &Registry, ex: &mut Exchange, selector: &str) -> Result<Reply, ApiError> {
     let size: PtySize = ex.json()?;
-    let size = size.validate().map_err(ApiError::invalid_argument)?;
+    let size = pty::validate(size).map_err(ApiError::invalid_argument)?;
     let process = registry.find(selector)?;
     if !process.pty {
         return Err(ApiError::conflict(format!(
@@ -253,8 +255,5 @@ pub fn resize(registry: &Registry, ex: &mut Exchange, selector: &str) -> Result<
     pty::resize(master.as_fd(), size).map_err(|err| {
         ApiError::internal(format!("cannot resize the terminal: {}", describe_io(&err)))
     })?;
-    Ok(Reply::Json(
-        200,
-        json!({"cols": size.cols, "rows": size.rows}),
-    ))
+    Ok(Reply::Json(200, json!(size)))
 }

@@ -1,73 +1,27 @@
 //! The JSON events of process streams (`start`, output, `truncated`,
-//! `keepalive`, `end`) and how output bytes are encoded into them.
+//! `keepalive`, `end`): the types are `envd_api`'s; this module builds them
+//! from the output buffer and keeps UTF-8 sequences whole across reads.
 
-use base64::Engine as _;
-use serde::Serialize;
+pub use envd_api::{Event, OutputData};
 
 use super::output::{Chunk, ExitInfo, StreamKind};
 
-/// One NDJSON line of a process stream.
-#[derive(Debug, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Event<'a> {
-    Start {
-        pid: u32,
-        tag: Option<&'a str>,
-    },
-    Stdout(Data),
-    Stderr(Data),
-    Pty(Data),
-    /// The ring buffer dropped output this client had not seen.
-    Truncated {
-        dropped_bytes: u64,
-    },
-    /// Sent after a quiet period, so dead clients are noticed.
-    Keepalive,
-    End {
-        exit_code: Option<i32>,
-        signal: Option<String>,
-        error: Option<String>,
-    },
-}
-
-/// Output bytes: UTF-8 text as is, anything else as base64.
-#[derive(Debug, Serialize)]
-pub struct Data {
-    pub data: String,
-    pub encoding: &'static str,
-}
-
-impl Data {
-    pub fn encode(bytes: &[u8]) -> Self {
-        match std::str::from_utf8(bytes) {
-            Ok(text) => Self {
-                data: text.to_owned(),
-                encoding: "utf8",
-            },
-            Err(_) => Self {
-                data: base64::engine::general_purpose::STANDARD.encode(bytes),
-                encoding: "base64",
-            },
-        }
+/// The output event of one chunk, its bytes encoded for JSON.
+pub fn output(chunk: &Chunk) -> Event {
+    let data = OutputData::encode(&chunk.data);
+    match chunk.kind {
+        StreamKind::Stdout => Event::Stdout(data),
+        StreamKind::Stderr => Event::Stderr(data),
+        StreamKind::Pty => Event::Pty(data),
     }
 }
 
-impl Event<'_> {
-    pub fn output(chunk: &Chunk) -> Self {
-        let data = Data::encode(&chunk.data);
-        match chunk.kind {
-            StreamKind::Stdout => Event::Stdout(data),
-            StreamKind::Stderr => Event::Stderr(data),
-            StreamKind::Pty => Event::Pty(data),
-        }
-    }
-
-    pub fn end(exit: &ExitInfo) -> Self {
-        Event::End {
-            exit_code: exit.code,
-            signal: exit.signal.map(signal_name),
-            error: exit.error.clone(),
-        }
+/// The `end` event of a process that exited.
+pub fn end(exit: &ExitInfo) -> Event {
+    Event::End {
+        exit_code: exit.code,
+        signal: exit.signal.map(signal_name),
+        error: exit.error.clone(),
     }
 }
 
@@ -96,12 +50,13 @@ mod tests {
     fn events_serialize_with_type_tags() {
         let start = serde_json::to_value(Event::Start {
             pid: 7,
-            tag: Some("web"),
+            tag: Some("web".into()),
         })
         .unwrap_or_default();
         assert_eq!(start["type"], "start");
         assert_eq!(start["tag"], "web");
-        let out = serde_json::to_value(Event::Stdout(Data::encode(b"hi"))).unwrap_or_default();
+        let out =
+            serde_json::to_value(Event::Stdout(OutputData::encode(b"hi"))).unwrap_or_default();
         assert_eq!(out["type"], "stdout");
         assert_eq!(out["data"], "hi");
         assert_eq!(out["encoding"], "utf8");
@@ -111,8 +66,8 @@ mod tests {
 
     #[test]
     fn invalid_utf8_is_base64() {
-        let data = Data::encode(&[0xff, 0xfe]);
-        assert_eq!(data.encoding, "base64");
+        let data = OutputData::encode(&[0xff, 0xfe]);
+        assert_eq!(data.encoding, envd_api::Encoding::Base64);
         assert_eq!(data.data, "//4=");
     }
 

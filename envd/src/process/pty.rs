@@ -6,28 +6,20 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+/// Terminal size in character cells, as the wire crate defines it.
+pub use envd_api::PtySize;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
-use serde::Deserialize;
 
-/// Terminal size in character cells.
-#[derive(Debug, Clone, Copy, Deserialize)]
-pub struct PtySize {
-    pub cols: u16,
-    pub rows: u16,
-}
-
-impl PtySize {
-    /// Rejects zero sizes, which terminals cannot have.
-    pub fn validate(self) -> Result<Self, String> {
-        if self.cols == 0 || self.rows == 0 {
-            return Err(format!(
-                "terminal size {}x{} is invalid; cols and rows must be between 1 and 65535",
-                self.cols, self.rows
-            ));
-        }
-        Ok(self)
+/// Rejects zero sizes, which terminals cannot have.
+pub fn validate(size: PtySize) -> Result<PtySize, String> {
+    if size.cols == 0 || size.rows == 0 {
+        return Err(format!(
+            "terminal size {}x{} is invalid; cols and rows must be between 1 and 65535",
+            size.cols, size.rows
+        ));
     }
+    Ok(size)
 }
 
 /// A new terminal: the master stays in envd, the slave goes to the child.
@@ -93,7 +85,7 @@ mod tests {
 
     #[test]
     fn zero_sizes_are_rejected() {
-        assert!(PtySize { cols: 0, rows: 24 }.validate().is_err());
-        assert!(PtySize { cols: 80, rows: 24 }.validate().is_ok());
+        assert!(validate(PtySize { cols: 0, rows: 24 }).is_err());
+        assert!(validate(PtySize { cols: 80, rows: 24 }).is_ok());
     }
 }

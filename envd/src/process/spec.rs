@@ -7,33 +7,17 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use wrenn_http::ApiError;
 
-use super::pty::PtySize;
+use super::pty::{self, PtySize};
 use crate::settings::Settings;
 use crate::users::{self, Account};
 
 /// PATH used when neither the defaults nor the request set one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The body of `POST /processes`.
-#[derive(Debug, Deserialize)]
-pub struct StartRequest {
-    pub cmd: String,
-    #[serde(default)]
-    pub args: Vec<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    pub cwd: Option<String>,
-    pub user: Option<String>,
-    pub pty: Option<PtySize>,
-    pub tag: Option<String>,
-    #[serde(default)]
-    pub stdin: bool,
-    #[serde(default)]
-    pub background: bool,
-}
+/// The body of `POST /processes`, as the wire crate defines it.
+pub use envd_api::StartRequest;
 
 /// Everything needed to start the process.
 #[derive(Debug)]
@@ -65,7 +49,7 @@ pub fn plan(request: StartRequest, settings: &Settings) -> Result<LaunchPlan, Ap
     }
     let pty = request
         .pty
-        .map(PtySize::validate)
+        .map(pty::validate)
         .transpose()
         .map_err(ApiError::invalid_argument)?;
     let account = users::lookup_or_default(request.user.as_deref(), &settings.default_user)?;

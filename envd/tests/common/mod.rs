@@ -1,5 +1,7 @@
 //! Test harness: starts the real envd binary on a free loopback port and
-//! talks HTTP to it with ureq. The guard kills the processes envd started
+//! talks HTTP to it through the shared client (`envd_api::client`); the
+//! helpers read bodies and events as raw JSON, so the tests check the wire
+//! shape itself. The guard kills the processes envd started
 //! and then envd itself, so no test leaves processes behind.
 
 #![allow(dead_code)]
@@ -13,14 +15,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use envd_api::client::{Client, Timeouts};
 use serde_json::{json, Value};
 
 /// A running envd, killed (with everything it started) on drop.
 pub struct Envd {
     child: Child,
+    /// `http://127.0.0.1:PORT`
     pub base: String,
-    agent: ureq::Agent,
-    token: Option<String>,
+    pub client: Client,
 }
 
 impl Envd {
@@ -54,23 +57,22 @@ impl Envd {
             });
         }
         let child = command.spawn().expect("spawn envd");
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(5))
-            .timeout_read(Duration::from_secs(60))
-            .timeout_write(Duration::from_secs(60))
-            .build();
+        let client = Client::for_host("127.0.0.1", port).with_timeouts(Timeouts {
+            connect: Duration::from_secs(5),
+            read: Duration::from_secs(60),
+            write: Duration::from_secs(60),
+        });
         let mut envd = Envd {
             child,
-            base: format!("http://127.0.0.1:{port}"),
-            agent,
-            token: None,
+            base: client.url(""),
+            client,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = envd.child.try_wait() {
                 return None; // port taken meanwhile; try another
             }
-            if envd.agent.get(&envd.url("/health")).call().is_ok() {
+            if envd.client.healthy() {
                 return Some(envd);
             }
             thread::sleep(Duration::from_millis(20));
@@ -83,20 +85,16 @@ impl Envd {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
+        self.client.url(path)
     }
 
     /// Sends the token on every later request.
     pub fn use_token(&mut self, token: &str) {
-        self.token = Some(token.to_owned());
+        self.client.set_token(Some(token.to_owned()));
     }
 
     pub fn request(&self, method: &str, path: &str) -> ureq::Request {
-        let req = self.agent.request(method, &self.url(path));
-        match &self.token {
-            Some(token) => req.set("X-Access-Token", token),
-            None => req,
-        }
+        self.client.request(method, path)
     }
 
     pub fn get(&self, path: &str) -> Resp {
