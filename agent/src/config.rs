@@ -29,6 +29,28 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub sandbox: SandboxConfig,
     pub network: NetworkConfig,
+    pub capsules: CapsulesConfig,
+    pub proxy: ProxyConfig,
+}
+
+/// The SDK's capsule API (`/v1/capsules`, docs/sdk.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapsulesConfig {
+    /// The template of a capsule created without one.
+    pub default_template: String,
+    /// Other names for templates, such as the hosted service's
+    /// `minimal-ubuntu`: a capsule asked for by alias gets the template.
+    pub template_aliases: std::collections::BTreeMap<String, String>,
+}
+
+/// The port proxy: `http://{port}-{sandbox id}.{domain}` reaches that port
+/// of the sandbox.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// The domain under which sandboxes' ports are served, without a port.
+    pub domain: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -240,6 +262,26 @@ impl Config {
             return invalid(format!(
                 "api.key_hashes holds {bad:?}, which is not a hex SHA-256 (64 hex digits)"
             ));
+        }
+        let domain = &self.proxy.domain;
+        if domain.is_empty()
+            || domain.starts_with(['.', '-'])
+            || domain.ends_with('.')
+            || !domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        {
+            return invalid(format!(
+                "proxy.domain {domain:?} is not a lower-case DNS name: give one such as \
+                 \"localhost\" or \"wrenn.internal\", without a scheme or a port"
+            ));
+        }
+        if self.capsules.default_template.is_empty() {
+            return invalid(
+                "capsules.default_template is empty: name the template a capsule created \
+                 without one gets, such as \"base\""
+                    .into(),
+            );
         }
         if !["auto", "qemu", "native"].contains(&self.runtime.kind.as_str()) {
             return invalid(format!(

@@ -220,6 +220,8 @@ impl Node {
             updated_at_ms: 0,
             memory_header: None,
             vm_state_version: None,
+            idle_timeout_s: None,
+            last_active_ms: 0,
         };
         self.store
             .write(|txn| {

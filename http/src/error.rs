@@ -80,6 +80,11 @@ pub struct ApiError {
     code: ErrorCode,
     message: String,
     allow: Option<&'static str>,
+    /// A finer code for the same failure, which a wire format may show.
+    detail: Option<&'static str>,
+    /// The code and status shown instead of `code`'s, set by a wire format
+    /// whose clients know other codes.
+    shown: Option<(&'static str, u16)>,
 }
 
 impl ApiError {
@@ -88,6 +93,8 @@ impl ApiError {
             code,
             message: message.into(),
             allow: None,
+            detail: None,
+            shown: None,
         }
     }
 
@@ -150,6 +157,8 @@ impl ApiError {
             code: ErrorCode::MethodNotAllowed,
             message: format!("{method} is not supported on {path}; use {allow}"),
             allow: Some(allow),
+            detail: None,
+            shown: None,
         }
     }
 
@@ -176,8 +185,41 @@ impl ApiError {
         self.code
     }
 
+    /// Names a finer kind of the same failure, such as `invalid_state` for
+    /// a conflict with the sandbox's state. The answer is unchanged; a wire
+    /// format whose clients tell such kinds apart reads it ([`Self::detail`])
+    /// and shows it ([`Self::shown_as`]).
+    pub fn with_detail(mut self, detail: &'static str) -> Self {
+        self.detail = Some(detail);
+        self
+    }
+
+    /// The finer kind set by [`Self::with_detail`].
+    pub fn detail(&self) -> Option<&'static str> {
+        self.detail
+    }
+
+    /// The same error answered with another code and status: for a wire
+    /// format whose clients know a different list of codes.
+    pub fn shown_as(mut self, code: &'static str, status: u16) -> Self {
+        self.shown = Some((code, status));
+        self
+    }
+
+    /// The HTTP status sent.
     pub fn status(&self) -> u16 {
-        self.code.status()
+        match self.shown {
+            Some((_, status)) => status,
+            None => self.code.status(),
+        }
+    }
+
+    /// The code in the JSON body.
+    pub fn code_str(&self) -> &'static str {
+        match self.shown {
+            Some((code, _)) => code,
+            None => self.code.as_str(),
+        }
     }
 
     pub fn message(&self) -> &str {
@@ -191,13 +233,13 @@ impl ApiError {
 
     /// The JSON body sent to the client.
     pub fn to_json(&self) -> Value {
-        json!({"error": {"code": self.code.as_str(), "message": self.message}})
+        json!({"error": {"code": self.code_str(), "message": self.message}})
     }
 }
 
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.code.as_str(), self.message)
+        write!(f, "{}: {}", self.code_str(), self.message)
     }
 }
 

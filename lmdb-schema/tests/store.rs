@@ -48,6 +48,8 @@ fn sandbox(id_text: &str) -> SandboxRecord {
         updated_at_ms: 2,
         memory_header: None,
         vm_state_version: None,
+        idle_timeout_s: None,
+        last_active_ms: 1,
     }
 }
 

@@ -8,6 +8,13 @@ use super::envd::EnvdError;
 use crate::network::NetError;
 use crate::runtime::RuntimeError;
 
+/// [`ApiError::detail`] of a refusal that comes from the sandbox's state
+/// (busy, paused, not running).
+pub const INVALID_STATE: &str = "invalid_state";
+/// [`ApiError::detail`] of a failure of the guest agent (envd): it could not
+/// be reached, or it failed inside the sandbox.
+pub const AGENT_ERROR: &str = "agent_error";
+
 /// A failed sandbox operation.
 #[derive(Debug, Error)]
 pub enum SandboxError {
@@ -115,11 +122,13 @@ impl From<SandboxError> for ApiError {
             SandboxError::Invalid(_) => ApiError::invalid_argument(message),
             SandboxError::Busy(_)
             | SandboxError::NotRunning { .. }
-            | SandboxError::WrongState { .. }
-            | SandboxError::Conflict(_) => ApiError::conflict(message),
+            | SandboxError::WrongState { .. } => {
+                ApiError::conflict(message).with_detail(INVALID_STATE)
+            }
+            SandboxError::Conflict(_) => ApiError::conflict(message),
             SandboxError::Capacity(_) => ApiError::unavailable(message),
             SandboxError::Envd(EnvdError::Status { status, body }) => envd_refusal(status, &body),
-            SandboxError::Envd(_) => ApiError::unavailable(message),
+            SandboxError::Envd(_) => ApiError::unavailable(message).with_detail(AGENT_ERROR),
             SandboxError::Store(_)
             | SandboxError::Layers(_)
             | SandboxError::Runtime(_)
@@ -152,7 +161,10 @@ pub fn envd_refusal(status: u16, body: &Value) -> ApiError {
         507 => ErrorCode::InsufficientStorage,
         _ => ErrorCode::Internal,
     };
-    ApiError::new(code, message)
+    match status {
+        500.. => ApiError::new(code, message).with_detail(AGENT_ERROR),
+        _ => ApiError::new(code, message),
+    }
 }
 
 #[cfg(test)]

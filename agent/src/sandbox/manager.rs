@@ -139,7 +139,7 @@ impl Manager {
             env: request.env,
             internet: request.internet,
             created_at_ms: now,
-            expires_at_ms: Some(now + request.timeout_s * 1000),
+            expires_at_ms: request.timeout_s.map(|s| now + s * 1000),
             timeout_action: request.timeout_action,
             slot: None,
             runtime: self.runtime.kind(),
@@ -149,6 +149,8 @@ impl Manager {
             updated_at_ms: now,
             memory_header: memory.as_ref().map(|(id, _)| *id),
             vm_state_version: None,
+            idle_timeout_s: request.idle_timeout_s,
+            last_active_ms: now,
         };
         let slots = self.registry.slots();
         record.slot = Some(self.store.write_with(|txn| {
@@ -380,6 +382,32 @@ impl Manager {
         self.forget(&record, "destroy", "")
     }
 
+    /// Records a use of the sandbox (a command, a file call, a ping,
+    /// WebSocket traffic): a sandbox with an inactivity timer gets its full
+    /// time again. Uses less than a second apart write nothing, so a busy
+    /// sandbox costs one LMDB write per second at most. Sandboxes without
+    /// the timer, and those not running, are left as they are.
+    pub fn touch(&self, id: &SandboxId) -> Result<(), SandboxError> {
+        let now = self.now_ms();
+        self.store.write_with(|txn| {
+            let Some(mut record) = txn.sandboxes().get(id)? else {
+                return Err(SandboxError::NotFound(id.to_string()));
+            };
+            let Some(idle_s) = record.idle_timeout_s else {
+                return Ok(());
+            };
+            if record.status != SandboxStatus::Running
+                || now.saturating_sub(record.last_active_ms) < 1000
+            {
+                return Ok(());
+            }
+            record.last_active_ms = now;
+            record.expires_at_ms = Some(now + u64::from(idle_s) * 1000);
+            txn.sandboxes().put(id, &record)?;
+            Ok(())
+        })
+    }
+
     /// Sets a new timeout, counted from now.
     pub fn set_timeout(
         &self,
@@ -399,6 +427,8 @@ impl Manager {
                 .ok_or_else(|| SandboxError::NotFound(id.to_string()))?;
             let now = self.now_ms();
             record.expires_at_ms = Some(now + timeout_s * 1000);
+            // A fixed lease from now on: no inactivity timer moves it.
+            record.idle_timeout_s = None;
             record.updated_at_ms = now;
             txn.sandboxes().put(id, &record)?;
             Ok(record)

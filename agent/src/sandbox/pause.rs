@@ -181,7 +181,11 @@ impl Manager {
         undo: &mut Undo<'a>,
     ) -> Result<(), SandboxError> {
         let now = self.now_ms();
-        if record.is_expired(now) {
+        record.last_active_ms = now;
+        if let Some(idle_s) = record.idle_timeout_s {
+            // An inactivity timer starts again at each resume.
+            record.expires_at_ms = Some(now + u64::from(idle_s) * 1000);
+        } else if record.is_expired(now) {
             // Paused by its timeout: a resumed sandbox gets a new lease.
             record.expires_at_ms = Some(now + self.config.sandbox.default_timeout_s * 1000);
         }

@@ -153,6 +153,8 @@ mod tests {
             updated_at_ms: 0,
             memory_header: memory_header.then_some(lmdb_schema::HeaderId([7; 32])),
             vm_state_version: None,
+            idle_timeout_s: None,
+            last_active_ms: 0,
         }
     }
 

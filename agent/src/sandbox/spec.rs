@@ -17,7 +17,11 @@ pub struct CreateRequest {
     pub vcpus: Option<u32>,
     /// `None`: the template's (a snapshot's are fixed), else 512.
     pub memory_mb: Option<u32>,
-    pub timeout_s: u64,
+    /// Seconds until `timeout_action`; `None`: never.
+    pub timeout_s: Option<u64>,
+    /// When set, the timeout is an inactivity timer of this many seconds:
+    /// each use of the sandbox starts it again (`Manager::touch`).
+    pub idle_timeout_s: Option<u32>,
     pub metadata: BTreeMap<String, String>,
     pub env: BTreeMap<String, String>,
     pub internet: bool,
@@ -100,11 +104,13 @@ impl Manager {
                 limits.host_reserved_memory_mb
             )));
         }
-        if request.timeout_s == 0 || request.timeout_s > limits.max_timeout_s {
-            return Err(SandboxError::Invalid(format!(
-                "timeout_s is {}: it must be between 1 and {}",
-                request.timeout_s, limits.max_timeout_s
-            )));
+        if let Some(timeout_s) = request.timeout_s {
+            if timeout_s == 0 || timeout_s > limits.max_timeout_s {
+                return Err(SandboxError::Invalid(format!(
+                    "timeout_s is {timeout_s}: it must be between 1 and {}",
+                    limits.max_timeout_s
+                )));
+            }
         }
         Ok((name, snapshot, vcpus, memory_mb))
     }

@@ -62,6 +62,8 @@ pub(crate) mod samples {
             updated_at_ms: 1_700_000_000_500,
             memory_header: Some(HeaderId([0xcd; 32])),
             vm_state_version: None,
+            idle_timeout_s: Some(120),
+            last_active_ms: 1_700_000_000_400,
         }
     }
 
@@ -152,6 +154,8 @@ mod golden {
     #[test]
     fn sandbox_v1_upgrades() {
         let mut expected = samples::sandbox();
+        expected.idle_timeout_s = None;
+        expected.last_active_ms = expected.updated_at_ms;
         expected.memory_header = None;
         expected.vm_state_version = None;
         upgrades(
@@ -163,6 +167,8 @@ mod golden {
     #[test]
     fn sandbox_v2_upgrades() {
         let mut expected = samples::sandbox();
+        expected.idle_timeout_s = None;
+        expected.last_active_ms = expected.updated_at_ms;
         expected.vm_state_version = None;
         upgrades(
             "020873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc310101030471656d75019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc3101cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
@@ -171,13 +177,25 @@ mod golden {
     }
 
     #[test]
-    fn sandbox_v3() {
+    fn sandbox_v3_upgrades() {
+        let mut expected = samples::sandbox();
+        expected.vm_state_version = Some(crate::records::VmStateVersion { major: 1, minor: 2 });
+        expected.idle_timeout_s = None;
+        expected.last_active_ms = expected.updated_at_ms;
+        upgrades(
+            "030873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc3101010300019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc3101cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd010102",
+            expected,
+        );
+    }
+
+    #[test]
+    fn sandbox_v4() {
         let mut record = samples::sandbox();
         record.vm_state_version = Some(crate::records::VmStateVersion { major: 1, minor: 2 });
         check(
-            3,
+            4,
             record,
-            "030873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc3101010300019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc3101cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd010102",
+            "040873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc3101010300019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc3101cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd010102017890d395ffbc31",
         );
     }
 

@@ -116,9 +116,10 @@ pub struct VmmProcess {
     pub control_socket: String,
 }
 
-/// One sandbox (record version 3: the runtime, the memory header and the
-/// VM state version are types of their own; version 2 added
-/// `memory_header`).
+/// One sandbox (record version 4 added the inactivity timer,
+/// `idle_timeout_s` and `last_active_ms`; version 3 gave the runtime, the
+/// memory header and the VM state version types of their own; version 2
+/// added `memory_header`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRecord {
     /// Its id; the same as the key.
@@ -164,6 +165,66 @@ pub struct SandboxRecord {
     /// state, so that a node can tell, before trying, whether its
     /// wrenn-vmm can resume it. `None` under QEMU, or never paused.
     pub vm_state_version: Option<VmStateVersion>,
+    /// The inactivity timer: when set, every use of the sandbox (a command,
+    /// a file call, a ping, WebSocket traffic) moves `expires_at_ms` to this
+    /// many seconds after it, so `timeout_action` happens only once nobody
+    /// has used it for that long. `None`: `expires_at_ms` is a fixed lease.
+    pub idle_timeout_s: Option<u32>,
+    /// The last use of the sandbox (or its creation or last resume),
+    /// milliseconds since the Unix epoch.
+    pub last_active_ms: u64,
+}
+
+/// Version 3, frozen: decoded and upgraded, never written.
+#[derive(Deserialize)]
+struct SandboxRecordV3 {
+    id: SandboxId,
+    status: SandboxStatus,
+    template: TemplateName,
+    vcpus: u32,
+    memory_mb: u32,
+    metadata: BTreeMap<String, String>,
+    env: BTreeMap<String, String>,
+    internet: bool,
+    created_at_ms: u64,
+    expires_at_ms: Option<u64>,
+    timeout_action: TimeoutAction,
+    slot: Option<SlotId>,
+    runtime: RuntimeKind,
+    vmm: Option<VmmProcess>,
+    envd_token: Option<String>,
+    error: Option<String>,
+    updated_at_ms: u64,
+    memory_header: Option<HeaderId>,
+    vm_state_version: Option<VmStateVersion>,
+}
+
+impl From<SandboxRecordV3> for SandboxRecord {
+    fn from(v3: SandboxRecordV3) -> SandboxRecord {
+        SandboxRecord {
+            id: v3.id,
+            status: v3.status,
+            template: v3.template,
+            vcpus: v3.vcpus,
+            memory_mb: v3.memory_mb,
+            metadata: v3.metadata,
+            env: v3.env,
+            internet: v3.internet,
+            created_at_ms: v3.created_at_ms,
+            expires_at_ms: v3.expires_at_ms,
+            timeout_action: v3.timeout_action,
+            slot: v3.slot,
+            runtime: v3.runtime,
+            vmm: v3.vmm,
+            envd_token: v3.envd_token,
+            error: v3.error,
+            last_active_ms: v3.updated_at_ms,
+            updated_at_ms: v3.updated_at_ms,
+            memory_header: v3.memory_header,
+            vm_state_version: v3.vm_state_version,
+            idle_timeout_s: None,
+        }
+    }
 }
 
 /// Version 2, frozen: decoded and upgraded, never written.
@@ -189,17 +250,17 @@ struct SandboxRecordV2 {
     memory_header: Option<[u8; 32]>,
 }
 
-impl TryFrom<SandboxRecordV2> for SandboxRecord {
+impl TryFrom<SandboxRecordV2> for SandboxRecordV3 {
     type Error = String;
 
-    fn try_from(v2: SandboxRecordV2) -> Result<SandboxRecord, String> {
+    fn try_from(v2: SandboxRecordV2) -> Result<SandboxRecordV3, String> {
         let runtime = RuntimeKind::parse(&v2.runtime).ok_or_else(|| {
             format!(
                 "sandbox {} names runtime {:?}, which is neither qemu nor native",
                 v2.id, v2.runtime
             )
         })?;
-        Ok(SandboxRecord {
+        Ok(SandboxRecordV3 {
             id: v2.id,
             status: v2.status,
             template: v2.template,
@@ -292,9 +353,15 @@ impl Upgrade for SandboxRecord {
         match version {
             1 => Some(
                 decode_body::<SandboxRecordV1>(body)
-                    .and_then(|v1| SandboxRecord::try_from(SandboxRecordV2::from(v1))),
+                    .and_then(|v1| SandboxRecordV3::try_from(SandboxRecordV2::from(v1)))
+                    .map(SandboxRecord::from),
             ),
-            2 => Some(decode_body::<SandboxRecordV2>(body).and_then(SandboxRecord::try_from)),
+            2 => Some(
+                decode_body::<SandboxRecordV2>(body)
+                    .and_then(SandboxRecordV3::try_from)
+                    .map(SandboxRecord::from),
+            ),
+            3 => Some(decode_body::<SandboxRecordV3>(body).map(SandboxRecord::from)),
             _ => None,
         }
     }
@@ -302,7 +369,7 @@ impl Upgrade for SandboxRecord {
 
 impl Record for SandboxRecord {
     const DATABASE: &'static str = "sandboxes";
-    const CURRENT_VERSION: u8 = 3;
+    const CURRENT_VERSION: u8 = 4;
     type Key = SandboxId;
 }
 
@@ -316,7 +383,7 @@ mod tests {
     fn round_trip() {
         let record = samples::sandbox();
         let bytes = encode(&record).unwrap();
-        assert_eq!(bytes[0], 3);
+        assert_eq!(bytes[0], 4);
         assert_eq!(decode::<SandboxRecord>(&record.id, &bytes).unwrap(), record);
     }
 
