@@ -150,6 +150,8 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
         probe,
         key_hashes: config.api.key_hashes.clone(),
         default_timeout_s: config.sandbox.default_timeout_s,
+        capsules: config.capsules.clone(),
+        proxy_domain: config.proxy.domain.clone(),
     };
     let server_config = ServerConfig {
         workers: config.api.workers,

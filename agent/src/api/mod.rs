@@ -4,6 +4,7 @@
 //! network or LMDB themselves. Calls on a sandbox's processes and files are
 //! forwarded to its envd ([`proxy`]).
 
+mod capsules;
 mod proxy;
 mod sandboxes;
 mod snapshots;
@@ -26,6 +27,10 @@ pub struct Api {
     pub key_hashes: Vec<String>,
     /// Timeout of a sandbox created without one.
     pub default_timeout_s: u64,
+    /// The SDK's defaults: template and template aliases.
+    pub capsules: crate::config::CapsulesConfig,
+    /// The port proxy's domain: `{port}-{id}.{domain}`.
+    pub proxy_domain: String,
 }
 
 impl Api {
@@ -39,7 +44,7 @@ impl Api {
             .or_else(|| ex.header("X-API-Key"))
             .ok_or_else(|| {
                 ApiError::unauthorized(
-                    "this node needs an API key: send it as `Authorization: Bearer KEY`",
+                    "this node needs an API key: send it as `X-API-Key: KEY` or `Authorization: Bearer KEY`",
                 )
             })?;
         let hash = hex::encode(Sha256::digest(key.trim().as_bytes()));
@@ -60,37 +65,84 @@ impl Api {
         let path = ex.path().to_owned();
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let method = ex.method().clone();
-        match (segments.as_slice(), &method) {
-            (["v1", "health"], Method::Get) => Ok(Reply::Json(200, json!({"status": "ok"}))),
-            (["v1", "node"], Method::Get) => self.node(),
-            (["v1", "templates"], Method::Get) => self.templates(),
-            (["v1", "sandboxes"], Method::Post) => sandboxes::create(self, ex),
-            (["v1", "sandboxes"], Method::Get) => sandboxes::list(self, ex),
-            (["v1", "sandboxes", id], Method::Get) => sandboxes::get(self, id),
-            (["v1", "sandboxes", id], Method::Delete) => sandboxes::destroy(self, id),
-            (["v1", "sandboxes", id, "timeout"], Method::Post) => {
-                sandboxes::set_timeout(self, ex, id)
+        match segments.as_slice() {
+            ["v1", "sandboxes", rest @ ..] => self.sandbox_route(ex, Wire::Ours, rest, &path),
+            ["v1", "capsules", rest @ ..] => self.sandbox_route(ex, Wire::Sdk, rest, &path),
+            ["v1", "health"] if method == Method::Get => {
+                Ok(Reply::Json(200, json!({"status": "ok"})))
             }
-            (["v1", "sandboxes", id, "logs"], Method::Get) => sandboxes::logs(self, ex, id),
-            (["v1", "sandboxes", id, "pause"], Method::Post) => sandboxes::pause(self, id),
-            (["v1", "sandboxes", id, "resume"], Method::Post) => sandboxes::resume(self, id),
-            (["v1", "sandboxes", id, "exec"], Method::Post) => sandboxes::exec(self, ex, id),
-            (["v1", "sandboxes", id, "processes" | "files" | "fs", ..], _) => {
-                proxy::forward(self, ex, id)
-            }
-            (["v1", "snapshots"], Method::Post) => snapshots::create(self, ex),
-            (["v1", "snapshots"], Method::Get) => snapshots::list(self),
-            (["v1", "snapshots", name], Method::Get) => snapshots::get(self, name),
-            (["v1", "snapshots", name], Method::Delete) => snapshots::delete(self, name),
-            (["v1", "health" | "node" | "templates" | "sandboxes" | "snapshots"], _)
-            | (["v1", "snapshots", _], _)
-            | (["v1", "sandboxes", _], _)
-            | (["v1", "sandboxes", _, "timeout" | "logs" | "exec"], _) => Err(
+            ["v1", "node"] if method == Method::Get => self.node(),
+            ["v1", "templates"] if method == Method::Get => self.templates(),
+            ["v1", "snapshots"] if method == Method::Post => snapshots::create(self, ex),
+            ["v1", "snapshots"] if method == Method::Get => snapshots::list(self, ex),
+            ["v1", "snapshots", name] if method == Method::Get => snapshots::get(self, name),
+            ["v1", "snapshots", name] if method == Method::Delete => snapshots::delete(self, name),
+            ["v1", "health" | "node" | "templates" | "snapshots"] | ["v1", "snapshots", _] => Err(
                 ApiError::method_not_allowed(method.as_str(), &path, allowed(&segments)),
             ),
-            _ => Err(ApiError::not_found(format!(
-                "no endpoint at {path}: see docs/api.md for the API"
-            ))),
+            _ => Err(not_found(&path)),
+        }
+    }
+
+    /// The one routing table of sandbox operations, for both wires: the
+    /// same `Manager` call answers `/v1/sandboxes/...` and
+    /// `/v1/capsules/...`; only the shapes differ. `rest` is the path after
+    /// the prefix.
+    fn sandbox_route(
+        &self,
+        ex: &mut Exchange,
+        wire: Wire,
+        rest: &[&str],
+        path: &str,
+    ) -> Result<Reply, ApiError> {
+        use Method::{Delete, Get, Post};
+        use Wire::{Ours, Sdk};
+        let method = ex.method().clone();
+        match (rest, &method, wire) {
+            ([], Post, _) => sandboxes::create(self, ex, wire),
+            ([], Get, _) => sandboxes::list(self, ex, wire),
+            ([id], Get, _) => sandboxes::get(self, id, wire),
+            ([id], Delete, _) => sandboxes::destroy(self, id),
+            ([id, "pause"], Post, _) => sandboxes::pause(self, id, wire),
+            ([id, "resume"], Post, _) => sandboxes::resume(self, id, wire),
+            ([id, "exec"], Post, Ours) => sandboxes::exec(self, ex, id),
+            ([id, "exec"], Post, Sdk) => capsules::exec(self, ex, id),
+            ([id, "timeout"], Post, Ours) => sandboxes::set_timeout(self, ex, id),
+            ([id, "logs"], Get, Ours) => sandboxes::logs(self, ex, id),
+            ([id, "processes" | "files" | "fs", ..], _, Ours) => proxy::forward(self, ex, id),
+            ([id, "ping"], Post, Sdk) => capsules::ping(self, id),
+            ([id, "processes"], Get, Sdk) => capsules::processes(self, id),
+            ([id, "processes", pid], Delete, Sdk) => capsules::kill(self, ex, id, pid),
+            ([id, "files", op @ ..], Post, Sdk) if !op.is_empty() => {
+                capsules::files(self, ex, id, op)
+            }
+            ([], _, _) => Err(ApiError::method_not_allowed(
+                method.as_str(),
+                path,
+                "GET, POST",
+            )),
+            ([_], _, _) => Err(ApiError::method_not_allowed(
+                method.as_str(),
+                path,
+                "GET, DELETE",
+            )),
+            ([_, "pause" | "resume" | "exec"], _, _)
+            | ([_, "timeout"], _, Ours)
+            | ([_, "ping"], _, Sdk) => {
+                Err(ApiError::method_not_allowed(method.as_str(), path, "POST"))
+            }
+            ([_, "logs"], _, Ours) | ([_, "processes"], _, Sdk) => {
+                Err(ApiError::method_not_allowed(method.as_str(), path, "GET"))
+            }
+            ([_, "processes", _], _, Sdk) => Err(ApiError::method_not_allowed(
+                method.as_str(),
+                path,
+                "DELETE",
+            )),
+            ([_, "files", _, ..], _, Sdk) => {
+                Err(ApiError::method_not_allowed(method.as_str(), path, "POST"))
+            }
+            _ => Err(not_found(path)),
         }
     }
 
@@ -150,7 +202,7 @@ impl Api {
             .templates()
             .list()
             .into_iter()
-            .map(|name| json!({"name": name.as_str(), "type": "base"}))
+            .map(|name| snapshots::base_json(name.as_str()))
             .collect();
         templates.extend(
             self.manager
@@ -165,13 +217,41 @@ impl Api {
 
 fn allowed(segments: &[&str]) -> &'static str {
     match segments {
-        ["v1", "sandboxes"] | ["v1", "snapshots"] => "GET, POST",
+        ["v1", "snapshots"] => "GET, POST",
         ["v1", "snapshots", _] => "GET, DELETE",
-        ["v1", "sandboxes", _] => "GET, DELETE",
-        ["v1", "sandboxes", _, "logs"] => "GET",
-        ["v1", "sandboxes", _, _] => "POST",
         _ => "GET",
     }
+}
+
+fn not_found(path: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no endpoint at {path}: see docs/api.md for the API"
+    ))
+}
+
+/// Which clients' shapes a sandbox route speaks: our `/v1/sandboxes` API
+/// (`docs/api.md`) or the `wrenn` SDK's `/v1/capsules` (`docs/sdk.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Ours,
+    Sdk,
+}
+
+impl Wire {
+    /// A sandbox in this wire's shape.
+    pub fn sandbox(self, record: &lmdb_schema::SandboxRecord) -> Value {
+        match self {
+            Wire::Ours => sandboxes::sandbox_json(record),
+            Wire::Sdk => capsules::capsule_json(record),
+        }
+    }
+}
+
+/// Paths whose clients are the SDK: its error codes are answered there.
+fn speaks_sdk(path: &str) -> bool {
+    path.starts_with("/v1/capsules")
+        || path.starts_with("/v1/snapshots")
+        || path.starts_with("/v1/events")
 }
 
 impl Handler for Api {
@@ -180,12 +260,18 @@ impl Handler for Api {
     fn is_long_running(&self, method: &Method, path: &str) -> bool {
         let segments = path.trim_end_matches('/').split('/').count();
         let path = path.trim_end_matches('/');
-        (path.starts_with("/v1/sandboxes/") && segments > 4)
-            || (*method == Method::Post && (path == "/v1/sandboxes" || path == "/v1/snapshots"))
+        let sandbox_call = path.starts_with("/v1/sandboxes/") || path.starts_with("/v1/capsules/");
+        (sandbox_call && segments > 4)
+            || path == "/v1/events/stream"
+            || (*method == Method::Post
+                && matches!(path, "/v1/sandboxes" | "/v1/capsules" | "/v1/snapshots"))
     }
 
     fn handle(&self, ex: &mut Exchange) -> Result<Reply, ApiError> {
-        self.authorize(ex)?;
-        self.route(ex)
+        let result = self.authorize(ex).and_then(|()| self.route(ex));
+        match speaks_sdk(ex.path()) {
+            true => result.map_err(capsules::present),
+            false => result,
+        }
     }
 }

@@ -70,7 +70,7 @@ fn header(request: &wrenn_http::Request, name: &str) -> Option<String> {
 }
 
 /// Copies status, content type, length and body.
-fn pass_response(request: wrenn_http::Request, response: ureq::Response) {
+pub fn pass_response(request: wrenn_http::Request, response: ureq::Response) {
     let status = StatusCode(response.status());
     let length = response
         .header("Content-Length")

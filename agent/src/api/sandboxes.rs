@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use wrenn_http::{ApiError, Exchange, Reply};
 
-use super::Api;
+use super::{Api, Wire};
 use crate::sandbox::{CreateRequest, SandboxError};
 
 /// Largest console log returned by `/logs`.
@@ -105,9 +105,18 @@ pub(super) fn parse_id(id: &str) -> Result<SandboxId, ApiError> {
     SandboxId::parse(id).map_err(|_| SandboxError::NotFound(id.to_owned()).into())
 }
 
-pub fn create(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {
+pub fn create(api: &Api, ex: &mut Exchange, wire: Wire) -> Result<Reply, ApiError> {
+    let request = match wire {
+        Wire::Ours => create_request(api, ex)?,
+        Wire::Sdk => super::capsules::create_request(api, ex)?,
+    };
+    let record = api.manager.create(request)?;
+    Ok(Reply::Json(201, wire.sandbox(&record)))
+}
+
+fn create_request(api: &Api, ex: &mut Exchange) -> Result<CreateRequest, ApiError> {
     let body: CreateBody = ex.json()?;
-    let record = api.manager.create(CreateRequest {
+    Ok(CreateRequest {
         template: body.template,
         vcpus: body.vcpus,
         memory_mb: body.memory_mb,
@@ -120,11 +129,10 @@ pub fn create(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {
             TimeoutActionBody::Kill => TimeoutAction::Kill,
             TimeoutActionBody::Pause => TimeoutAction::Pause,
         },
-    })?;
-    Ok(Reply::Json(201, sandbox_json(&record)))
+    })
 }
 
-pub fn list(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {
+pub fn list(api: &Api, ex: &mut Exchange, wire: Wire) -> Result<Reply, ApiError> {
     let status = ex.query().text("status")?.map(str::to_owned);
     let mut wanted_metadata = Vec::new();
     for key in ex.query().names() {
@@ -143,14 +151,22 @@ pub fn list(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {
                 .iter()
                 .all(|(k, v)| r.metadata.get(k) == Some(v))
         })
-        .map(sandbox_json)
+        // The SDK's list has no stopped capsules: it polls GET for those.
+        .filter(|r| wire == Wire::Ours || !r.status.is_terminal())
+        .map(|r| wire.sandbox(r))
         .collect();
-    Ok(Reply::Json(200, json!({ "sandboxes": sandboxes })))
+    Ok(Reply::Json(
+        200,
+        match wire {
+            Wire::Ours => json!({ "sandboxes": sandboxes }),
+            Wire::Sdk => Value::Array(sandboxes),
+        },
+    ))
 }
 
-pub fn get(api: &Api, id: &str) -> Result<Reply, ApiError> {
+pub fn get(api: &Api, id: &str, wire: Wire) -> Result<Reply, ApiError> {
     let record = api.manager.get(&parse_id(id)?)?;
-    Ok(Reply::Json(200, sandbox_json(&record)))
+    Ok(Reply::Json(200, wire.sandbox(&record)))
 }
 
 pub fn destroy(api: &Api, id: &str) -> Result<Reply, ApiError> {
@@ -158,14 +174,14 @@ pub fn destroy(api: &Api, id: &str) -> Result<Reply, ApiError> {
     Ok(Reply::NoContent)
 }
 
-pub fn pause(api: &Api, id: &str) -> Result<Reply, ApiError> {
+pub fn pause(api: &Api, id: &str, wire: Wire) -> Result<Reply, ApiError> {
     let record = api.manager.pause(&parse_id(id)?)?;
-    Ok(Reply::Json(200, sandbox_json(&record)))
+    Ok(Reply::Json(200, wire.sandbox(&record)))
 }
 
-pub fn resume(api: &Api, id: &str) -> Result<Reply, ApiError> {
+pub fn resume(api: &Api, id: &str, wire: Wire) -> Result<Reply, ApiError> {
     let record = api.manager.resume(&parse_id(id)?)?;
-    Ok(Reply::Json(200, sandbox_json(&record)))
+    Ok(Reply::Json(200, wire.sandbox(&record)))
 }
 
 pub fn set_timeout(api: &Api, ex: &mut Exchange, id: &str) -> Result<Reply, ApiError> {

@@ -32,6 +32,21 @@ pub fn snapshot_json(snapshot: &Snapshot) -> Value {
             UNIX_EPOCH + Duration::from_millis(record.created_at_ms)
         ),
         "used_by": snapshot.users.iter().map(SandboxId::as_str).collect::<Vec<_>>(),
+        "platform": false,
+        "protected": false,
+        "metadata": {},
+    })
+}
+
+/// A base image in the shape of a template: the node's own, so
+/// `platform` and `protected` (it cannot be deleted through the API).
+pub fn base_json(name: &str) -> Value {
+    json!({
+        "name": name,
+        "type": "base",
+        "platform": true,
+        "protected": true,
+        "metadata": {},
     })
 }
 
@@ -47,15 +62,29 @@ pub fn create(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {
     Ok(Reply::Json(201, snapshot_json(&snapshot)))
 }
 
-pub fn list(api: &Api) -> Result<Reply, ApiError> {
-    let snapshots: Vec<Value> = api
-        .manager
-        .snapshots()
-        .list()?
-        .iter()
-        .map(snapshot_json)
-        .collect();
-    Ok(Reply::Json(200, json!({ "snapshots": snapshots })))
+/// A bare array, as the SDK reads it: base images, then snapshots;
+/// `?type=base` or `?type=snapshot` keeps one kind.
+pub fn list(api: &Api, ex: &Exchange) -> Result<Reply, ApiError> {
+    let kind = ex.query().text("type")?;
+    let (bases, snapshots) = match kind {
+        None => (true, true),
+        Some("base") => (true, false),
+        Some("snapshot") => (false, true),
+        Some(other) => {
+            return Err(ApiError::invalid_argument(format!(
+                "type is {other:?}: use type=base or type=snapshot, or leave it out for both"
+            )))
+        }
+    };
+    let mut listed: Vec<Value> = Vec::new();
+    if bases {
+        let names = api.manager.node().templates().list();
+        listed.extend(names.iter().map(|name| base_json(name.as_str())));
+    }
+    if snapshots {
+        listed.extend(api.manager.snapshots().list()?.iter().map(snapshot_json));
+    }
+    Ok(Reply::Json(200, Value::Array(listed)))
 }
 
 pub fn get(api: &Api, name: &str) -> Result<Reply, ApiError> {

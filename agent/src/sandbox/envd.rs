@@ -36,6 +36,11 @@ impl EnvdClient {
         }
     }
 
+    /// The typed envd client, for the calls this wrapper does not name.
+    pub fn api(&self) -> &Client {
+        &self.client
+    }
+
     /// Whether envd answers `/health` now.
     pub fn healthy(&self) -> bool {
         self.client.healthy()
