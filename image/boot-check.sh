@@ -7,7 +7,9 @@
 #
 # Prints the seconds from QEMU's start to the first answer of
 # http://169.254.0.21:8888/api/kernelspecs; the console log is kept in the
-# temporary folder it names. Exit status 0 when `wrenn` is listed.
+# temporary folder it names. Exit status 0 when `wrenn` is listed (and, with
+# WRENN_START_KERNEL=1, when a `wrenn` kernel started through the REST API
+# reaches execution_state "idle").
 set -euo pipefail
 
 dir=${1:-/var/lib/wrenn/images/code-runner-beta}
@@ -17,6 +19,8 @@ guest=169.254.0.21
 ns="wrenn-bootcheck-$$"
 work=$(mktemp -d /tmp/wrenn-bootcheck.XXXXXX)
 qemu_pid=""
+
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 
 cleanup() {
     [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null && wait "$qemu_pid" 2>/dev/null
@@ -68,3 +72,18 @@ grep -E 'envd started|service started|services found' "$work/console.log" || tru
 echo "$body"
 echo "$body" | grep -q '"wrenn"' || { echo "boot-check: kernelspec wrenn not listed" >&2; exit 1; }
 echo "boot-check: kernelspec wrenn listed"
+
+if [ "${WRENN_START_KERNEL:-0}" = 1 ]; then
+    kstart=$(date +%s.%N)
+    id=$(ip netns exec "$ns" curl -fsS -X POST -H 'Content-Type: application/json' \
+        -d '{"name": "wrenn"}' "http://$guest:8888/api/kernels" | sed -n 's/.*"id": "\([^"]*\)".*/\1/p')
+    [ -n "$id" ] || { echo "boot-check: POST /api/kernels failed" >&2; exit 1; }
+    for _ in $(seq 1 240); do
+        state=$(ip netns exec "$ns" curl -fsS "http://$guest:8888/api/kernels/$id" \
+            | sed -n 's/.*"execution_state": "\([^"]*\)".*/\1/p')
+        [ "$state" = idle ] && break
+        sleep 0.5
+    done
+    [ "$state" = idle ] || { echo "boot-check: kernel $id is '$state', not idle" >&2; exit 1; }
+    echo "boot-check: kernel wrenn $id idle $(elapsed "$kstart")s after POST /api/kernels"
+fi

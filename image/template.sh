@@ -51,9 +51,13 @@ for f in vmlinuz vmlinux initramfs.cpio.gz; do
     key=$kernel_key
     [ "$f" = initramfs.cpio.gz ] && key=$initramfs_key
     if stamp_ok "$f" "$key" && [ "$out/$f" -ef "$base_dir/$f" ]; then continue; fi
-    rm -f "$out/$f.tmp"
-    ln "$base_dir/$f" "$out/$f.tmp" 2>/dev/null || cp "$base_dir/$f" "$out/$f.tmp"
-    commit_file "$out/$f.tmp" "$out/$f"
+    # Already a link to base's file: only the stamp was stale (mv refuses
+    # to rename a file onto another name of itself).
+    if ! [ "$out/$f" -ef "$base_dir/$f" ]; then
+        rm -f "$out/$f.tmp"
+        ln "$base_dir/$f" "$out/$f.tmp" 2>/dev/null || cp "$base_dir/$f" "$out/$f.tmp"
+        commit_file "$out/$f.tmp" "$out/$f"
+    fi
     stamp_set "$f" "$key"
 done
 step_done "linked"
@@ -81,52 +85,55 @@ else
     step_done "$(find "$wheels" -name '*.whl' | wc -l) wheels, $(du -sh "$wheels" | cut -f1)"
 fi
 
-step "root file system tree: base + $venv"
-staging=$(mktemp -d "$cache/$template.XXXXXX")
-trap 'rm -rf "$staging"' EXIT
-root="$staging/root"
-cp -a --reflink=auto "$cache/rootfs-$SUITE" "$root"
-customize_tree "$root"
-mkdir -p "$root/tmp/wrenn-wheels"
-cp "$wheels"/*.whl "$requirements" "$constraints" "$root/tmp/wrenn-wheels/"
-in_guest() {
-    chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        HOME=/root LANG=C.UTF-8 "$@"
-}
-# The guest's python3 (no python3-venv package, so no ensurepip): the venv
-# starts without pip, the guest's pip fills it (pip itself included).
-in_guest /usr/bin/python3 -m venv --without-pip "$venv"
-in_guest /usr/bin/python3 -m pip --isolated --disable-pip-version-check --python "$venv/bin/python" \
-    install -q --no-index --find-links /tmp/wrenn-wheels \
-    -r /tmp/wrenn-wheels/requirements.txt -c /tmp/wrenn-wheels/constraints.txt \
-    || die "pip install into $venv failed"
-in_guest "$venv/bin/python" -m ipykernel install --sys-prefix --name wrenn \
-    --display-name "Python 3 (wrenn)" >/dev/null
-rm -rf "$root/tmp/wrenn-wheels" "$root/root/.cache"
-server_version=$(in_guest "$venv/bin/jupyter" server --version) \
-    || die "jupyter server --version failed in the new tree"
-in_guest "$venv/bin/jupyter" kernelspec list | grep -qw wrenn \
-    || die "kernelspec 'wrenn' is not listed by jupyter kernelspec list"
-ipykernel_version=$(in_guest "$venv/bin/python" -c 'import ipykernel; print(ipykernel.__version__)')
-mkdir -p "$root/etc/wrenn/services" "$root/var/log/wrenn"
-for f in "${services[@]}"; do install -m 0644 "$f" "$root/etc/wrenn/services/"; done
-"$init_bin" check-services "$root/etc/wrenn/services" >/dev/null \
-    || die "wrenn-init rejects a service file of $inputs"
-step_done "jupyter-server $server_version, ipykernel $ipykernel_version, $(du -sh "$root$venv" | cut -f1) venv"
-
-step "assembling rootfs.ext4 ($rootfs_size, sparse)"
 if stamp_ok rootfs.ext4 "$template_key"; then
-    step_done "up to date"
+    # Only the kernel or initramfs links changed: keep the versions on record.
+    server_version=$(sed -n 's/.*"jupyter_server": "\([^"]*\)".*/\1/p' "$out/manifest.json" 2>/dev/null)
+    ipykernel_version=$(sed -n 's/.*"ipykernel": "\([^"]*\)".*/\1/p' "$out/manifest.json" 2>/dev/null)
+    echo "    rootfs.ext4 up to date"
 else
+    step "root file system tree: base + $venv"
+    staging=$(mktemp -d "$cache/$template.XXXXXX")
+    trap 'rm -rf "$staging"' EXIT
+    root="$staging/root"
+    cp -a --reflink=auto "$cache/rootfs-$SUITE" "$root"
+    customize_tree "$root"
+    mkdir -p "$root/tmp/wrenn-wheels"
+    cp "$wheels"/*.whl "$requirements" "$constraints" "$root/tmp/wrenn-wheels/"
+    in_guest() {
+        chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+            HOME=/root LANG=C.UTF-8 "$@"
+    }
+    # The guest's python3 (no python3-venv package, so no ensurepip): the venv
+    # starts without pip, the guest's pip fills it (pip itself included).
+    in_guest /usr/bin/python3 -m venv --without-pip "$venv"
+    in_guest /usr/bin/python3 -m pip --isolated --disable-pip-version-check --python "$venv/bin/python" \
+        install -q --no-index --find-links /tmp/wrenn-wheels \
+        -r /tmp/wrenn-wheels/requirements.txt -c /tmp/wrenn-wheels/constraints.txt \
+        || die "pip install into $venv failed"
+    in_guest "$venv/bin/python" -m ipykernel install --sys-prefix --name wrenn \
+        --display-name "Python 3 (wrenn)" >/dev/null
+    rm -rf "$root/tmp/wrenn-wheels" "$root/root/.cache"
+    server_version=$(in_guest "$venv/bin/jupyter" server --version) \
+        || die "jupyter server --version failed in the new tree"
+    in_guest "$venv/bin/jupyter" kernelspec list | grep -qw wrenn \
+        || die "kernelspec 'wrenn' is not listed by jupyter kernelspec list"
+    ipykernel_version=$(in_guest "$venv/bin/python" -c 'import ipykernel; print(ipykernel.__version__)')
+    mkdir -p "$root/etc/wrenn/services" "$root/var/log/wrenn"
+    for f in "${services[@]}"; do install -m 0644 "$f" "$root/etc/wrenn/services/"; done
+    "$init_bin" check-services "$root/etc/wrenn/services" >/dev/null \
+        || die "wrenn-init rejects a service file of $inputs"
+    step_done "jupyter-server $server_version, ipykernel $ipykernel_version, $(du -sh "$root$venv" | cut -f1) venv"
+
+    step "assembling rootfs.ext4 ($rootfs_size, sparse)"
     rm -f "$out/rootfs.ext4.tmp"
     mkfs.ext4 -q -F -L wrenn-root -E root_owner=0:0 -d "$root" "$out/rootfs.ext4.tmp" "$rootfs_size" \
         || die "mkfs.ext4 failed: is WRENN_ROOTFS_SIZE ($rootfs_size) big enough for $(du -sh "$root" | cut -f1)?"
     commit_file "$out/rootfs.ext4.tmp" "$out/rootfs.ext4"
     stamp_set rootfs.ext4 "$template_key"
     step_done "$(du -h "$out/rootfs.ext4" | cut -f1) used of $rootfs_size"
+    rm -rf "$staging"
+    trap - EXIT
 fi
-rm -rf "$staging"
-trap - EXIT
 
 step "manifest.json"
 service_names=$(for f in "${services[@]}"; do printf '"%s",' "$(basename "$f" .service)"; done)
