@@ -3,12 +3,15 @@
 #   make run     start a node, create a sandbox, run Python in it (the main job)
 #   make test    install what is missing, build, make the image, run every test
 #   make bench   sandbox lifecycle timings, written to target/bench/*.md
-#   make image   build the base guest image into $(IMAGE_DIR)
+#   make image   build the base guest image into $(IMAGE_DIR), and the
+#                templates of $(TEMPLATES) into sibling folders
 #   make lint    rustfmt and clippy, warnings are errors
 
 CARGO ?= cargo
 IMAGE_DIR ?= /var/lib/wrenn/images/base
 IMAGE_CACHE ?= /var/lib/wrenn/cache/image
+# Templates built on top of base, each into $(dir $(IMAGE_DIR))NAME (docs/image.md).
+TEMPLATES ?= code-runner-beta
 HOST_TARGET := x86_64-unknown-linux-gnu
 ENVD_BIN := target/release/envd
 # wrenn-init is PID 1 in the initramfs, where there is no libc: link it statically.
@@ -32,6 +35,9 @@ build: deps
 
 image: build
 	image/build-guest.sh --envd $(ENVD_BIN) --init $(INIT_BIN)
+	set -e; for t in $(TEMPLATES); do \
+		image/build-guest.sh --envd $(ENVD_BIN) --init $(INIT_BIN) --template $$t; \
+	done
 
 test: image
 	WRENN_E2E=1 $(CARGO) test --release --workspace

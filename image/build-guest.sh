@@ -7,10 +7,17 @@
 #   rootfs.ext4        debootstrap bookworm minbase + python3, pip, git, curl, envd, wrenn-init
 #   manifest.json      versions, sizes and sha256 of the files above
 #
-# Usage: image/build-guest.sh --envd PATH --init PATH [--out DIR] [--cache DIR]
+# or, with --template code-runner-beta, a template built on top of it (see
+# docs/image.md): the base kernel and initramfs (hard links), and the base
+# rootfs plus a Jupyter Server venv in /opt/wrenn/jupyter (pins in
+# image/code-runner/) that wrenn-init starts at boot. Build base first.
+#
+# Usage: image/build-guest.sh --envd PATH --init PATH [--template NAME]
+#                             [--out DIR] [--base DIR] [--cache DIR]
 #
 # Environment (flags win):
-#   WRENN_IMAGE_DIR      output folder             [/var/lib/wrenn/images/base]
+#   WRENN_IMAGE_DIR      base image folder         [/var/lib/wrenn/images/base]
+#                        (a template goes to its sibling folder NAME)
 #   WRENN_IMAGE_CACHE    downloads and debootstrap [/var/lib/wrenn/cache/image]
 #   WRENN_DEBIAN_MIRROR  Debian mirror URL         [the bookworm URI from apt's sources]
 #   WRENN_ROOTFS_SIZE    size of rootfs.ext4       [2G]; the file is sparse
@@ -28,15 +35,21 @@ INITRAMFS_MODULES=(virtio_mmio virtio_blk virtio_net)
 ROOTFS_PACKAGES=python3,python3-pip,ca-certificates,curl,git,procps,iproute2
 # Bump when this script changes what it produces for the same inputs.
 RECIPE_VERSION=1
+# Templates built on top of base, and the folder of image/ holding their inputs.
+declare -A TEMPLATE_INPUTS=([code-runner-beta]=code-runner)
+here=$(cd "$(dirname "$0")" && pwd)
 
 out=${WRENN_IMAGE_DIR:-/var/lib/wrenn/images/base}
 cache=${WRENN_IMAGE_CACHE:-/var/lib/wrenn/cache/image}
 rootfs_size=${WRENN_ROOTFS_SIZE:-2G}
 envd_bin=""
 init_bin=""
+template=base
+out_flag=""
+base_dir=""
 
 usage() {
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -44,7 +57,9 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --envd) envd_bin=$2; shift 2 ;;
         --init) init_bin=$2; shift 2 ;;
-        --out) out=$2; shift 2 ;;
+        --out) out_flag=$2; shift 2 ;;
+        --template) template=$2; shift 2 ;;
+        --base) base_dir=$2; shift 2 ;;
         --cache) cache=$2; shift 2 ;;
         -h|--help) usage ;;
         *) echo "build-guest: unknown argument '$1'" >&2; usage ;;
@@ -52,6 +67,17 @@ while [ $# -gt 0 ]; do
 done
 
 die() { echo "build-guest: error: $*" >&2; exit 1; }
+
+# base: --out or WRENN_IMAGE_DIR. A template: --out, or the sibling of the
+# base folder (--base or WRENN_IMAGE_DIR) named after it.
+if [ "$template" = base ]; then
+    out=${out_flag:-$out}
+else
+    [ -n "${TEMPLATE_INPUTS[$template]:-}" ] \
+        || die "unknown template '$template' (known: base ${!TEMPLATE_INPUTS[*]})"
+    base_dir=${base_dir:-$out}
+    out=${out_flag:-$(dirname "$base_dir")/$template}
+fi
 
 [ -n "$envd_bin" ] && [ -x "$envd_bin" ] || die "--envd must name the built envd binary (run 'make build')"
 [ -n "$init_bin" ] && [ -x "$init_bin" ] || die "--init must name the static wrenn-init binary (run 'make build')"
@@ -138,6 +164,46 @@ output_sha() {
 }
 stamp_ok() { [ -f "$out/$1" ] && [ "$(cat "$out/.$1.inputs" 2>/dev/null)" = "$2" ]; }
 stamp_set() { echo "$2" | write_atomic "$out/.$1.inputs"; }
+
+# What base adds to the debootstrap tree $1 (also run on a template's copy).
+customize_tree() {
+    local root=$1
+    install -m 0755 "$envd_bin" "$root/usr/local/bin/envd"
+    install -m 0755 "$init_bin" "$root/usr/sbin/wrenn-init"
+    # An unprivileged user for code that should not run as root.
+    chroot "$root" sh -c 'id -u user >/dev/null 2>&1 || useradd --create-home --shell /bin/bash --uid 1000 user'
+    # A sandbox is the user's own machine: let pip install into the system Python.
+    printf '[global]\nbreak-system-packages = true\n' >"$root/etc/pip.conf"
+    echo wrenn >"$root/etc/hostname"
+    : >"$root/etc/fstab"
+}
+
+# manifest.json of $out; $1 is the image's name, $2 extra JSON members.
+write_manifest() {
+    cat <<EOF | write_atomic "$out/manifest.json"
+{
+  "name": "$1",
+  "suite": "$SUITE",
+  "kernel": {"package": "$kernel_pkg", "version": "$kernel_ver", "release": "$kver"},
+  "files": {
+    "vmlinuz": {"size": $(stat -c %s "$out/vmlinuz"), "sha256": "$(output_sha vmlinuz)"},
+    "vmlinux": {"size": $(stat -c %s "$out/vmlinux"), "sha256": "$(output_sha vmlinux)"},
+    "initramfs.cpio.gz": {"size": $(stat -c %s "$out/initramfs.cpio.gz"), "sha256": "$(output_sha initramfs.cpio.gz)"},
+    "rootfs.ext4": {"size": $(stat -c %s "$out/rootfs.ext4"), "sha256": "$(output_sha rootfs.ext4)"}
+  },
+  "envd_sha256": "$envd_sha",
+  "wrenn_init_sha256": "$init_sha",
+  "packages": "$ROOTFS_PACKAGES"$2
+}
+EOF
+}
+
+if [ "$template" != base ]; then
+    # Template steps, sharing this script's inputs and helpers.
+    # shellcheck source=image/template.sh
+    . "$here/template.sh"
+    exit 0
+fi
 
 if stamp_ok vmlinuz "$kernel_key" && stamp_ok vmlinux "$kernel_key" \
     && stamp_ok initramfs.cpio.gz "$initramfs_key" \
@@ -273,14 +339,7 @@ step "assembling rootfs.ext4 ($rootfs_size, sparse)"
 if stamp_ok rootfs.ext4 "$rootfs_key"; then
     step_done "up to date"
 else
-    install -m 0755 "$envd_bin" "$base/usr/local/bin/envd"
-    install -m 0755 "$init_bin" "$base/usr/sbin/wrenn-init"
-    # An unprivileged user for code that should not run as root.
-    chroot "$base" sh -c 'id -u user >/dev/null 2>&1 || useradd --create-home --shell /bin/bash --uid 1000 user'
-    # A sandbox is the user's own machine: let pip install into the system Python.
-    printf '[global]\nbreak-system-packages = true\n' >"$base/etc/pip.conf"
-    echo wrenn >"$base/etc/hostname"
-    : >"$base/etc/fstab"
+    customize_tree "$base"
     rm -f "$out/rootfs.ext4.tmp"
     mkfs.ext4 -q -F -L wrenn-root -E root_owner=0:0 -d "$base" "$out/rootfs.ext4.tmp" "$rootfs_size" \
         || die "mkfs.ext4 failed: is WRENN_ROOTFS_SIZE ($rootfs_size) big enough for $(du -sh "$base" | cut -f1)?"
@@ -290,21 +349,6 @@ else
 fi
 
 step "manifest.json"
-cat <<EOF | write_atomic "$out/manifest.json"
-{
-  "name": "base",
-  "suite": "$SUITE",
-  "kernel": {"package": "$kernel_pkg", "version": "$kernel_ver", "release": "$kver"},
-  "files": {
-    "vmlinuz": {"size": $(stat -c %s "$out/vmlinuz"), "sha256": "$(output_sha vmlinuz)"},
-    "vmlinux": {"size": $(stat -c %s "$out/vmlinux"), "sha256": "$(output_sha vmlinux)"},
-    "initramfs.cpio.gz": {"size": $(stat -c %s "$out/initramfs.cpio.gz"), "sha256": "$(output_sha initramfs.cpio.gz)"},
-    "rootfs.ext4": {"size": $(stat -c %s "$out/rootfs.ext4"), "sha256": "$(output_sha rootfs.ext4)"}
-  },
-  "envd_sha256": "$envd_sha",
-  "wrenn_init_sha256": "$init_sha",
-  "packages": "$ROOTFS_PACKAGES"
-}
-EOF
+write_manifest base ""
 step_done
 echo "==> guest image ready in $out ($(elapsed "$total_start")s)"

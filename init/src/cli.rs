@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use crate::cmdline;
 use crate::etc;
 use crate::modules;
+use crate::services;
 
 pub const USAGE: &str = "\
 wrenn-init: PID 1 of a Wrenn sandbox VM.
@@ -28,6 +29,9 @@ side-effect-free subcommands are available:
   wrenn-init render-etc [\"<kernel command line>\"]
       Print the /etc/hostname, /etc/hosts (as created from scratch) and
       /etc/resolv.conf that boot would write for that command line.
+  wrenn-init check-services [<dir>]
+      Parse every *.service file of <dir> (default: /etc/wrenn/services) the
+      way boot does and print each service; exit 1 if any file is rejected.
   wrenn-init help | version
 
 Exit status: 0 on success, 1 if a subcommand failed, 2 on a usage error.
@@ -49,6 +53,8 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
         ["parse-cmdline", text] => with_cmdline(Some(text), parse_cmdline),
         ["render-etc"] => with_cmdline(None, render_etc),
         ["render-etc", text] => with_cmdline(Some(text), render_etc),
+        ["check-services"] => check_services(Path::new(services::SERVICES_DIR)),
+        ["check-services", dir] => check_services(Path::new(dir)),
         ["help" | "--help" | "-h"] => {
             print!("{USAGE}");
             ExitCode::SUCCESS
@@ -118,4 +124,29 @@ fn render_etc(config: &cmdline::Config) -> ExitCode {
         etc::render_resolv_conf(&config.dns)
     );
     ExitCode::SUCCESS
+}
+
+fn check_services(dir: &Path) -> ExitCode {
+    let loaded = services::load_dir(dir);
+    for spec in &loaded.services {
+        println!(
+            "{}: exec={:?} user={} cwd={} env={:?} restart={}",
+            spec.name,
+            spec.exec,
+            spec.user.as_deref().unwrap_or("root"),
+            spec.cwd
+                .as_ref()
+                .map_or("(home)".to_string(), |c| c.display().to_string()),
+            spec.env,
+            spec.restart
+        );
+    }
+    for (path, reason) in &loaded.rejected {
+        eprintln!("wrenn-init: {}: {reason}", path.display());
+    }
+    if loaded.rejected.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

@@ -17,6 +17,7 @@ use crate::log::{error, info, warning};
 use crate::modules::{self, ModulesError};
 use crate::mounts::{self, MountError};
 use crate::net::{self, NetConfig};
+use crate::services::{self, Services};
 use crate::supervise::{self, EnvdSpec};
 use crate::switch_root::{self, SwitchRootError};
 
@@ -97,15 +98,20 @@ fn load_modules() -> Result<(), GuestError> {
     Ok(())
 }
 
-/// Real root: kernel file systems, identity, network, then envd forever.
+/// Real root: kernel file systems, identity, network, then envd and the
+/// image's services (/etc/wrenn/services) forever.
 fn stage2(config: &Config) -> ! {
     mounts::mount_late();
     crate::etc::configure(config, Path::new("/etc"));
     configure_network(config);
-    supervise::run(EnvdSpec {
-        path: PathBuf::from(&config.envd),
-        args: config.envd_args.clone(),
-    })
+    let services = Services::load(Path::new(services::SERVICES_DIR));
+    supervise::run(
+        EnvdSpec {
+            path: PathBuf::from(&config.envd),
+            args: config.envd_args.clone(),
+        },
+        services,
+    )
 }
 
 fn configure_network(config: &Config) {

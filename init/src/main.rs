@@ -15,6 +15,7 @@ mod log;
 mod modules;
 mod mounts;
 mod net;
+mod services;
 mod supervise;
 mod switch_root;
 

@@ -5,7 +5,9 @@
 //! thread or child exists) and read from a signalfd in one poll loop, so no
 //! code runs in signal-handler context. Zombies are reaped with
 //! `waitpid(-1, WNOHANG)` after every wakeup; when the reaped pid is envd's, a
-//! restart is scheduled with exponential back-off.
+//! restart is scheduled with exponential back-off. The image's extra
+//! services (see `services`) are started right after envd and supervised
+//! the same way.
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -23,6 +25,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{sync, Pid};
 
 use crate::log::{debug, error, info, warning};
+use crate::services::Services;
 
 /// Signals that make PID 1 power the VM off. SIGINT is what the kernel sends
 /// for ctrl-alt-del once `reboot(RB_DISABLE_CAD)` has been called.
@@ -69,24 +72,36 @@ pub struct EnvdSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     next: Duration,
+    initial: Duration,
+    max: Duration,
+    reset_after: Duration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            next: BACKOFF_INITIAL,
-        }
+        Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX, BACKOFF_RESET_AFTER)
     }
 }
 
 impl Backoff {
+    /// Delays from `initial` doubling to `max`, back to `initial` after a run
+    /// of `reset_after` or longer.
+    pub fn new(initial: Duration, max: Duration, reset_after: Duration) -> Self {
+        Backoff {
+            next: initial,
+            initial,
+            max,
+            reset_after,
+        }
+    }
+
     /// The delay before the next start, given how long the last run lasted.
     pub fn delay_after(&mut self, ran: Duration) -> Duration {
-        if ran >= BACKOFF_RESET_AFTER {
-            self.next = BACKOFF_INITIAL;
+        if ran >= self.reset_after {
+            self.next = self.initial;
         }
         let delay = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
+        self.next = (self.next * 2).min(self.max);
         delay
     }
 }
@@ -234,8 +249,9 @@ enum Request {
     PowerOff(Signal),
 }
 
-/// Runs envd under supervision until a power-off signal, then powers off.
-pub fn run(spec: EnvdSpec) -> ! {
+/// Runs envd, then the image's services, under supervision until a
+/// power-off signal, then powers off.
+pub fn run(spec: EnvdSpec, mut services: Services) -> ! {
     let signals = match SignalFd::with_flags(
         &handled_signals(),
         SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
@@ -250,12 +266,23 @@ pub fn run(spec: EnvdSpec) -> ! {
     loop {
         // Signals that arrived during boot are handled before envd first starts.
         let request = drain_signals(&signals);
-        let _ = reap(|pid, status| supervisor.on_exit(pid, status));
+        let _ = reap(|pid, status| {
+            if !services.on_exit(pid, status) {
+                supervisor.on_exit(pid, status);
+            }
+        });
         if let Request::PowerOff(signal) = request {
             shutdown(signal);
         }
+        // envd first: services start in the same pass, right after it.
         supervisor.start_if_due(Instant::now());
-        wait_readable(&signals, supervisor.next_wakeup(Instant::now()));
+        services.start_due(Instant::now());
+        let now = Instant::now();
+        let wakeup = match (supervisor.next_wakeup(now), services.next_wakeup(now)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        wait_readable(&signals, wakeup);
     }
 }
 
