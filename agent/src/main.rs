@@ -139,6 +139,7 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
         manager.node().resume_marked();
     }
     start_reaper(Arc::clone(&manager));
+    start_sampler(Arc::clone(&manager));
     start_shutdown_watch(
         Arc::clone(&manager),
         shutdown_signals,
@@ -222,6 +223,18 @@ fn start_shutdown_watch(manager: Arc<Manager>, signals: SigSet, pause: bool) {
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot watch for shutdown signals");
     }
+}
+
+/// Measures the running sandboxes for `/v1/capsules/{id}/metrics`.
+fn start_sampler(manager: Arc<Manager>) {
+    std::thread::Builder::new()
+        .name("sampler".into())
+        .spawn(move || loop {
+            std::thread::sleep(wrenn_agent::sandbox::metrics::INTERVAL);
+            manager.sample_running();
+        })
+        .map(drop)
+        .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the metrics sampler"));
 }
 
 /// Destroys sandboxes whose timeout passed, once a second.

@@ -32,6 +32,12 @@ pub struct NdjsonStream {
 impl NdjsonStream {
     /// Sends the 200 status line and headers for `request` and flushes them.
     pub fn open(request: Request) -> io::Result<Self> {
+        Self::open_as(request, "application/x-ndjson")
+    }
+
+    /// The same for another streamed type, such as `text/event-stream`
+    /// (whose events the caller frames and sends with [`Self::send_raw`]).
+    pub fn open_as(request: Request, content_type: &str) -> io::Result<Self> {
         let chunked = *request.http_version() >= HTTPVersion(1, 1);
         let mut out = request.into_writer();
         let head = if chunked {
@@ -40,11 +46,12 @@ impl NdjsonStream {
             "HTTP/1.0 200 OK\r\n"
         };
         out.write_all(head.as_bytes())?;
-        out.write_all(
-            b"Content-Type: application/x-ndjson\r\n\
-              Cache-Control: no-store\r\n\
-              X-Accel-Buffering: no\r\n\
-              Connection: close\r\n\r\n",
+        write!(
+            out,
+            "Content-Type: {content_type}\r\n\
+             Cache-Control: no-store\r\n\
+             X-Accel-Buffering: no\r\n\
+             Connection: close\r\n\r\n"
         )?;
         out.flush()?;
         Ok(Self {
@@ -69,6 +76,12 @@ impl NdjsonStream {
     /// Sends one event right away.
     pub fn send<T: Serialize>(&mut self, event: &T) -> io::Result<()> {
         self.queue(event)?;
+        self.flush()
+    }
+
+    /// Sends `data` as it is, right away.
+    pub fn send_raw(&mut self, data: &[u8]) -> io::Result<()> {
+        self.pending.extend_from_slice(data);
         self.flush()
     }
 

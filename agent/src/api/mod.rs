@@ -4,6 +4,7 @@
 //! network or LMDB themselves. Calls on a sandbox's processes and files are
 //! forwarded to its envd ([`proxy`]).
 
+mod activity;
 mod capsules;
 mod proxy;
 mod sandboxes;
@@ -72,12 +73,15 @@ impl Api {
                 Ok(Reply::Json(200, json!({"status": "ok"})))
             }
             ["v1", "node"] if method == Method::Get => self.node(),
+            ["v1", "events", "stream"] if method == Method::Get => activity::stream(self, ex),
             ["v1", "templates"] if method == Method::Get => self.templates(),
             ["v1", "snapshots"] if method == Method::Post => snapshots::create(self, ex),
             ["v1", "snapshots"] if method == Method::Get => snapshots::list(self, ex),
             ["v1", "snapshots", name] if method == Method::Get => snapshots::get(self, name),
             ["v1", "snapshots", name] if method == Method::Delete => snapshots::delete(self, name),
-            ["v1", "health" | "node" | "templates" | "snapshots"] | ["v1", "snapshots", _] => Err(
+            ["v1", "health" | "node" | "templates" | "snapshots"]
+            | ["v1", "snapshots", _]
+            | ["v1", "events", "stream"] => Err(
                 ApiError::method_not_allowed(method.as_str(), &path, allowed(&segments)),
             ),
             _ => Err(not_found(&path)),
@@ -101,6 +105,8 @@ impl Api {
         match (rest, &method, wire) {
             ([], Post, _) => sandboxes::create(self, ex, wire),
             ([], Get, _) => sandboxes::list(self, ex, wire),
+            (["stats"], Get, Sdk) => activity::stats(self, ex),
+            (["usage"], Get, Sdk) => activity::usage(self, ex),
             ([id], Get, _) => sandboxes::get(self, id, wire),
             ([id], Delete, _) => sandboxes::destroy(self, id),
             ([id, "pause"], Post, _) => sandboxes::pause(self, id, wire),
@@ -111,6 +117,7 @@ impl Api {
             ([id, "logs"], Get, Ours) => sandboxes::logs(self, ex, id),
             ([id, "processes" | "files" | "fs", ..], _, Ours) => proxy::forward(self, ex, id),
             ([id, "ping"], Post, Sdk) => capsules::ping(self, id),
+            ([id, "metrics"], Get, Sdk) => activity::metrics(self, ex, id),
             ([id, "processes"], Get, Sdk) => capsules::processes(self, id),
             ([id, "processes", pid], Delete, Sdk) => capsules::kill(self, ex, id, pid),
             ([id, "files", op @ ..], Post, Sdk) if !op.is_empty() => {
@@ -131,7 +138,7 @@ impl Api {
             | ([_, "ping"], _, Sdk) => {
                 Err(ApiError::method_not_allowed(method.as_str(), path, "POST"))
             }
-            ([_, "logs"], _, Ours) | ([_, "processes"], _, Sdk) => {
+            ([_, "logs"], _, Ours) | ([_, "processes" | "metrics"], _, Sdk) => {
                 Err(ApiError::method_not_allowed(method.as_str(), path, "GET"))
             }
             ([_, "processes", _], _, Sdk) => Err(ApiError::method_not_allowed(

@@ -66,6 +66,7 @@ pub struct Manager {
     pub(super) sandboxes_dir: PathBuf,
     pub(super) snapshots_dir: PathBuf,
     pub(super) registry: Registry,
+    pub(super) metrics: super::metrics::Metrics,
 }
 
 impl Manager {
@@ -88,6 +89,7 @@ impl Manager {
             config: parts.config,
             templates: parts.templates,
             capacity: parts.capacity,
+            metrics: super::metrics::Metrics::default(),
         }
     }
 
@@ -162,7 +164,9 @@ impl Manager {
                 self.layers.retain(txn, header)?;
             }
             txn.sandboxes().put(&id, &r)?;
-            log_event(txn, &id, "create", "", now)?;
+            // What the usage figures (`/v1/capsules/usage`) count.
+            let detail = format!("vcpus={} memory_mb={}", r.vcpus, r.memory_mb);
+            log_event(txn, &id, "create", &detail, now)?;
             Ok::<_, SandboxError>(slot)
         })?);
         tracing::info!(sandbox = %id, slot = ?record.slot, template = %record.template, "creating sandbox");
@@ -380,6 +384,21 @@ impl Manager {
         tracing::info!(sandbox = %id, "destroying sandbox");
         self.tear_down(&record);
         self.forget(&record, "destroy", "")
+    }
+
+    /// The node's event log after `seq` (0: all that is kept), oldest
+    /// first, with their sequence numbers.
+    pub fn events_after(
+        &self,
+        seq: u64,
+    ) -> Result<Vec<(u64, lmdb_schema::EventRecord)>, SandboxError> {
+        let events = self.store.read(|txn| {
+            txn.events()
+                .after(lmdb_schema::EventSeq(seq))?
+                .map(|item| item.map(|(seq, event)| (seq.0, event)))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        Ok(events)
     }
 
     /// Records a use of the sandbox (a command, a file call, a ping,

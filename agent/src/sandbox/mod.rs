@@ -20,6 +20,7 @@ pub mod boot;
 pub mod envd;
 pub mod error;
 pub mod manager;
+pub mod metrics;
 pub mod node;
 pub mod pause;
 pub mod recovery;

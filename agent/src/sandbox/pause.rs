@@ -160,6 +160,13 @@ impl Manager {
         match self.bring_back(&mut record, &mut undo) {
             Ok(()) => {
                 undo.commit();
+                let at = self.now_ms();
+                if let Err(e) = self
+                    .store
+                    .write_with(|txn| log_event(txn, id, "resume", "", at))
+                {
+                    tracing::warn!(sandbox = %id, error = %e, "cannot log the resume event");
+                }
                 Ok(record)
             }
             Err(e) => {

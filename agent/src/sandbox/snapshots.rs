@@ -23,7 +23,9 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use lmdb_schema::{SandboxId, SandboxStatus, TemplateKind, TemplateName, TemplateRecord};
+use lmdb_schema::{
+    EventRecord, SandboxId, SandboxStatus, TemplateKind, TemplateName, TemplateRecord,
+};
 
 use super::error::SandboxError;
 use super::manager::Manager;
@@ -278,6 +280,12 @@ impl Snapshots<'_> {
             }
             self.m.layers.retain(txn, &memory)?;
             txn.templates().put(name, &record)?;
+            txn.events().append(&EventRecord {
+                at_ms: record.created_at_ms,
+                sandbox: Some(sandbox.id.clone()),
+                kind: "snapshot_create".into(),
+                detail: name.as_str().to_owned(),
+            })?;
             Ok((released, replaced))
         });
         let (released, replaced) = match committed {
@@ -402,6 +410,12 @@ impl Snapshots<'_> {
                 None => Vec::new(),
             };
             txn.templates().delete(&name)?;
+            txn.events().append(&EventRecord {
+                at_ms: self.m.now_ms(),
+                sandbox: None,
+                kind: "snapshot_delete".into(),
+                detail: name.as_str().to_owned(),
+            })?;
             Ok((record, released))
         })?;
         remove_snapshot_dir(&record);
