@@ -16,6 +16,14 @@
 //! the requests before it, and the connection is closed after a short,
 //! bounded linger.
 //!
+//! Every head read is first shown to the handler's `divert`
+//! (`takeover.rs`). A head the handler takes over is not forwarded: the
+//! relay retires the current backend connection (so every earlier request
+//! is answered first), then runs the takeover on this connection's thread
+//! with the client socket and the bytes already buffered past the head, and
+//! serves nothing more on the connection. At most `max_upgraded`
+//! connections are taken over at once; past that the head is answered 503.
+//!
 //! It is not an HTTP implementation: tiny_http still parses each request and
 //! writes each response; the relay only finds where requests begin and end.
 

@@ -15,7 +15,8 @@
 //! away) when nothing arrived for `Limits::idle`, with 1009 (too big) for a
 //! message or frame over the limits, with 1002 or 1007 for protocol errors,
 //! and with 1000 once the application dropped its outbox and inbox. The
-//! close handshake gets 5 seconds; the connection then ends.
+//! close handshake gets 5 seconds; the connection then ends. A peer that
+//! takes none of the frames sent to it for 120 seconds is dropped.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -51,6 +52,9 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// peer's last bytes are drained (so closing does not reset the
 /// connection before the peer read the close frame).
 const LINGER: Duration = Duration::from_secs(2);
+/// A socket that takes none of the frames waiting for it for this long is
+/// dropped (a peer that stopped reading; as `ServerConfig::send_timeout`).
+const WRITE_STALL: Duration = Duration::from_secs(120);
 /// Stack of each I/O thread (its buffers are on the heap).
 const IO_STACK: usize = 512 << 10;
 /// The longest close reason a close frame carries (125 bytes less the code).
@@ -125,6 +129,9 @@ struct Shared {
     inbox_gone: AtomicBool,
     /// The writing end of the I/O thread's wake-up socket.
     wake: UnixStream,
+    /// Its reading end, which the I/O thread polls; held here so that a
+    /// wake-up after the thread ended finds a full socket, not a broken one.
+    woken: UnixStream,
 }
 
 impl Shared {
@@ -280,17 +287,18 @@ pub fn accept(mut up: Upgraded, limits: Limits) -> Result<(Outbox, Inbox), ApiEr
         waiting_for_inbox: AtomicBool::new(false),
         inbox_gone: AtomicBool::new(false),
         wake: wake_write,
+        woken: wake_read,
     });
     let now = Instant::now();
     let io = Io {
         ws,
-        wake: wake_read,
         commands: commands_rx,
         inbox,
         shared: Arc::clone(&shared),
         limits,
         pending: None,
         blocked_write: false,
+        blocked_since: None,
         last_received: now,
         next_ping: limits.ping_every.map(|every| now + every),
         close_by: None,
@@ -367,8 +375,6 @@ enum Stop {
 /// The I/O thread of one WebSocket.
 struct Io {
     ws: WebSocket<Upgraded>,
-    /// The reading end of the wake-up socket.
-    wake: UnixStream,
     commands: Receiver<Command>,
     inbox: SyncSender<Message>,
     shared: Arc<Shared>,
@@ -379,6 +385,8 @@ struct Io {
     /// Frames wait in tungstenite's buffer for the socket to take them;
     /// the outbox is not read meanwhile.
     blocked_write: bool,
+    /// Since when the socket took none of the frames waiting for it.
+    blocked_since: Option<Instant>,
     /// When the peer last sent anything.
     last_received: Instant,
     next_ping: Option<Instant>,
@@ -589,7 +597,18 @@ impl Io {
     fn flush(&mut self) -> Result<(), Stop> {
         self.blocked_write = false;
         let flushed = self.ws.flush();
-        self.written(flushed)
+        self.written(flushed)?;
+        let now = Instant::now();
+        match (self.blocked_write, self.blocked_since) {
+            (false, _) => self.blocked_since = None,
+            (true, None) => self.blocked_since = Some(now),
+            (true, Some(since)) if now >= since + WRITE_STALL => {
+                tracing::debug!("a WebSocket peer stopped reading; dropping the connection");
+                return Err(Stop::Ended);
+            }
+            (true, Some(_)) => {}
+        }
+        Ok(())
     }
 
     /// Sleeps until the socket can be read (unless the inbox is full) or
@@ -605,7 +624,7 @@ impl Io {
         }
         let mut fds = [
             poll_fd(self.ws.get_ref().as_raw_fd(), events),
-            poll_fd(self.wake.as_raw_fd(), libc::POLLIN),
+            poll_fd(self.shared.woken.as_raw_fd(), libc::POLLIN),
         ];
         let timeout = self.next_deadline().map(|at| until(at, Instant::now()));
         if let Err(err) = poll(&mut fds, timeout) {
@@ -614,7 +633,7 @@ impl Io {
         }
         if fds[1].revents != 0 {
             let mut buf = [0; 64];
-            while matches!((&self.wake).read(&mut buf), Ok(n) if n > 0) {}
+            while matches!((&self.shared.woken).read(&mut buf), Ok(n) if n > 0) {}
         }
         // A socket that is gone reports so even when not read: end rather
         // than wake up for it again and again.
@@ -633,7 +652,8 @@ impl Io {
             .pending
             .is_none()
             .then(|| self.last_received + self.limits.idle);
-        [idle, self.next_ping].into_iter().flatten().min()
+        let stall = self.blocked_since.map(|since| since + WRITE_STALL);
+        [idle, self.next_ping, stall].into_iter().flatten().min()
     }
 
     /// Closes with `frame` after a failure: pushes it out for a bounded
