@@ -13,6 +13,8 @@ const WORKERS: usize = 64;
 const QUEUE_DEPTH: usize = 256;
 /// Long-running requests (streams, transfers) served at once.
 const MAX_LONG_RUNNING: usize = 1024;
+/// Connections taken over by the handler (WebSockets, tunnels) at once.
+const MAX_UPGRADED: usize = 256;
 /// Largest JSON request body accepted (1 MiB).
 const MAX_JSON_BODY: usize = 1 << 20;
 /// Longest line of a request head, the request line included (16 KiB).
@@ -73,6 +75,9 @@ pub struct ServerConfig {
     /// Long-running requests (streams, transfers) served at once, each on a
     /// thread of its own; more are answered 503 (default 1024).
     pub max_long_running: usize,
+    /// Connections taken over by `Handler::divert` (WebSockets, tunnels)
+    /// open at once; a takeover past it is answered 503 (default 256).
+    pub max_upgraded: usize,
     /// Largest JSON request body `Exchange::json` reads; larger ones are
     /// answered 413 (default 1 MiB).
     pub max_json_body: usize,
@@ -116,6 +121,7 @@ impl ServerConfig {
             workers: WORKERS,
             queue_depth: QUEUE_DEPTH,
             max_long_running: MAX_LONG_RUNNING,
+            max_upgraded: MAX_UPGRADED,
             max_json_body: MAX_JSON_BODY,
             max_header_line: MAX_HEADER_LINE,
             max_head: MAX_HEAD,

@@ -88,6 +88,11 @@ impl HeadError {
 const BACKEND_CONNECTION: &[u8] = b"Connection: close\r\n";
 
 impl Head {
+    /// The head as received, ending with the blank line.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// The head as tiny_http gets it: unchanged when `reusable`, else with
     /// `Connection: close` right after the request line (tiny_http heeds the
     /// first `Connection` header only).
@@ -216,7 +221,7 @@ fn describe(bytes: &[u8], request_line_end: usize) -> (Framing, bool) {
 }
 
 /// The lines of `bytes`, split at CRLF only (a bare LF stays in its line).
-fn crlf_lines(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn crlf_lines(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     std::iter::from_fn(move || {
         if bytes.is_empty() {
             return None;

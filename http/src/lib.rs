@@ -43,8 +43,13 @@ mod relay;
 pub mod server;
 /// `NdjsonStream`: chunked NDJSON, flushed event by event.
 pub mod stream;
+/// Taking a connection over at a request head: `RequestHead`, `Takeover`,
+/// `Upgraded`, and `tunnel` to another server.
+pub mod takeover;
 /// RFC 3339 timestamps for API responses (any time, before 1970 included).
 pub mod timefmt;
+/// WebSockets on a taken-over connection: `accept`, `Outbox`, `Inbox`.
+pub mod ws;
 
 pub use alloc::ServerAllocator;
 pub use config::{Listen, ServerConfig};
@@ -53,6 +58,7 @@ pub use exchange::{error_response, json_response, parse_json, with_header, Excha
 pub use query::{percent_decode, Query};
 pub use server::{Handler, Server, StartupError};
 pub use stream::NdjsonStream;
+pub use takeover::{tunnel, RequestHead, Takeover, Upgraded};
 /// The tiny_http types handlers see, and the crate itself (e.g. for
 /// `TestRequest` in unit tests), so applications use the same version.
 pub use tiny_http::{self, Method, Request};

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use crate::config::{Listen, ServerConfig};
 use crate::head::HeadLimits;
-use crate::relay::{Client, Relay};
+use crate::relay::{Client, Divert, Relay};
 use crate::server::StartupError;
 
 /// Backend sockets made by this process so far, for unique names.
@@ -79,8 +79,9 @@ impl Public {
 }
 
 /// Binds the public listener with its socket options and the backend
-/// socket, and starts accepting connections.
-pub(crate) fn bind(config: &ServerConfig) -> Result<Bound, StartupError> {
+/// socket, and starts accepting connections; `divert` is asked about
+/// every request head.
+pub(crate) fn bind(config: &ServerConfig, divert: Divert) -> Result<Bound, StartupError> {
     let bind_err = |source| StartupError::Bind {
         addr: config.listen.to_string(),
         hint: config.bind_hint,
@@ -106,7 +107,13 @@ pub(crate) fn bind(config: &ServerConfig) -> Result<Bound, StartupError> {
         line: config.max_header_line,
         head: config.max_head,
     };
-    let relay = Arc::new(Relay::new(config.name, backend_addr.clone(), limits));
+    let relay = Arc::new(Relay::new(
+        config.name,
+        backend_addr.clone(),
+        limits,
+        divert,
+        config.max_upgraded,
+    ));
     thread::Builder::new()
         .name(format!("{}-accept", config.name))
         .spawn(move || accept_loop(&public, &relay))

@@ -16,21 +16,33 @@
 //! the requests before it, and the connection is closed after a short,
 //! bounded linger.
 //!
+//! Every head read is first shown to the handler's `divert`
+//! (`takeover.rs`). A head the handler takes over is not forwarded: the
+//! relay retires the current backend connection (so every earlier request
+//! is answered first), then runs the takeover on this connection's thread
+//! with the client socket and the bytes already buffered past the head, and
+//! serves nothing more on the connection. At most `max_upgraded`
+//! connections are taken over at once; past that the head is answered 503.
+//!
 //! It is not an HTTP implementation: tiny_http still parses each request and
 //! writes each response; the relay only finds where requests begin and end.
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{SocketAddr, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::error::ApiError;
-use crate::head::{read_head, read_line, Framing, HeadError, HeadLimits};
+use crate::head::{read_head, read_line, Framing, Head, HeadError, HeadLimits};
 use crate::pool::Pool;
+use crate::server::Permit;
+use crate::takeover::{RequestHead, Takeover, Upgraded};
 
 /// Client bytes buffered per connection while heads are read.
 const READ_BUFFER: usize = 8 << 10;
@@ -55,7 +67,15 @@ pub(crate) struct Relay {
     limits: HeadLimits,
     /// Threads for connections and their response copies.
     threads: Pool,
+    /// Asks the handler whether it takes a connection over at a head.
+    divert: Divert,
+    /// Connections taken over at once, at most `max_upgraded`.
+    upgraded: Arc<AtomicUsize>,
+    max_upgraded: usize,
 }
+
+/// `Handler::divert` of the server's handler, without its type.
+pub(crate) type Divert = Arc<dyn Fn(&RequestHead) -> Option<Takeover> + Send + Sync>;
 
 /// An accepted client connection.
 pub(crate) enum Client {
@@ -64,24 +84,45 @@ pub(crate) enum Client {
 }
 
 impl Client {
-    fn try_clone(&self) -> io::Result<Self> {
+    pub(crate) fn try_clone(&self) -> io::Result<Self> {
         match self {
             Self::Tcp(s) => s.try_clone().map(Self::Tcp),
             Self::Unix(s) => s.try_clone().map(Self::Unix),
         }
     }
 
-    fn shutdown(&self, how: Shutdown) {
-        let _ = match self {
-            Self::Tcp(s) => s.shutdown(how),
-            Self::Unix(s) => s.shutdown(how),
-        };
+    /// Shuts the socket down, ignoring failures (a peer already gone).
+    pub(crate) fn shutdown(&self, how: Shutdown) {
+        let _ = self.shutdown_checked(how);
     }
 
-    fn set_read_timeout(&self, timeout: Duration) -> io::Result<()> {
+    pub(crate) fn shutdown_checked(&self, how: Shutdown) -> io::Result<()> {
         match self {
-            Self::Tcp(s) => s.set_read_timeout(Some(timeout)),
-            Self::Unix(s) => s.set_read_timeout(Some(timeout)),
+            Self::Tcp(s) => s.shutdown(how),
+            Self::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(timeout),
+            Self::Unix(s) => s.set_read_timeout(timeout),
+        }
+    }
+
+    pub(crate) fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_nonblocking(nonblocking),
+            Self::Unix(s) => s.set_nonblocking(nonblocking),
+        }
+    }
+}
+
+impl AsFd for Client {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Tcp(s) => s.as_fd(),
+            Self::Unix(s) => s.as_fd(),
         }
     }
 }
@@ -109,12 +150,23 @@ impl Write for Client {
 }
 
 impl Relay {
-    pub(crate) fn new(name: &'static str, backend: SocketAddr, limits: HeadLimits) -> Self {
+    /// The relay for one server; `divert` is asked about every head, and
+    /// at most `max_upgraded` connections are taken over at once.
+    pub(crate) fn new(
+        name: &'static str,
+        backend: SocketAddr,
+        limits: HeadLimits,
+        divert: Divert,
+        max_upgraded: usize,
+    ) -> Self {
         Self {
             name,
             backend,
             limits,
             threads: Pool::new(format!("{name}-conn"), THREAD_STACK),
+            divert,
+            upgraded: Arc::new(AtomicUsize::new(0)),
+            max_upgraded,
         }
     }
 
@@ -147,6 +199,15 @@ impl Relay {
                     return self.refuse(input, out, &err);
                 }
             };
+            if let Some(takeover) = self.diverted(&head) {
+                // The answers to earlier requests go out first; the response
+                // thread then ends with `responses`.
+                if backend.take().is_some_and(|b| !responses.retire(b)) {
+                    return;
+                }
+                drop((responses, out));
+                return self.take_over(input, takeover);
+            }
             let to_backend = match &mut backend {
                 Some(to_backend) => to_backend,
                 None => match self.open(&responses) {
@@ -171,6 +232,45 @@ impl Relay {
             if !head.reusable && backend.take().is_some_and(|b| !responses.retire(b)) {
                 return;
             }
+        }
+    }
+
+    /// The takeover the handler wants at `head`, if any (a handler that
+    /// panics wants none).
+    fn diverted(&self, head: &Head) -> Option<(RequestHead, Takeover)> {
+        let request = RequestHead::parse(head.bytes().to_vec());
+        match catch_unwind(AssertUnwindSafe(|| (self.divert)(&request))) {
+            Ok(takeover) => takeover.map(|t| (request, t)),
+            Err(_) => {
+                tracing::error!(
+                    server = self.name,
+                    "the handler panicked in divert; not taking over"
+                );
+                None
+            }
+        }
+    }
+
+    /// Hands the connection, with what the relay read past the head, to
+    /// the takeover on this thread; over `max_upgraded` it answers 503.
+    fn take_over(&self, input: BufReader<Client>, (head, takeover): (RequestHead, Takeover)) {
+        let buffered = input.buffer().to_vec();
+        let client = input.into_inner();
+        let Some(slot) = Permit::acquire(&self.upgraded, self.max_upgraded) else {
+            let busy = ApiError::unavailable(format!(
+                "{} already has {} upgraded connections (WebSockets, tunnels) open; \
+                 retry later",
+                self.name, self.max_upgraded
+            ));
+            tracing::warn!(server = self.name, error = %busy, "refusing a connection takeover");
+            return Upgraded::new(client, buffered, head, None).respond_error(&busy);
+        };
+        let upgraded = Upgraded::new(client, buffered, head, Some(slot));
+        if catch_unwind(AssertUnwindSafe(|| takeover(upgraded))).is_err() {
+            tracing::error!(
+                server = self.name,
+                "a connection takeover panicked; its connection is closed"
+            );
         }
     }
 
@@ -232,29 +332,38 @@ impl Relay {
 
 /// Writes a JSON error response on `out`, then closes the connection.
 fn answer(input: BufReader<Client>, mut out: Client, status: u16, reason: &str, err: &ApiError) {
-    let mut body = err.to_json().to_string();
-    body.push('\n');
-    let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if out.write_all(response.as_bytes()).is_ok() {
+    if out
+        .write_all(&error_response_bytes(status, reason, err))
+        .is_ok()
+    {
         out.shutdown(Shutdown::Write);
         linger(input.into_inner());
     }
 }
 
+/// A whole HTTP/1.1 response carrying `err` as its JSON body, with
+/// `Connection: close`.
+pub(crate) fn error_response_bytes(status: u16, reason: &str, err: &ApiError) -> Vec<u8> {
+    let mut body = err.to_json().to_string();
+    body.push('\n');
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
 /// Reads and drops what the client still sends, for a bounded time and
 /// amount: closing a socket with unread input resets the connection, and
 /// the client could lose the answer it has not read yet.
-fn linger(mut client: Client) {
+pub(crate) fn linger(mut client: Client) {
     let deadline = Instant::now() + LINGER_TIME;
     let mut buf = [0; 4096];
     let mut drained = 0u64;
     while drained < LINGER_BYTES {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || client.set_read_timeout(left).is_err() {
+        if left.is_zero() || client.set_read_timeout(Some(left)).is_err() {
             return;
         }
         match client.read(&mut buf) {

@@ -30,6 +30,8 @@ use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::exchange::{Exchange, Reply};
 use crate::listener;
+use crate::relay::Divert;
+use crate::takeover::{RequestHead, Takeover};
 
 /// An application served by a `Server`: its routes, its authentication and
 /// its state. Closures `Fn(&mut Exchange) -> Result<Reply, ApiError>` are
@@ -48,6 +50,19 @@ pub trait Handler: Send + Sync + 'static {
     /// Answers one request: a `Reply`, or an `ApiError` sent as JSON. A
     /// handler that streams takes the request and answers `Reply::Streamed`.
     fn handle(&self, exchange: &mut Exchange) -> Result<Reply, ApiError>;
+
+    /// Whether to take the connection over at this request head instead of
+    /// answering it with `handle`: for WebSocket upgrades (`ws::accept`) and
+    /// tunnels to other servers (`takeover::tunnel`). Asked for every head
+    /// before the request is forwarded, so it should only look at the head.
+    /// A `Takeover` returned here gets the connection, with the request's
+    /// unread body, once every earlier request on it has been answered; at
+    /// most `max_upgraded` at once, more are answered 503. By default no
+    /// request is taken over.
+    fn divert(&self, head: &RequestHead) -> Option<Takeover> {
+        let _ = head;
+        None
+    }
 }
 
 impl<F> Handler for F
@@ -100,7 +115,9 @@ impl<H: Handler> Server<H> {
     /// Starts the worker pool and listens as `config` says.
     pub fn bind(config: ServerConfig, handler: H) -> Result<Self, StartupError> {
         let dispatcher = Dispatcher::start(Arc::new(Shared { config, handler }))?;
-        let bound = listener::bind(&dispatcher.shared.config)?;
+        let shared = Arc::clone(&dispatcher.shared);
+        let divert: Divert = Arc::new(move |head| shared.handler.divert(head));
+        let bound = listener::bind(&dispatcher.shared.config, divert)?;
         Ok(Self { dispatcher, bound })
     }
 
@@ -256,10 +273,11 @@ fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
 }
 
 /// One slot of a capped counter, released on drop.
-struct Permit(Arc<AtomicUsize>);
+pub(crate) struct Permit(Arc<AtomicUsize>);
 
 impl Permit {
-    fn acquire(counter: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+    /// A slot of `counter` if fewer than `max` are taken.
+    pub(crate) fn acquire(counter: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
         counter
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
