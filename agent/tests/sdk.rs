@@ -84,5 +84,5 @@ fn the_sdk_drives_a_node() {
     };
     let agent = Agent::start(&images);
     let keyed = Agent::start_with_env(&images, &[("WRENN_API_KEY", KEY)]);
-    pytest(&agent, &keyed, &["test_rest.py"]);
+    pytest(&agent, &keyed, &["test_rest.py", "test_sockets.py"]);
 }

@@ -224,7 +224,10 @@ fn parse_date(name: &str, text: &str) -> Result<u64, ApiError> {
         ))
     };
     let time = humantime::parse_rfc3339(&format!("{text}T00:00:00Z")).map_err(|_| bad())?;
-    let ms = time.duration_since(UNIX_EPOCH).map_err(|_| bad())?.as_millis() as u64;
+    let ms = time
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| bad())?
+        .as_millis() as u64;
     Ok(ms / DAY_MS)
 }
 

@@ -6,15 +6,17 @@
 
 mod activity;
 mod capsules;
+mod ports;
 mod proxy;
 mod sandboxes;
 mod snapshots;
+mod sockets;
 
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use wrenn_http::{ApiError, Exchange, Handler, Method, Reply};
+use wrenn_http::{ApiError, Exchange, Handler, Method, Reply, RequestHead, Takeover};
 
 use crate::runtime::probe::HostProbe;
 use crate::sandbox::Manager;
@@ -36,13 +38,20 @@ pub struct Api {
 
 impl Api {
     fn authorize(&self, ex: &Exchange) -> Result<(), ApiError> {
-        if self.key_hashes.is_empty() || ex.path() == "/v1/health" {
+        if ex.path() == "/v1/health" {
             return Ok(());
         }
-        let key = ex
-            .header("Authorization")
+        self.check_key(|name| ex.header(name))
+    }
+
+    /// Checks the API key in `X-API-Key` or `Authorization: Bearer`.
+    fn check_key<'h>(&self, header: impl Fn(&str) -> Option<&'h str>) -> Result<(), ApiError> {
+        if self.key_hashes.is_empty() {
+            return Ok(());
+        }
+        let key = header("Authorization")
             .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| ex.header("X-API-Key"))
+            .or_else(|| header("X-API-Key"))
             .ok_or_else(|| {
                 ApiError::unauthorized(
                     "this node needs an API key: send it as `X-API-Key: KEY` or `Authorization: Bearer KEY`",
@@ -81,9 +90,11 @@ impl Api {
             ["v1", "snapshots", name] if method == Method::Delete => snapshots::delete(self, name),
             ["v1", "health" | "node" | "templates" | "snapshots"]
             | ["v1", "snapshots", _]
-            | ["v1", "events", "stream"] => Err(
-                ApiError::method_not_allowed(method.as_str(), &path, allowed(&segments)),
-            ),
+            | ["v1", "events", "stream"] => Err(ApiError::method_not_allowed(
+                method.as_str(),
+                &path,
+                allowed(&segments),
+            )),
             _ => Err(not_found(&path)),
         }
     }
@@ -272,6 +283,44 @@ impl Handler for Api {
             || path == "/v1/events/stream"
             || (*method == Method::Post
                 && matches!(path, "/v1/sandboxes" | "/v1/capsules" | "/v1/snapshots"))
+    }
+
+    /// Connections that leave HTTP request/response: the port proxy (by
+    /// Host name or `/proxy/...`) and the SDK's WebSockets.
+    fn divert(&self, head: &RequestHead) -> Option<Takeover> {
+        if let Some((port, id)) = ports::host_target(head, &self.proxy_domain) {
+            return Some(ports::takeover(Arc::clone(&self.manager), id, port, None));
+        }
+        if let Some((port, id, target)) = ports::path_target(head) {
+            return Some(ports::takeover(
+                Arc::clone(&self.manager),
+                id,
+                port,
+                Some(target),
+            ));
+        }
+        if !head.is_websocket_upgrade() {
+            return None;
+        }
+        let segments: Vec<&str> = head
+            .path()
+            .trim_end_matches('/')
+            .split('/')
+            .skip(1)
+            .collect();
+        let (id, socket) = match segments.as_slice() {
+            ["v1", "capsules", id, rest @ ..] => {
+                ((*id).to_owned(), sockets::Socket::for_path(rest)?)
+            }
+            _ => return None,
+        };
+        if let Err(err) = self.check_key(|name| head.header(name)) {
+            let err = capsules::present(err);
+            return Some(Box::new(move |up: wrenn_http::Upgraded| {
+                up.respond_error(&err)
+            }));
+        }
+        Some(sockets::takeover(Arc::clone(&self.manager), id, socket))
     }
 
     fn handle(&self, ex: &mut Exchange) -> Result<Reply, ApiError> {

@@ -110,6 +110,28 @@ impl Manager {
         ))
     }
 
+    /// Where `port` of the sandbox is reached from the host; the sandbox
+    /// must be running, and a paused one is resumed first.
+    pub fn guest_addr(
+        &self,
+        id: &SandboxId,
+        port: u16,
+    ) -> Result<std::net::SocketAddr, SandboxError> {
+        let mut record = self.get(id)?;
+        if record.status == SandboxStatus::Paused {
+            record = self.resume(id)?;
+        }
+        if record.status != SandboxStatus::Running {
+            return Err(SandboxError::NotRunning {
+                id: id.to_string(),
+                status: record.status.as_str(),
+            });
+        }
+        let mut addr = self.envd_addr(&record)?;
+        addr.set_port(port);
+        Ok(addr)
+    }
+
     /// Runs a command to completion in the sandbox.
     pub fn exec(
         &self,
