@@ -5,6 +5,8 @@
 #   requirements.txt  what goes into the venv /opt/wrenn/jupyter
 #   constraints.txt   every version pinned, dependencies included
 #   *.service         wrenn-init service files for /etc/wrenn/services
+#   warm-kernel.py    the warm-up the node runs before it snapshots the
+#                     template (/opt/wrenn/warm-kernel.py; manifest `warm`)
 #
 # vmlinuz, vmlinux and initramfs.cpio.gz are hard links to base's (copies
 # across file systems). rootfs.ext4 is the base debootstrap tree, customized
@@ -21,12 +23,15 @@ for f in "$requirements" "$constraints"; do
 done
 services=("$inputs"/*.service)
 [ -f "${services[0]}" ] || die "no service files in $inputs"
+warm_script="$inputs/warm-kernel.py"
+[ -f "$warm_script" ] || die "$warm_script is missing"
 
 wheels_key=$(cat "$requirements" "$constraints" | sha256sum | cut -d' ' -f1)
 template_key=$(
     {
         echo "$RECIPE_VERSION $template $rootfs_key $wheels_key $(sha "$here/template.sh")"
         for f in "${services[@]}"; do echo "$(basename "$f") $(sha "$f")"; done
+        echo "warm-kernel.py $(sha "$warm_script")"
     } | sha256sum | cut -d' ' -f1
 )
 echo "==> template $template in $out (from $base_dir)"
@@ -120,6 +125,10 @@ else
     ipykernel_version=$(in_guest "$venv/bin/python" -c 'import ipykernel; print(ipykernel.__version__)')
     mkdir -p "$root/etc/wrenn/services" "$root/var/log/wrenn"
     for f in "${services[@]}"; do install -m 0644 "$f" "$root/etc/wrenn/services/"; done
+    install -m 0755 "$warm_script" "$root/opt/wrenn/warm-kernel.py"
+    in_guest "$venv/bin/python" -m py_compile /opt/wrenn/warm-kernel.py \
+        || die "warm-kernel.py does not compile with the guest's Python"
+    rm -rf "$root/opt/wrenn/__pycache__"
     "$init_bin" check-services "$root/etc/wrenn/services" >/dev/null \
         || die "wrenn-init rejects a service file of $inputs"
     step_done "jupyter-server $server_version, ipykernel $ipykernel_version, $(du -sh "$root$venv" | cut -f1) venv"
@@ -138,6 +147,7 @@ fi
 step "manifest.json"
 service_names=$(for f in "${services[@]}"; do printf '"%s",' "$(basename "$f" .service)"; done)
 write_manifest "$template" ",
-  \"template\": {\"base\": \"$(basename "$base_dir")\", \"venv\": \"$venv\", \"jupyter_server\": \"$server_version\", \"ipykernel\": \"$ipykernel_version\", \"kernelspec\": \"wrenn\", \"constraints_sha256\": \"$(sha "$constraints")\", \"services\": [${service_names%,}]}"
+  \"template\": {\"base\": \"$(basename "$base_dir")\", \"venv\": \"$venv\", \"jupyter_server\": \"$server_version\", \"ipykernel\": \"$ipykernel_version\", \"kernelspec\": \"wrenn\", \"constraints_sha256\": \"$(sha "$constraints")\", \"services\": [${service_names%,}]},
+  \"warm\": {\"prepare\": [\"$venv/bin/python\", \"/opt/wrenn/warm-kernel.py\"], \"timeout_s\": 1200, \"vcpus\": 2, \"memory_mb\": 1024}"
 step_done
 echo "==> template $template ready in $out ($(elapsed "$total_start")s)"

@@ -31,6 +31,17 @@ pub struct Config {
     pub network: NetworkConfig,
     pub capsules: CapsulesConfig,
     pub proxy: ProxyConfig,
+    pub templates: TemplatesConfig,
+}
+
+/// Base templates (docs/image.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatesConfig {
+    /// Warm the base templates whose manifest declares `warm`: boot one,
+    /// run its `prepare` command, snapshot it as `<name>.warm`, and create
+    /// that template's sandboxes from the snapshot (`sandbox::warm`).
+    pub warm: bool,
 }
 
 /// The SDK's capsule API (`/v1/capsules`, docs/sdk.md).
@@ -148,6 +159,8 @@ pub struct Overrides {
     pub vmm_binary: Option<PathBuf>,
     /// A plain API key; stored only as its hash.
     pub api_key: Option<String>,
+    /// `templates.warm` (`WRENN_WARM`: 1/0, true/false).
+    pub warm: Option<String>,
 }
 
 impl Overrides {
@@ -163,6 +176,7 @@ impl Overrides {
             accel: get("WRENN_ACCEL"),
             vmm_binary: get("WRENN_VMM_BINARY").map(PathBuf::from),
             api_key: get("WRENN_API_KEY"),
+            warm: get("WRENN_WARM"),
         }
     }
 
@@ -177,6 +191,7 @@ impl Overrides {
             accel: later.accel.or(self.accel),
             vmm_binary: later.vmm_binary.or(self.vmm_binary),
             api_key: later.api_key.or(self.api_key),
+            warm: later.warm.or(self.warm),
         }
     }
 }
@@ -238,6 +253,19 @@ impl Config {
         }
         if let Some(key) = &o.api_key {
             self.api.key_hashes.push(hash_api_key(key));
+        }
+        if let Some(warm) = &o.warm {
+            self.templates.warm = match warm.as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "WRENN_WARM".into(),
+                        value: warm.clone(),
+                        message: "expected 1 or 0 (true or false)".into(),
+                    })
+                }
+            };
         }
         Ok(())
     }

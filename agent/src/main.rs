@@ -73,6 +73,7 @@ impl Flags {
             accel: self.accel.clone(),
             vmm_binary: self.vmm_binary.clone(),
             api_key: self.api_key.clone(),
+            warm: None,
         }
     }
 }
@@ -140,6 +141,7 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
     }
     start_reaper(Arc::clone(&manager));
     start_sampler(Arc::clone(&manager));
+    wrenn_agent::sandbox::warm::start(Arc::clone(&manager));
     start_shutdown_watch(
         Arc::clone(&manager),
         shutdown_signals,

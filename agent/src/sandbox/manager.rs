@@ -67,6 +67,8 @@ pub struct Manager {
     pub(super) snapshots_dir: PathBuf,
     pub(super) registry: Registry,
     pub(super) metrics: super::metrics::Metrics,
+    /// Where each base template's warm-up stands ([`super::warm`]).
+    pub(super) warm: super::warm::WarmTable,
 }
 
 impl Manager {
@@ -90,6 +92,7 @@ impl Manager {
             templates: parts.templates,
             capacity: parts.capacity,
             metrics: super::metrics::Metrics::default(),
+            warm: super::warm::WarmTable::default(),
         }
     }
 
@@ -121,8 +124,38 @@ impl Manager {
         self.sandbox_dir(id).join(MEMORY_FILE)
     }
 
-    /// Creates a sandbox and returns it once its envd answers.
+    /// Creates a sandbox and returns it once its envd answers. A base
+    /// template with a ready warm snapshot ([`super::warm`]) is created from
+    /// that snapshot (the record names it as its template), else cold.
     pub fn create(&self, request: CreateRequest) -> Result<SandboxRecord, SandboxError> {
+        if request
+            .metadata
+            .contains_key(super::warm::WARM_METADATA_KEY)
+        {
+            return Err(SandboxError::Invalid(format!(
+                "metadata key {} is reserved for the node's warm-up sandboxes: use another key",
+                super::warm::WARM_METADATA_KEY
+            )));
+        }
+        if let Some(warm) = self.warm_request(&request) {
+            tracing::info!(template = %request.template, snapshot = %warm.template, "creating from the warm snapshot");
+            match self.create_exact(warm) {
+                Err(e @ SandboxError::Invalid(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(template = %request.template, error = %e,
+                        "create from the warm snapshot failed; booting cold");
+                }
+                done => return done,
+            }
+        }
+        self.create_exact(request)
+    }
+
+    /// Creates a sandbox of exactly the template `request` names.
+    pub(super) fn create_exact(
+        &self,
+        request: CreateRequest,
+    ) -> Result<SandboxRecord, SandboxError> {
         let (template, snapshot, vcpus, memory_mb) = self.validate(&request)?;
         let memory = match &snapshot {
             Some(t) => Some(self.snapshot_memory(t)?),

@@ -14,6 +14,8 @@
 //! - [`envd`]: the client for the guest agent inside each sandbox.
 //! - [`templates`]: the base images a sandbox can boot from.
 //! - [`snapshots`]: snapshot templates a sandbox can restore from.
+//! - [`warm`]: warm templates, snapshots of a base template made ready in
+//!   the background, that its sandboxes are created from.
 //! - [`error`]: failures and the HTTP answers they get.
 
 pub mod boot;
@@ -29,8 +31,10 @@ pub mod snapshots;
 pub mod spec;
 pub mod templates;
 mod undo;
+pub mod warm;
 
 pub use error::SandboxError;
 pub use manager::{Manager, Parts};
 pub use snapshots::{LayerUsage, Snapshot, SnapshotRequest};
 pub use spec::{CreateRequest, HostCapacity};
+pub use warm::{is_warm_name, WarmState};

@@ -117,6 +117,25 @@ impl Snapshots<'_> {
     /// paused for the time it takes and runs on afterwards; a paused one
     /// stays paused.
     pub fn create(&self, request: SnapshotRequest) -> Result<Snapshot, SandboxError> {
+        if let Some(name) = request
+            .name
+            .as_deref()
+            .filter(|n| super::warm::is_warm_name(n))
+        {
+            return Err(SandboxError::Conflict(format!(
+                "{name}: names ending in {} are reserved for the node's warm templates: \
+                 choose another name",
+                super::warm::WARM_SUFFIX
+            )));
+        }
+        self.create_reserved(request)
+    }
+
+    /// [`Snapshots::create`] that may use a reserved (warm) name.
+    pub(super) fn create_reserved(
+        &self,
+        request: SnapshotRequest,
+    ) -> Result<Snapshot, SandboxError> {
         let id = request.sandbox_id.clone();
         let name = match &request.name {
             Some(name) => TemplateName::parse(name)
@@ -386,9 +405,24 @@ impl Snapshots<'_> {
         Ok(Snapshot { record, users })
     }
 
-    /// Deletes a snapshot template that no sandbox uses.
+    /// Deletes a snapshot template that no sandbox uses. A warm snapshot
+    /// (`*.warm`) is the node's own while warm-up is on: refused.
     pub fn delete(&self, name: &str) -> Result<(), SandboxError> {
         let name = parse_existing(name)?;
+        if super::warm::is_warm_name(name.as_str()) && self.m.config.templates.warm {
+            let base = super::warm::warm_base_of(name.as_str()).unwrap_or_default();
+            return Err(SandboxError::Conflict(format!(
+                "snapshot {name} is the warm snapshot of template {base}, kept by the node: \
+                 it is replaced when the image changes; to remove it, turn warm templates off \
+                 ([templates] warm = false, or WRENN_WARM=0) and delete it then"
+            )));
+        }
+        self.delete_reserved(&name)
+    }
+
+    /// [`Snapshots::delete`] that may delete a warm snapshot.
+    pub(super) fn delete_reserved(&self, name: &TemplateName) -> Result<(), SandboxError> {
+        let name = name.clone();
         let (record, released) = self.m.store().write_with(|txn| {
             let record = txn
                 .templates()

@@ -43,6 +43,12 @@ impl Templates {
         }
     }
 
+    /// The `manifest.json` the image build wrote for `name` (it may be
+    /// missing: hand-made images have none).
+    pub fn manifest_path(&self, name: &TemplateName) -> PathBuf {
+        self.images_dir.join(name.as_str()).join("manifest.json")
+    }
+
     /// Whether every file of `name` is there.
     pub fn exists(&self, name: &TemplateName) -> bool {
         let files = self.files_of(name);

@@ -63,7 +63,8 @@ impl Agent {
             format!(
                 "[node]\nstate_dir = {state:?}\nimages_dir = {images:?}\n\
                  [api]\nlisten = \"127.0.0.1:{port}\"\n\
-                 [network]\nslots = {SLOTS}\nfirst_slot = {first_slot}\n",
+                 [network]\nslots = {SLOTS}\nfirst_slot = {first_slot}\n\
+                 [templates]\nwarm = false\n",
                 state = dir.join("state"),
                 images = images_dir,
             ),
@@ -106,6 +107,8 @@ impl Agent {
             .arg("--config")
             .arg(&self.config)
             .env("WRENN_LOG", "info")
+            // No background warm-up (a helper VM) unless a test asks for it.
+            .env("WRENN_WARM", "0")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
