@@ -20,10 +20,7 @@ const WARM: &str = "code-runner-beta.warm";
 fn warm_listed(agent: &Agent) -> bool {
     let (status, list) = agent.get("/v1/snapshots");
     assert_eq!(status, 200, "list snapshots: {list}");
-    list.as_array()
-        .unwrap()
-        .iter()
-        .any(|s| s["name"] == Value::from(WARM))
+    list.as_array().unwrap().iter().any(|s| s["name"] == WARM)
 }
 
 /// The last lines of the agent's log.
@@ -107,7 +104,7 @@ fn a_warm_template_creates_sandboxes_with_a_ready_kernel() {
     let answer_s = asked.elapsed().as_secs_f64();
     eprintln!("Jupyter answered {answer_s:.1} s after the create: {kernels:?}");
     assert!(
-        kernels.iter().any(|k| k["name"] == Value::from("wrenn")),
+        kernels.iter().any(|k| k["name"] == "wrenn"),
         "no wrenn kernel in {kernels:?}"
     );
     assert!(
