@@ -44,6 +44,7 @@ test: image
 
 bench: image
 	WRENN_E2E=1 $(CARGO) bench -p wrenn-agent --bench lifecycle
+	WRENN_E2E=1 $(CARGO) bench -p wrenn-agent --bench sdk
 	$(CARGO) bench -p wrenn-vmm --bench vmm
 
 run: image

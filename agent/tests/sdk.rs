@@ -84,5 +84,51 @@ fn the_sdk_drives_a_node() {
     };
     let agent = Agent::start(&images);
     let keyed = Agent::start_with_env(&images, &[("WRENN_API_KEY", KEY)]);
-    pytest(&agent, &keyed, &["test_rest.py", "test_sockets.py"]);
+    // WRENN_SDK_TESTS="test_x.py ..." runs only those files (for work on one).
+    let chosen = std::env::var("WRENN_SDK_TESTS").unwrap_or_default();
+    let files: Vec<&str> = match chosen.trim() {
+        "" => vec!["test_rest.py", "test_sockets.py", "test_activity.py"],
+        some => some.split_whitespace().collect(),
+    };
+    pytest(&agent, &keyed, &files);
+}
+
+/// `wrenn.code_runner` on the `code-runner-beta` template. The node warms
+/// the template first (boots it once, starts a kernel, snapshots it): under
+/// TCG a cold Jupyter start takes longer than the SDK waits.
+#[test]
+fn the_code_runner_keeps_state_between_calls() {
+    let Some(images) = common::images_dir_or_skip("the_code_runner_keeps_state_between_calls")
+    else {
+        return;
+    };
+    assert!(
+        images
+            .join("code-runner-beta")
+            .join("manifest.json")
+            .exists(),
+        "the code-runner-beta template is missing from {}: run `make image`",
+        images.display()
+    );
+    let agent = Agent::start_with_env(&images, &[("WRENN_WARM", "1")]);
+    let keyed = Agent::start_with_env(&images, &[("WRENN_API_KEY", KEY)]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1500);
+    loop {
+        let (_, templates) = agent.get("/v1/templates");
+        let warm = templates["templates"]
+            .as_array()
+            .and_then(|all| all.iter().find(|t| t["name"] == "code-runner-beta"))
+            .map(|t| t["warm"].clone())
+            .unwrap_or_default();
+        if warm["state"] == "ready" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "code-runner-beta was not warm after 25 minutes: {warm}\n{}",
+            tail(&agent.log(), 40)
+        );
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    pytest(&agent, &keyed, &["test_code_runner.py"]);
 }

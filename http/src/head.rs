@@ -58,6 +58,9 @@ pub(crate) enum HeadError {
     LineTooLong { limit: usize },
     /// The head passed `HeadLimits::head`.
     TooLarge { limit: usize },
+    /// A line of the head holds a byte that is neither printable ASCII
+    /// nor a tab (tiny_http would drop the connection without a word).
+    NotAscii,
     /// The client closed the connection in the middle of a line or head.
     Truncated,
     /// Reading the connection failed.
@@ -76,6 +79,12 @@ impl HeadError {
                 "the request head (request line and headers) is larger than this server's \
                  limit of {limit} bytes; send fewer or smaller headers"
             ),
+            Self::NotAscii => {
+                return Some(ApiError::bad_request(
+                    "the request line or a header holds a byte that is not printable ASCII; \
+                     percent-encode the URL and send header values as ASCII",
+                ))
+            }
             Self::Truncated | Self::Io(_) => return None,
         };
         Some(ApiError::header_fields_too_large(message))
@@ -128,6 +137,10 @@ pub(crate) fn read_head<R: BufRead>(
         if bytes.len() - start == 2 {
             break;
         }
+    }
+    let printable = |b: &u8| matches!(*b, b'\t' | b'\r' | b'\n' | 0x20..=0x7e);
+    if !bytes.iter().all(printable) {
+        return Err(HeadError::NotAscii);
     }
     let (framing, keep_alive) = describe(&bytes, request_line_end);
     Ok(Some(Head {

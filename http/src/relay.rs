@@ -320,13 +320,11 @@ impl Relay {
             return;
         };
         tracing::warn!(server = self.name, error = %api_error, "refusing a request head");
-        answer(
-            input,
-            out,
-            431,
-            "Request Header Fields Too Large",
-            &api_error,
-        );
+        let reason = match api_error.status() {
+            400 => "Bad Request",
+            _ => "Request Header Fields Too Large",
+        };
+        answer(input, out, api_error.status(), reason, &api_error);
     }
 }
 

@@ -304,3 +304,25 @@ fn an_unread_chunked_body_is_never_read_as_a_head() {
         );
     }
 }
+
+#[test]
+fn a_header_byte_outside_printable_ascii_is_refused_with_400() {
+    let addr = start_default();
+    for value in [&b"f\xa3\xc0T"[..], b"bell\x07"] {
+        let mut request = b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Key: ".to_vec();
+        request.extend_from_slice(value);
+        request.extend_from_slice(b"\r\n\r\n");
+        let answer = send_refused(addr, request);
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.body["error"]["code"], "bad_request");
+        let message = answer.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("ASCII"), "{message}");
+    }
+    // A tab inside a value is fine.
+    let stream = connect(addr);
+    let mut writer = stream.try_clone().unwrap();
+    writer
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Key: a\tb\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_answer(&mut BufReader::new(stream)).status, 200);
+}

@@ -74,7 +74,9 @@ pub fn capsule_json(record: &SandboxRecord) -> Value {
     json!({
         "id": record.id.as_str(),
         "status": status(record.status),
-        "template": record.template.as_str(),
+        // A capsule restored from a warm snapshot is of its base template.
+        "template": crate::sandbox::warm::warm_base_of(record.template.as_str())
+            .unwrap_or(record.template.as_str()),
         "vcpus": record.vcpus,
         "memory_mb": record.memory_mb,
         "timeout_sec": record.idle_timeout_s.unwrap_or(0),
@@ -482,7 +484,7 @@ fn upload(api: &Api, ex: &mut Exchange, id: &SandboxId) -> Result<Reply, ApiErro
             }
             request
         });
-        let chunks = futures::stream::iter(received.into_iter());
+        let chunks = futures::stream::iter(received);
         let written = write_parts(&envd, multer::Multipart::new(chunks, boundary));
         (reader.join(), written)
     });

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use wrenn_http::{ApiError, Exchange, Handler, Method, Reply, RequestHead, Takeover};
 
 use crate::runtime::probe::HostProbe;
-use crate::sandbox::Manager;
+use crate::sandbox::{Manager, WarmState};
 
 /// State every handler sees.
 pub struct Api {
@@ -38,7 +38,7 @@ pub struct Api {
 
 impl Api {
     fn authorize(&self, ex: &Exchange) -> Result<(), ApiError> {
-        if ex.path() == "/v1/health" {
+        if matches!(ex.path(), "/v1/health" | "/openapi.json") {
             return Ok(());
         }
         self.check_key(|name| ex.header(name))
@@ -82,6 +82,7 @@ impl Api {
                 Ok(Reply::Json(200, json!({"status": "ok"})))
             }
             ["v1", "node"] if method == Method::Get => self.node(),
+            ["openapi.json"] if method == Method::Get => openapi(),
             ["v1", "events", "stream"] if method == Method::Get => activity::stream(self, ex),
             ["v1", "templates"] if method == Method::Get => self.templates(),
             ["v1", "snapshots"] if method == Method::Post => snapshots::create(self, ex),
@@ -220,7 +221,18 @@ impl Api {
             .templates()
             .list()
             .into_iter()
-            .map(|name| snapshots::base_json(name.as_str()))
+            .map(|name| {
+                let mut base = snapshots::base_json(name.as_str());
+                base["warm"] = match self.manager.warm_state(&name) {
+                    WarmState::None => Value::Null,
+                    WarmState::Preparing => json!({"state": "preparing"}),
+                    WarmState::Ready { snapshot } => {
+                        json!({"state": "ready", "snapshot": snapshot.as_str()})
+                    }
+                    WarmState::Failed { reason } => json!({"state": "failed", "reason": reason}),
+                };
+                base
+            })
             .collect();
         templates.extend(
             self.manager
@@ -239,6 +251,14 @@ fn allowed(segments: &[&str]) -> &'static str {
         ["v1", "snapshots", _] => "GET, DELETE",
         _ => "GET",
     }
+}
+
+/// `GET /openapi.json`: both route families (docs/openapi.json).
+fn openapi() -> Result<Reply, ApiError> {
+    const SPEC: &str = include_str!("../../../docs/openapi.json");
+    serde_json::from_str(SPEC)
+        .map(|spec| Reply::Json(200, spec))
+        .map_err(|e| ApiError::internal(format!("the built-in OpenAPI document is broken: {e}")))
 }
 
 fn not_found(path: &str) -> ApiError {

@@ -9,17 +9,20 @@
 //! request. While nothing listens on the port the answer is 502, so that
 //! clients that wait for a server (the SDK's code runner) retry.
 
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lmdb_schema::SandboxId;
+use lmdb_schema::{SandboxId, SandboxStatus};
 use wrenn_http::{ApiError, RequestHead, Takeover, Upgraded};
 
 use crate::sandbox::{Manager, SandboxError};
 
 /// How long connecting to the guest port may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a proxied connection checks that its sandbox still runs.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// `(port, sandbox id)` when the Host header names a sandbox's port:
 /// `8000-sb-abc.localhost:8080` under the domain `localhost`.
@@ -69,10 +72,48 @@ pub(super) fn takeover(
             None => up.head().raw().to_vec(),
             Some(target) => rewrite(up.head(), target),
         };
+        let ended = Arc::new(AtomicBool::new(false));
+        watch(&manager, &id, &up, &upstream, &ended);
         if let Err(e) = wrenn_http::tunnel(up, upstream, &first) {
             tracing::debug!(sandbox = %id, port, error = %e, "proxied connection ended");
         }
+        ended.store(true, Ordering::Release);
     })
+}
+
+/// Ends a proxied connection once its sandbox stops running: a destroyed
+/// or paused VM sends no FIN, and the client would wait on it forever.
+fn watch(
+    manager: &Arc<Manager>,
+    id: &str,
+    up: &Upgraded,
+    upstream: &TcpStream,
+    ended: &Arc<AtomicBool>,
+) {
+    let (Ok(client), Ok(guest), Ok(sandbox)) =
+        (up.try_clone(), upstream.try_clone(), SandboxId::parse(id))
+    else {
+        return;
+    };
+    let (manager, ended) = (Arc::clone(manager), Arc::clone(ended));
+    let spawned = std::thread::Builder::new()
+        .name("proxy-watch".into())
+        .spawn(move || {
+            while !ended.load(Ordering::Acquire) {
+                std::thread::sleep(WATCH_EVERY);
+                let running = manager
+                    .get(&sandbox)
+                    .is_ok_and(|r| r.status == SandboxStatus::Running);
+                if !running {
+                    let _ = guest.shutdown(Shutdown::Both);
+                    let _ = client.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot watch a proxied connection; it ends with its peers");
+    }
 }
 
 fn connect(manager: &Manager, id: &str, port: u16) -> Result<TcpStream, ApiError> {

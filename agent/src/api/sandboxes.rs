@@ -151,8 +151,12 @@ pub fn list(api: &Api, ex: &mut Exchange, wire: Wire) -> Result<Reply, ApiError>
                 .iter()
                 .all(|(k, v)| r.metadata.get(k) == Some(v))
         })
-        // The SDK's list has no stopped capsules: it polls GET for those.
-        .filter(|r| wire == Wire::Ours || !r.status.is_terminal())
+        // The SDK's list has no stopped capsules (it polls GET for those)
+        // and not the node's own warm-up helpers.
+        .filter(|r| {
+            wire == Wire::Ours
+                || !(r.status.is_terminal() || crate::sandbox::warm::is_warm_helper(r))
+        })
         .map(|r| wire.sandbox(r))
         .collect();
     Ok(Reply::Json(

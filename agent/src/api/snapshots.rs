@@ -32,8 +32,9 @@ pub fn snapshot_json(snapshot: &Snapshot) -> Value {
             UNIX_EPOCH + Duration::from_millis(record.created_at_ms)
         ),
         "used_by": snapshot.users.iter().map(SandboxId::as_str).collect::<Vec<_>>(),
-        "platform": false,
-        "protected": false,
+        // A warm snapshot is the node's own (docs/image.md): not deletable.
+        "platform": crate::sandbox::is_warm_name(record.name.as_str()),
+        "protected": crate::sandbox::is_warm_name(record.name.as_str()),
         "metadata": {},
     })
 }

@@ -96,7 +96,10 @@ impl Manager {
             .map_err(|e| envd_api::client::Error::Protocol(e.to_string()))?;
         let point = Point {
             timestamp_unix: self.now_ms() / 1000,
-            cpu_pct: guest["cpu_used_pct"].as_f64().unwrap_or(0.0).clamp(0.0, 100.0),
+            cpu_pct: guest["cpu_used_pct"]
+                .as_f64()
+                .unwrap_or(0.0)
+                .clamp(0.0, 100.0),
             mem_bytes: record.vmm.as_ref().map_or(0, |vmm| resident_bytes(vmm.pid)),
             disk_bytes: allocated_bytes(&self.sandbox_dir(id)),
         };
