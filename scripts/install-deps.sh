@@ -37,17 +37,20 @@ COMMANDS=(
     "sha256sum coreutils"
     "dpkg-deb dpkg"
     "apt-get apt"
+    "python3 python3"
     "cc gcc"
     "as binutils"
     "ld binutils"
 )
 # "glob package": files the build needs. Static wrenn-init links against
 # glibc's static archive; the userfaultfd crate generates its kernel bindings
-# with bindgen, which needs libclang and the kernel's uapi headers.
+# with bindgen, which needs libclang and the kernel's uapi headers. The SDK
+# tests make a Python virtual environment (scripts/sdk-venv.sh).
 FILES=(
     "/usr/lib/x86_64-linux-gnu/libc.a libc6-dev"
     "/usr/lib/llvm-*/lib/libclang.so* libclang-dev"
     "/usr/include/linux/userfaultfd.h linux-libc-dev"
+    "/usr/lib/python3*/ensurepip/__init__.py python3-venv"
 )
 # Installed together, at one version (see the header).
 QEMU_PACKAGES=(qemu-system-x86 qemu-utils)

@@ -17,9 +17,11 @@ requirements=$here/../tests/sdk/requirements.txt
 die() { echo "sdk-venv: error: $*" >&2; exit 1; }
 
 [ -f "$requirements" ] || die "$requirements is missing"
-command -v python3 >/dev/null || die "python3 is missing: run 'make deps'"
+# Debian's python3 (with python3-venv, from make deps) unless told otherwise.
+python=${WRENN_PYTHON:-/usr/bin/python3}
+[ -x "$python" ] || python=$(command -v python3) || die "python3 is missing: run 'make deps'"
 stamp=$venv/.wrenn-requirements
-want=$(sha256sum "$requirements" | cut -d' ' -f1)
+want=$( { sha256sum "$requirements" | cut -d' ' -f1; "$python" --version; } | sha256sum | cut -d' ' -f1)
 
 check() {
     "$venv/bin/python" - <<'PY'
@@ -36,8 +38,8 @@ fi
 
 echo "sdk-venv: building $venv" >&2
 rm -rf "$venv.tmp"
-python3 -m venv "$venv.tmp" \
-    || die "python3 -m venv failed: install python3-venv (make deps does)"
+"$python" -m venv "$venv.tmp" \
+    || die "$python -m venv failed: install python3-venv (make deps does)"
 "$venv.tmp/bin/pip" install -q --disable-pip-version-check --upgrade pip >&2
 # wrenn 0.3.0 says Python >= 3.13; its code runs on 3.11.
 "$venv.tmp/bin/pip" install -q --disable-pip-version-check --ignore-requires-python \

@@ -87,7 +87,12 @@ fn the_sdk_drives_a_node() {
     // WRENN_SDK_TESTS="test_x.py ..." runs only those files (for work on one).
     let chosen = std::env::var("WRENN_SDK_TESTS").unwrap_or_default();
     let files: Vec<&str> = match chosen.trim() {
-        "" => vec!["test_rest.py", "test_sockets.py", "test_activity.py"],
+        "" => vec![
+            "test_rest.py",
+            "test_sockets.py",
+            "test_activity.py",
+            "test_openapi.py",
+        ],
         some => some.split_whitespace().collect(),
     };
     pytest(&agent, &keyed, &files);
