@@ -15,6 +15,7 @@
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod fleet;
 pub mod network;
 pub mod runtime;
 pub mod sandbox;

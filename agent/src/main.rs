@@ -14,6 +14,7 @@ use nix::sys::signal::{SigSet, Signal};
 use wrenn_agent::api::Api;
 use wrenn_agent::clock::SystemClock;
 use wrenn_agent::config::{Config, Overrides};
+use wrenn_agent::fleet::{Gossip, Manifest};
 use wrenn_agent::network::HostNetwork;
 use wrenn_agent::runtime::native::{self, NativeRuntime};
 use wrenn_agent::runtime::probe::{choose, HostFacts, HostProbe, RuntimeKind};
@@ -60,6 +61,9 @@ struct Flags {
     /// An API key to accept (needed to listen beyond loopback).
     #[arg(long)]
     api_key: Option<String>,
+    /// The fleet manifest (docs/fleet.md); without one the node runs alone.
+    #[arg(long, env = "WRENN_FLEET")]
+    fleet: Option<PathBuf>,
 }
 
 impl Flags {
@@ -147,11 +151,23 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
         shutdown_signals,
         config.sandbox.pause_on_shutdown,
     );
+    let mut key_hashes = config.api.key_hashes.clone();
+    let fleet = match &flags.fleet {
+        Some(path) => {
+            let manifest = Manifest::load(path).map_err(|e| e.to_string())?;
+            key_hashes.extend(manifest.keys.iter().map(|k| k.hash.clone()));
+            let gossip = Gossip::start(manifest, &config.node_name(), publisher(&manager, &probe))
+                .map_err(|e| e.to_string())?;
+            Some(gossip)
+        }
+        None => None,
+    };
     let api = Api {
         manager,
         node_name: config.node_name(),
         probe,
-        key_hashes: config.api.key_hashes.clone(),
+        fleet,
+        key_hashes,
         default_timeout_s: config.sandbox.default_timeout_s,
         capsules: config.capsules.clone(),
         proxy_domain: config.proxy.domain.clone(),
@@ -225,6 +241,36 @@ fn start_shutdown_watch(manager: Arc<Manager>, signals: SigSet, pause: bool) {
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot watch for shutdown signals");
     }
+}
+
+/// What this node gossips about itself: runtime, capacity and load.
+fn publisher(manager: &Arc<Manager>, probe: &HostProbe) -> wrenn_agent::fleet::gossip::Publish {
+    let manager = Arc::clone(manager);
+    let runtime = format!("{}/{}", probe.runtime.as_str(), probe.accel.as_str());
+    Box::new(move || {
+        let capacity = manager.node().capacity();
+        let all = manager.list().unwrap_or_default();
+        let running: Vec<_> = all
+            .iter()
+            .filter(|r| r.status == lmdb_schema::SandboxStatus::Running)
+            .collect();
+        let paused = all
+            .iter()
+            .filter(|r| r.status == lmdb_schema::SandboxStatus::Paused)
+            .count();
+        let load = serde_json::json!({
+            "running": running.len(),
+            "paused": paused,
+            "vcpus": running.iter().map(|r| u64::from(r.vcpus)).sum::<u64>(),
+            "memory_mb": running.iter().map(|r| u64::from(r.memory_mb)).sum::<u64>(),
+        });
+        let cap = serde_json::json!({"vcpus": capacity.vcpus, "memory_mb": capacity.memory_mb});
+        vec![
+            ("runtime".to_owned(), runtime.clone()),
+            ("cap".to_owned(), cap.to_string()),
+            ("load".to_owned(), load.to_string()),
+        ]
+    })
 }
 
 /// Measures the running sandboxes for `/v1/capsules/{id}/metrics`.

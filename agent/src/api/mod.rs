@@ -26,6 +26,8 @@ pub struct Api {
     pub manager: Arc<Manager>,
     pub node_name: String,
     pub probe: HostProbe,
+    /// The fleet's gossip, when the node has a manifest.
+    pub fleet: Option<Arc<crate::fleet::Gossip>>,
     /// SHA-256 (hex) of accepted API keys; empty means open (loopback only).
     pub key_hashes: Vec<String>,
     /// Timeout of a sandbox created without one.
@@ -84,6 +86,7 @@ impl Api {
             ["v1", "node"] if method == Method::Get => self.node(),
             ["openapi.json"] if method == Method::Get => openapi(),
             ["v1", "events", "stream"] if method == Method::Get => activity::stream(self, ex),
+            ["v1", "nodes"] if method == Method::Get => self.nodes(),
             ["v1", "templates"] if method == Method::Get => self.templates(),
             ["v1", "snapshots"] if method == Method::Post => snapshots::create(self, ex),
             ["v1", "snapshots"] if method == Method::Get => snapshots::list(self, ex),
@@ -91,7 +94,8 @@ impl Api {
             ["v1", "snapshots", name] if method == Method::Delete => snapshots::delete(self, name),
             ["v1", "health" | "node" | "templates" | "snapshots"]
             | ["v1", "snapshots", _]
-            | ["v1", "events", "stream"] => Err(ApiError::method_not_allowed(
+            | ["v1", "events", "stream"]
+            | ["v1", "nodes"] => Err(ApiError::method_not_allowed(
                 method.as_str(),
                 &path,
                 allowed(&segments),
@@ -209,6 +213,32 @@ impl Api {
                     "vcpus": live.iter().map(|s| u64::from(s.vcpus)).sum::<u64>(),
                     "memory_mb": live.iter().map(|s| u64::from(s.memory_mb)).sum::<u64>(),
                 },
+            }),
+        ))
+    }
+
+    /// `GET /v1/nodes`: the fleet's members as this node sees them (itself
+    /// first); a node without a manifest lists only itself.
+    fn nodes(&self) -> Result<Reply, ApiError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(Reply::Json(
+                200,
+                json!({"cluster": null, "nodes": [{"name": self.node_name, "state": "live"}]}),
+            ));
+        };
+        let counters = fleet.counters();
+        Ok(Reply::Json(
+            200,
+            json!({
+                "cluster": fleet.manifest().cluster,
+                "version": fleet.manifest().version,
+                "refused": fleet.refused(),
+                "gossip": {
+                    "sent": counters.sent.load(std::sync::atomic::Ordering::Relaxed),
+                    "received": counters.received.load(std::sync::atomic::Ordering::Relaxed),
+                    "rejected": counters.rejected.load(std::sync::atomic::Ordering::Relaxed),
+                },
+                "nodes": fleet.members(),
             }),
         ))
     }
