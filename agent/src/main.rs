@@ -265,11 +265,36 @@ fn publisher(manager: &Arc<Manager>, probe: &HostProbe) -> wrenn_agent::fleet::g
             "memory_mb": running.iter().map(|r| u64::from(r.memory_mb)).sum::<u64>(),
         });
         let cap = serde_json::json!({"vcpus": capacity.vcpus, "memory_mb": capacity.memory_mb});
-        vec![
+        let mut keys = vec![
             ("runtime".to_owned(), runtime.clone()),
             ("cap".to_owned(), cap.to_string()),
             ("load".to_owned(), load.to_string()),
-        ]
+        ];
+        // Which node holds which sandbox: `status|vcpus|memory_mb`.
+        keys.extend(all.iter().filter(|r| !r.status.is_terminal()).map(|r| {
+            (
+                format!("sbx:{}", r.id),
+                format!("{}|{}|{}", r.status.as_str(), r.vcpus, r.memory_mb),
+            )
+        }));
+        // Which templates it has: base images and snapshots.
+        keys.extend(
+            manager
+                .node()
+                .templates()
+                .list()
+                .into_iter()
+                .map(|name| (format!("tpl:{name}"), "base".to_owned())),
+        );
+        if let Ok(snapshots) = manager.snapshots().list() {
+            keys.extend(snapshots.iter().map(|s| {
+                (
+                    format!("tpl:{}", s.record.name),
+                    format!("snapshot|{}", s.record.size_bytes),
+                )
+            }));
+        }
+        keys
     })
 }
 

@@ -112,6 +112,8 @@ fn members_converge_detect_a_dead_node_and_take_it_back() {
     assert_eq!(n2["published"]["mf"], "5");
     let cap: Value = serde_json::from_str(n2["published"]["cap"].as_str().unwrap()).unwrap();
     assert!(cap["vcpus"].as_u64().unwrap() >= 1);
+    // Its templates, for placement: the base image every node has.
+    assert_eq!(n2["published"]["tpl:base"], "base");
 
     agents[2].kill9();
     let took = wait_for(

@@ -7,8 +7,9 @@
 //! fails is dropped and counted.
 //!
 //! Each node publishes its own keys (`mf` manifest version, `api`,
-//! `runtime`, `cap`, `load`); a peer gossiping an older manifest than ours
-//! does not count as live.
+//! `runtime`, `cap`, `load`, `sbx:<id>` per sandbox, `tpl:<name>` per
+//! template); a peer gossiping an older manifest than ours does not count
+//! as live.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -37,6 +38,10 @@ const MAC_BYTES: usize = 16;
 const MAX_DATAGRAM: usize = 65_507;
 /// How often this node's own keys are published again.
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+
+/// Prefixes of keys that name one item each (`sbx:<id>`, `tpl:<name>`):
+/// the node deletes those it no longer publishes.
+const ITEM_PREFIXES: [&str; 2] = ["sbx:", "tpl:"];
 
 /// What this node says about itself, refreshed every second.
 pub type Publish = Box<dyn Fn() -> Vec<(String, String)> + Send>;
@@ -183,7 +188,19 @@ impl Gossip {
             let newer = {
                 let mut chitchat = self.chitchat.lock().await;
                 let state = chitchat.self_node_state();
-                for (key, value) in publish() {
+                let wanted = publish();
+                // Per-item keys (a sandbox, a template) that are gone.
+                let stale: Vec<String> = state
+                    .key_values()
+                    .map(|(k, _)| k)
+                    .filter(|k| ITEM_PREFIXES.iter().any(|p| k.starts_with(p)))
+                    .filter(|k| !wanted.iter().any(|(w, _)| w == k))
+                    .map(str::to_owned)
+                    .collect();
+                for key in stale {
+                    state.delete(&key);
+                }
+                for (key, value) in wanted {
                     state.set(key, value);
                 }
                 chitchat
