@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::str::FromStr;
 use std::time::{Duration, UNIX_EPOCH};
 
 use envd_api::{EntryInfo, EntryKind, Listing, StartRequest, Started};
@@ -219,14 +218,7 @@ pub fn exec(api: &Api, ex: &mut Exchange, id: &str) -> Result<Reply, ApiError> {
         ))
         .with_detail(AGENT_ERROR));
     }
-    let exit_code = match (result.exit_code, result.signal.as_deref()) {
-        (Some(code), _) => code,
-        // A shell's convention: killed by signal N is 128 + N.
-        (None, Some(name)) => nix::sys::signal::Signal::from_str(name)
-            .map(|s| 128 + s as i64)
-            .unwrap_or(-1),
-        (None, None) => -1,
-    };
+    let exit_code = super::sockets::exit_code(result.exit_code, result.signal.as_deref());
     let _ = api.manager.touch(&id);
     Ok(Reply::Json(
         200,
@@ -249,7 +241,7 @@ fn envd(api: &Api, id: &SandboxId) -> Result<EnvdClient, ApiError> {
     Ok(envd)
 }
 
-fn random_hex(bytes: usize) -> Result<String, ApiError> {
+pub(super) fn random_hex(bytes: usize) -> Result<String, ApiError> {
     let mut buf = vec![0u8; bytes];
     getrandom::fill(&mut buf)
         .map_err(|e| ApiError::internal(format!("cannot get random bytes for a tag: {e}")))?;

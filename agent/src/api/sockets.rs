@@ -209,15 +209,21 @@ fn text(data: &OutputData) -> String {
     }
 }
 
-/// An exit status as one number: a signal N is 128 + N, as shells say.
-fn exit_code(exit_code: Option<i32>, signal: Option<&str>) -> i64 {
+/// An exit status as one number: a signal N is 128 + N, as shells say;
+/// -1 when neither is known.
+pub(super) fn exit_code(exit_code: Option<i64>, signal: Option<&str>) -> i64 {
     match (exit_code, signal) {
-        (Some(code), _) => i64::from(code),
+        (Some(code), _) => code,
         (None, Some(name)) => name
             .parse::<nix::sys::signal::Signal>()
             .map_or(-1, |s| 128 + s as i64),
         (None, None) => -1,
     }
+}
+
+/// The SDK's `exit` message for envd's `end` event.
+fn exit_message(code: Option<i32>, signal: Option<&str>) -> Value {
+    json!({"type": "exit", "exit_code": exit_code(code.map(i64::from), signal)})
 }
 
 /// Sends the SDK's `start`, `stdout`, `stderr` and `exit` messages for
@@ -247,8 +253,7 @@ fn relay_events(
                 signal,
                 ..
             } => {
-                let code = exit_code(code, signal.as_deref());
-                let _ = out.json(&json!({"type": "exit", "exit_code": code}));
+                let _ = out.json(&exit_message(code, signal.as_deref()));
                 return Ok(());
             }
             Event::Truncated { .. } | Event::Keepalive | Event::Unknown => continue,
@@ -293,7 +298,8 @@ fn pty(
                 rows: size("rows", 24),
             });
             request.stdin = true;
-            request.tag = Some(format!("pty-{}", random_hex()?));
+            let hex = super::capsules::random_hex(4).map_err(|e| e.message().to_owned())?;
+            request.tag = Some(format!("pty-{hex}"));
             let started = envd
                 .api()
                 .start_background(&request)
@@ -338,8 +344,7 @@ fn pty(
                 signal,
                 ..
             } => {
-                let code = exit_code(code, signal.as_deref());
-                let _ = out.json(&json!({"type": "exit", "exit_code": code}));
+                let _ = out.json(&exit_message(code, signal.as_deref()));
                 return Ok(());
             }
             _ => continue,
@@ -398,10 +403,4 @@ fn pty_input(envd: &EnvdClient, pid: u32, out: &Outbox, inbox: &Inbox) {
             tracing::debug!(pid, error = %err, "terminal input not delivered");
         }
     }
-}
-
-fn random_hex() -> Result<String, String> {
-    let mut bytes = [0u8; 4];
-    getrandom::fill(&mut bytes).map_err(|e| format!("no random bytes for a tag: {e}"))?;
-    Ok(hex::encode(bytes))
 }

@@ -94,16 +94,7 @@ impl Manager {
     /// A client for the sandbox's envd; the sandbox must be running.
     /// A paused sandbox is resumed first: any call on it wakes it up.
     pub fn envd(&self, id: &SandboxId) -> Result<EnvdClient, SandboxError> {
-        let mut record = self.get(id)?;
-        if record.status == SandboxStatus::Paused {
-            record = self.resume(id)?;
-        }
-        if record.status != SandboxStatus::Running {
-            return Err(SandboxError::NotRunning {
-                id: id.to_string(),
-                status: record.status.as_str(),
-            });
-        }
+        let record = self.running_record(id)?;
         Ok(EnvdClient::new(
             self.envd_addr(&record)?,
             record.envd_token.clone(),
@@ -117,6 +108,13 @@ impl Manager {
         id: &SandboxId,
         port: u16,
     ) -> Result<std::net::SocketAddr, SandboxError> {
+        let mut addr = self.envd_addr(&self.running_record(id)?)?;
+        addr.set_port(port);
+        Ok(addr)
+    }
+
+    /// The record of a running sandbox, resuming it first if it is paused.
+    fn running_record(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
         let mut record = self.get(id)?;
         if record.status == SandboxStatus::Paused {
             record = self.resume(id)?;
@@ -127,9 +125,7 @@ impl Manager {
                 status: record.status.as_str(),
             });
         }
-        let mut addr = self.envd_addr(&record)?;
-        addr.set_port(port);
-        Ok(addr)
+        Ok(record)
     }
 
     /// Runs a command to completion in the sandbox.
