@@ -112,6 +112,11 @@ pub struct SandboxConfig {
     pub max_vcpus: u32,
     /// Memory the host keeps for itself, in MiB, when checking a request.
     pub host_reserved_memory_mb: u64,
+    /// Most sandboxes running (or starting) at once; 0: no limit but
+    /// memory. A node at its limit refuses creates and resumes (503), and
+    /// the fleet places them elsewhere.
+    #[serde(default)]
+    pub max_running: u32,
     /// Pause every running sandbox when the agent is asked to stop
     /// (SIGTERM, SIGINT), and resume them when it starts again.
     pub pause_on_shutdown: bool,

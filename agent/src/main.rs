@@ -112,6 +112,10 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
     shutdown_signals
         .thread_block()
         .map_err(|e| format!("cannot block shutdown signals: {e}"))?;
+    let reload_signal = SigSet::from(Signal::SIGHUP);
+    reload_signal
+        .thread_block()
+        .map_err(|e| format!("cannot block SIGHUP: {e}"))?;
     let env = std::env::vars().collect();
     let overrides = Overrides::from_env(&env).then(flags.overrides());
     let config = Config::load(flags.config.as_deref(), &overrides).map_err(|e| e.to_string())?;
@@ -151,13 +155,17 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
         shutdown_signals,
         config.sandbox.pause_on_shutdown,
     );
-    let mut key_hashes = config.api.key_hashes.clone();
     let fleet = match &flags.fleet {
         Some(path) => {
             let manifest = Manifest::load(path).map_err(|e| e.to_string())?;
-            key_hashes.extend(manifest.keys.iter().map(|k| k.hash.clone()));
-            let gossip = Gossip::start(manifest, &config.node_name(), publisher(&manager, &probe))
-                .map_err(|e| e.to_string())?;
+            let runtime = format!("{}/{}", probe.runtime.as_str(), probe.accel.as_str());
+            let gossip = Gossip::start(
+                manifest,
+                &config.node_name(),
+                wrenn_agent::fleet::view::publisher(&manager, runtime),
+            )
+            .map_err(|e| e.to_string())?;
+            start_reload_watch(Arc::clone(&gossip), path.clone(), reload_signal);
             Some(gossip)
         }
         None => None,
@@ -167,7 +175,8 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
         node_name: config.node_name(),
         probe,
         fleet,
-        key_hashes,
+        key_hashes: config.api.key_hashes.clone(),
+        counters: Default::default(),
         default_timeout_s: config.sandbox.default_timeout_s,
         capsules: config.capsules.clone(),
         proxy_domain: config.proxy.domain.clone(),
@@ -243,59 +252,25 @@ fn start_shutdown_watch(manager: Arc<Manager>, signals: SigSet, pause: bool) {
     }
 }
 
-/// What this node gossips about itself: runtime, capacity and load.
-fn publisher(manager: &Arc<Manager>, probe: &HostProbe) -> wrenn_agent::fleet::gossip::Publish {
-    let manager = Arc::clone(manager);
-    let runtime = format!("{}/{}", probe.runtime.as_str(), probe.accel.as_str());
-    Box::new(move || {
-        let capacity = manager.node().capacity();
-        let all = manager.list().unwrap_or_default();
-        let running: Vec<_> = all
-            .iter()
-            .filter(|r| r.status == lmdb_schema::SandboxStatus::Running)
-            .collect();
-        let paused = all
-            .iter()
-            .filter(|r| r.status == lmdb_schema::SandboxStatus::Paused)
-            .count();
-        let load = serde_json::json!({
-            "running": running.len(),
-            "paused": paused,
-            "vcpus": running.iter().map(|r| u64::from(r.vcpus)).sum::<u64>(),
-            "memory_mb": running.iter().map(|r| u64::from(r.memory_mb)).sum::<u64>(),
-        });
-        let cap = serde_json::json!({"vcpus": capacity.vcpus, "memory_mb": capacity.memory_mb});
-        let mut keys = vec![
-            ("runtime".to_owned(), runtime.clone()),
-            ("cap".to_owned(), cap.to_string()),
-            ("load".to_owned(), load.to_string()),
-        ];
-        // Which node holds which sandbox: `status|vcpus|memory_mb`.
-        keys.extend(all.iter().filter(|r| !r.status.is_terminal()).map(|r| {
-            (
-                format!("sbx:{}", r.id),
-                format!("{}|{}|{}", r.status.as_str(), r.vcpus, r.memory_mb),
-            )
-        }));
-        // Which templates it has: base images and snapshots.
-        keys.extend(
-            manager
-                .node()
-                .templates()
-                .list()
-                .into_iter()
-                .map(|name| (format!("tpl:{name}"), "base".to_owned())),
-        );
-        if let Ok(snapshots) = manager.snapshots().list() {
-            keys.extend(snapshots.iter().map(|s| {
-                (
-                    format!("tpl:{}", s.record.name),
-                    format!("snapshot|{}", s.record.size_bytes),
-                )
-            }));
-        }
-        keys
-    })
+/// Re-reads the fleet manifest on SIGHUP and puts it in force; a manifest
+/// that does not parse, or that [`Gossip::reload`] refuses, leaves the one
+/// in force and says why in the log.
+fn start_reload_watch(gossip: Arc<Gossip>, path: PathBuf, signal: SigSet) {
+    std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || loop {
+            if signal.wait().is_err() {
+                return;
+            }
+            let outcome = Manifest::load(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|m| gossip.reload(m));
+            if let Err(why) = outcome {
+                tracing::error!(path = %path.display(), "fleet manifest not reloaded: {why}");
+            }
+        })
+        .map(drop)
+        .unwrap_or_else(|e| tracing::error!(error = %e, "cannot watch for SIGHUP"));
 }
 
 /// Measures the running sandboxes for `/v1/capsules/{id}/metrics`.

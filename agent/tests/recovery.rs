@@ -222,6 +222,7 @@ impl Node {
             vm_state_version: None,
             idle_timeout_s: None,
             last_active_ms: 0,
+            owner: None,
         };
         self.store
             .write(|txn| {

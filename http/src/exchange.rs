@@ -70,6 +70,12 @@ impl Exchange {
         &self.query
     }
 
+    /// The request target as sent: path and query string. `None` once the
+    /// request was taken.
+    pub fn url(&self) -> Option<&str> {
+        self.request.as_ref().map(|r| r.url())
+    }
+
     /// A request header's value (case-insensitive name), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
         let request = self.request.as_ref()?;
@@ -95,6 +101,13 @@ impl Exchange {
     /// Reads the body as a JSON document of type `T` (at most the server's
     /// `max_json_body`, 1 MiB by default).
     pub fn json<T: DeserializeOwned>(&mut self) -> Result<T, ApiError> {
+        parse_json(&self.json_bytes()?)
+    }
+
+    /// Reads the body of a JSON request as bytes, bounded like
+    /// [`Exchange::json`]: for a handler that parses it more than one way
+    /// or sends it on.
+    pub fn json_bytes(&mut self) -> Result<Vec<u8>, ApiError> {
         let max = self.max_json_body;
         if self.body_length().is_some_and(|n| n > max) {
             return Err(too_large_json(max));
@@ -107,7 +120,7 @@ impl Exchange {
         if raw.len() > max {
             return Err(too_large_json(max));
         }
-        parse_json(&raw)
+        Ok(raw)
     }
 
     /// Takes the request out, to stream the answer on its connection.

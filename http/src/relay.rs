@@ -342,7 +342,12 @@ fn answer(input: BufReader<Client>, mut out: Client, status: u16, reason: &str, 
 /// A whole HTTP/1.1 response carrying `err` as its JSON body, with
 /// `Connection: close`.
 pub(crate) fn error_response_bytes(status: u16, reason: &str, err: &ApiError) -> Vec<u8> {
-    let mut body = err.to_json().to_string();
+    json_response_bytes(status, reason, &err.to_json())
+}
+
+/// A whole `Connection: close` response with JSON body `body`.
+pub(crate) fn json_response_bytes(status: u16, reason: &str, body: &serde_json::Value) -> Vec<u8> {
+    let mut body = body.to_string();
     body.push('\n');
     format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use crate::error::ApiError;
 use crate::head::crlf_lines;
-use crate::relay::{error_response_bytes, linger, Client};
+use crate::relay::{json_response_bytes, linger, Client};
 use crate::server::Permit;
 
 /// Bytes moved per read by `tunnel`.
@@ -275,10 +275,16 @@ impl Upgraded {
     /// application/json`, the JSON error body, `Connection: close`), then
     /// closes the connection after a short, bounded wait for the client to
     /// read it.
-    pub fn respond_error(mut self, err: &ApiError) {
-        let status = err.status();
+    pub fn respond_error(self, err: &ApiError) {
+        self.respond_json(err.status(), &err.to_json());
+    }
+
+    /// Answers the request with `status` and JSON `body` (and
+    /// `Connection: close`), then closes the connection like
+    /// [`Upgraded::respond_error`].
+    pub fn respond_json(mut self, status: u16, body: &serde_json::Value) {
         let reason = tiny_http::StatusCode(status).default_reason_phrase();
-        let response = error_response_bytes(status, reason, err);
+        let response = json_response_bytes(status, reason, body);
         if self.client.write_all(&response).is_ok() {
             self.client.shutdown(Shutdown::Write);
             linger(self.client);

@@ -464,7 +464,7 @@ mod tests {
                     get("sb-newer"),
                     Err(Error::UnknownRecordVersion {
                         version: 9,
-                        known: 4,
+                        known: 5,
                         ..
                     })
                 ));

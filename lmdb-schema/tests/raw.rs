@@ -47,7 +47,7 @@ fn id(text: &str) -> SandboxId {
 fn a_record_from_a_newer_program_says_to_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     new_store(dir.path());
-    poke(dir.path(), "sandboxes", b"sb-future", &[5, 0xde, 0xad]);
+    poke(dir.path(), "sandboxes", b"sb-future", &[6, 0xde, 0xad]);
 
     let store = Store::open(dir.path(), StoreOptions::new()).unwrap();
     let err = store
@@ -58,8 +58,8 @@ fn a_record_from_a_newer_program_says_to_upgrade() {
             err,
             Error::UnknownRecordVersion {
                 database: "sandboxes",
-                version: 5,
-                known: 4,
+                version: 6,
+                known: 5,
                 ..
             }
         ),
@@ -67,8 +67,8 @@ fn a_record_from_a_newer_program_says_to_upgrade() {
     );
     assert_eq!(
         err.to_string(),
-        "record sb-future in database `sandboxes` has record version 5 but this wrenn-agent \
-         knows up to 4: upgrade wrenn-agent"
+        "record sb-future in database `sandboxes` has record version 6 but this wrenn-agent \
+         knows up to 5: upgrade wrenn-agent"
     );
     // Iteration reports it as an error item instead of stopping or panicking.
     let items = store

@@ -50,6 +50,7 @@ fn sandbox(id_text: &str) -> SandboxRecord {
         vm_state_version: None,
         idle_timeout_s: None,
         last_active_ms: 1,
+        owner: None,
     }
 }
 

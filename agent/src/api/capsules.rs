@@ -97,17 +97,19 @@ struct CreateBody {
     timeout_sec: Option<u64>,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
+    /// Placement constraints in a fleet (read by [`super::fleet::place`]).
+    #[serde(default)]
+    #[allow(dead_code)]
+    node_labels: BTreeMap<String, String>,
 }
 
 /// The create request for an SDK body: the node's default template when
 /// none is named, aliases resolved, and `timeout_sec` as an inactivity
 /// timer that pauses (0 or absent: none).
-pub fn create_request(api: &Api, ex: &mut Exchange) -> Result<CreateRequest, ApiError> {
-    let empty =
-        matches!(ex.body_length(), None | Some(0)) && ex.header("Transfer-Encoding").is_none();
-    let body: CreateBody = match empty {
+pub fn create_request(api: &Api, raw: &[u8]) -> Result<CreateRequest, ApiError> {
+    let body: CreateBody = match raw.iter().all(u8::is_ascii_whitespace) {
         true => CreateBody::default(),
-        false => ex.json()?,
+        false => wrenn_http::parse_json(raw)?,
     };
     let config = &api.capsules;
     let template = body
@@ -138,6 +140,7 @@ pub fn create_request(api: &Api, ex: &mut Exchange) -> Result<CreateRequest, Api
         env: BTreeMap::new(),
         internet: true,
         timeout_action: TimeoutAction::Pause,
+        owner: None,
     })
 }
 

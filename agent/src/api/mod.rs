@@ -6,6 +6,7 @@
 
 mod activity;
 mod capsules;
+mod fleet;
 mod ports;
 mod proxy;
 mod sandboxes;
@@ -18,6 +19,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use wrenn_http::{ApiError, Exchange, Handler, Method, Reply, RequestHead, Takeover};
 
+use crate::fleet::caller::{self, Caller};
 use crate::runtime::probe::HostProbe;
 use crate::sandbox::{Manager, WarmState};
 
@@ -28,8 +30,13 @@ pub struct Api {
     pub probe: HostProbe,
     /// The fleet's gossip, when the node has a manifest.
     pub fleet: Option<Arc<crate::fleet::Gossip>>,
-    /// SHA-256 (hex) of accepted API keys; empty means open (loopback only).
+    /// SHA-256 (hex) of the node's own API keys (`[api] key_hashes`): an
+    /// operator's, seeing every sandbox. The fleet manifest's keys are
+    /// accepted too, each seeing its owner's. No key at all: open
+    /// (loopback only).
     pub key_hashes: Vec<String>,
+    /// Counts for `/metrics`.
+    pub counters: ApiCounters,
     /// Timeout of a sandbox created without one.
     pub default_timeout_s: u64,
     /// The SDK's defaults: template and template aliases.
@@ -38,18 +45,60 @@ pub struct Api {
     pub proxy_domain: String,
 }
 
+/// What the API counts, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ApiCounters {
+    /// Requests sent on to another node of the fleet.
+    pub forwarded: std::sync::atomic::AtomicU64,
+    /// Requests refused for a missing or wrong key or caller signature.
+    pub auth_failures: std::sync::atomic::AtomicU64,
+}
+
 impl Api {
-    fn authorize(&self, ex: &Exchange) -> Result<(), ApiError> {
+    fn authorize(&self, ex: &Exchange) -> Result<Caller, ApiError> {
         if matches!(ex.path(), "/v1/health" | "/openapi.json") {
-            return Ok(());
+            return Ok(Caller::operator());
         }
-        self.check_key(|name| ex.header(name))
+        self.caller(ex.method().as_str(), ex.path(), |name| ex.header(name))
     }
 
-    /// Checks the API key in `X-API-Key` or `Authorization: Bearer`.
-    fn check_key<'h>(&self, header: impl Fn(&str) -> Option<&'h str>) -> Result<(), ApiError> {
-        if self.key_hashes.is_empty() {
-            return Ok(());
+    /// Who makes a request: a caller forwarded by another node of the
+    /// fleet (signed, [`caller`]), else the API key's, in `X-API-Key` or
+    /// `Authorization: Bearer`.
+    fn caller<'h>(
+        &self,
+        method: &str,
+        path: &str,
+        header: impl Fn(&str) -> Option<&'h str>,
+    ) -> Result<Caller, ApiError> {
+        let found = self.find_caller(method, path, header);
+        if found.is_err() {
+            self.counters
+                .auth_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        found
+    }
+
+    fn find_caller<'h>(
+        &self,
+        method: &str,
+        path: &str,
+        header: impl Fn(&str) -> Option<&'h str>,
+    ) -> Result<Caller, ApiError> {
+        let manifest = self.fleet.as_ref().map(|f| f.manifest());
+        if let Some(value) = header(caller::HEADER) {
+            let manifest = manifest.as_ref().ok_or_else(|| {
+                ApiError::unauthorized(
+                    "this node is in no fleet and takes no forwarded requests: send an API key",
+                )
+            })?;
+            return caller::verify(manifest, value, method, path, crate::clock::now_ms())
+                .map_err(ApiError::unauthorized);
+        }
+        let fleet_keys = manifest.as_ref().map_or(&[][..], |m| &m.keys[..]);
+        if self.key_hashes.is_empty() && fleet_keys.is_empty() {
+            return Ok(Caller::operator());
         }
         let key = header("Authorization")
             .and_then(|v| v.strip_prefix("Bearer "))
@@ -65,21 +114,25 @@ impl Api {
             .iter()
             .any(|h| h.eq_ignore_ascii_case(&hash))
         {
-            Ok(())
-        } else {
-            Err(ApiError::unauthorized(
+            return Ok(Caller::operator());
+        }
+        match fleet_keys.iter().find(|k| k.hash == hash) {
+            Some(key) => Ok(Caller::of_key(key)),
+            None => Err(ApiError::unauthorized(
                 "the API key is not valid for this node: check the key you send",
-            ))
+            )),
         }
     }
 
-    fn route(&self, ex: &mut Exchange) -> Result<Reply, ApiError> {
+    fn route(&self, ex: &mut Exchange, caller: &Caller) -> Result<Reply, ApiError> {
         let path = ex.path().to_owned();
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let method = ex.method().clone();
         match segments.as_slice() {
-            ["v1", "sandboxes", rest @ ..] => self.sandbox_route(ex, Wire::Ours, rest, &path),
-            ["v1", "capsules", rest @ ..] => self.sandbox_route(ex, Wire::Sdk, rest, &path),
+            ["v1", "sandboxes", rest @ ..] => {
+                self.sandbox_route(ex, Wire::Ours, rest, &path, caller)
+            }
+            ["v1", "capsules", rest @ ..] => self.sandbox_route(ex, Wire::Sdk, rest, &path, caller),
             ["v1", "health"] if method == Method::Get => {
                 Ok(Reply::Json(200, json!({"status": "ok"})))
             }
@@ -114,13 +167,18 @@ impl Api {
         wire: Wire,
         rest: &[&str],
         path: &str,
+        caller: &Caller,
     ) -> Result<Reply, ApiError> {
         use Method::{Delete, Get, Post};
         use Wire::{Ours, Sdk};
         let method = ex.method().clone();
+        match (rest, wire) {
+            ([], _) | (["stats" | "usage"], Sdk) => {}
+            ([id, ..], _) => self.check_owner(caller, id)?,
+        }
         match (rest, &method, wire) {
-            ([], Post, _) => sandboxes::create(self, ex, wire),
-            ([], Get, _) => sandboxes::list(self, ex, wire),
+            ([], Post, _) => sandboxes::create(self, ex, wire, caller),
+            ([], Get, _) => sandboxes::list(self, ex, wire, caller),
             (["stats"], Get, Sdk) => activity::stats(self, ex),
             (["usage"], Get, Sdk) => activity::usage(self, ex),
             ([id], Get, _) => sandboxes::get(self, id, wire),
@@ -166,6 +224,26 @@ impl Api {
                 Err(ApiError::method_not_allowed(method.as_str(), path, "POST"))
             }
             _ => Err(not_found(path)),
+        }
+    }
+
+    /// A sandbox's JSON as answered: in a fleet, with the node holding it.
+    pub(crate) fn listed(&self, mut sandbox: Value) -> Value {
+        if self.fleet.is_some() {
+            sandbox["node"] = Value::String(self.node_name.clone());
+        }
+        sandbox
+    }
+
+    /// A caller sees only its owner's sandboxes: others' are not found.
+    fn check_owner(&self, caller: &Caller, id: &str) -> Result<(), ApiError> {
+        if caller.owner.is_none() {
+            return Ok(());
+        }
+        let record = self.manager.get(&sandboxes::parse_id(id)?)?;
+        match caller.may_see(record.owner.as_deref()) {
+            true => Ok(()),
+            false => Err(crate::sandbox::SandboxError::NotFound(id.to_owned()).into()),
         }
     }
 
@@ -338,6 +416,9 @@ impl Handler for Api {
     /// Connections that leave HTTP request/response: the port proxy (by
     /// Host name or `/proxy/...`) and the SDK's WebSockets.
     fn divert(&self, head: &RequestHead) -> Option<Takeover> {
+        if let Some(forward) = fleet::divert(self, head) {
+            return Some(forward);
+        }
         if let Some((port, id)) = ports::host_target(head, &self.proxy_domain) {
             return Some(ports::takeover(Arc::clone(&self.manager), id, port, None));
         }
@@ -364,7 +445,10 @@ impl Handler for Api {
             }
             _ => return None,
         };
-        if let Err(err) = self.check_key(|name| head.header(name)) {
+        let checked = self
+            .caller(head.method(), head.path(), |name| head.header(name))
+            .and_then(|caller| self.check_owner(&caller, &id));
+        if let Err(err) = checked {
             let err = capsules::present(err);
             return Some(Box::new(move |up: wrenn_http::Upgraded| {
                 up.respond_error(&err)
@@ -374,7 +458,9 @@ impl Handler for Api {
     }
 
     fn handle(&self, ex: &mut Exchange) -> Result<Reply, ApiError> {
-        let result = self.authorize(ex).and_then(|()| self.route(ex));
+        let result = self
+            .authorize(ex)
+            .and_then(|caller| self.route(ex, &caller));
         match speaks_sdk(ex.path()) {
             true => result.map_err(capsules::present),
             false => result,

@@ -70,7 +70,7 @@ pub(super) fn takeover(
         };
         let first = match &target {
             None => up.head().raw().to_vec(),
-            Some(target) => rewrite(up.head(), target),
+            Some(target) => rewrite(up.head(), Some(target), Close::AfterAnswer, &[], &[]),
         };
         let ended = Arc::new(AtomicBool::new(false));
         watch(&manager, &id, &up, &upstream, &ended);
@@ -140,19 +140,39 @@ fn connect(manager: &Manager, id: &str, port: u16) -> Result<TcpStream, ApiError
     Ok(stream)
 }
 
-/// The head with its request target replaced. Other requests on the same
-/// connection would go to the guest unrewritten, so a plain request asks
-/// the guest to close after answering; an upgrade keeps its headers.
-fn rewrite(head: &RequestHead, target: &str) -> Vec<u8> {
-    let upgrade = head.is_websocket_upgrade();
+/// Whether a rewritten request asks the server to close after answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Close {
+    /// Later requests on the connection would reach the server without
+    /// the rewrite: it must close after this one (an upgrade excepted).
+    AfterAnswer,
+    /// Later requests may reach the server as they are.
+    AsTheClientAsks,
+}
+
+/// The head rewritten for another server: its request target replaced
+/// (`None`: kept), headers `drop` left out and `add` added.
+pub(super) fn rewrite(
+    head: &RequestHead,
+    target: Option<&str>,
+    close: Close,
+    drop: &[&str],
+    add: &[(&str, String)],
+) -> Vec<u8> {
+    let keep = head.is_websocket_upgrade() || close == Close::AsTheClientAsks;
+    let target = target.unwrap_or(head.target());
     let mut out = format!("{} {} HTTP/1.1\r\n", head.method(), target);
     for (name, value) in head.headers() {
-        if !upgrade && name.eq_ignore_ascii_case("connection") {
+        let dropped = drop.iter().any(|d| name.eq_ignore_ascii_case(d));
+        if dropped || (!keep && name.eq_ignore_ascii_case("connection")) {
             continue;
         }
         out.push_str(&format!("{name}: {value}\r\n"));
     }
-    if !upgrade {
+    for (name, value) in add {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !keep {
         out.push_str("Connection: close\r\n");
     }
     out.push_str("\r\n");

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use wrenn_http::{ApiError, Exchange, Reply};
 
 use super::{Api, Wire};
+use crate::fleet::Caller;
 use crate::sandbox::{CreateRequest, SandboxError};
 
 /// Largest console log returned by `/logs`.
@@ -33,6 +34,10 @@ struct CreateBody {
     internet: bool,
     #[serde(default)]
     timeout_action: TimeoutActionBody,
+    /// Placement constraints in a fleet: only nodes with these labels.
+    #[serde(default)]
+    #[allow(dead_code)]
+    node_labels: BTreeMap<String, String>,
 }
 
 /// `kill` (default) destroys a sandbox when its time is up; `pause` pauses it.
@@ -105,17 +110,43 @@ pub(super) fn parse_id(id: &str) -> Result<SandboxId, ApiError> {
     SandboxId::parse(id).map_err(|_| SandboxError::NotFound(id.to_owned()).into())
 }
 
-pub fn create(api: &Api, ex: &mut Exchange, wire: Wire) -> Result<Reply, ApiError> {
-    let request = match wire {
-        Wire::Ours => create_request(api, ex)?,
-        Wire::Sdk => super::capsules::create_request(api, ex)?,
-    };
-    let record = api.manager.create(request)?;
-    Ok(Reply::Json(201, wire.sandbox(&record)))
+/// `POST /v1/sandboxes` and `/v1/capsules`: in a fleet, placed on a node
+/// ([`super::fleet::place`]) unless another node placed it here.
+pub fn create(
+    api: &Api,
+    ex: &mut Exchange,
+    wire: Wire,
+    caller: &Caller,
+) -> Result<Reply, ApiError> {
+    let raw = ex.json_bytes()?;
+    match &api.fleet {
+        Some(fleet) if !caller.placed => super::fleet::place(api, fleet, &raw, wire, caller, ex),
+        _ => {
+            let record = create_here(api, &raw, wire, caller)?;
+            Ok(Reply::Json(201, api.listed(wire.sandbox(&record))))
+        }
+    }
 }
 
-fn create_request(api: &Api, ex: &mut Exchange) -> Result<CreateRequest, ApiError> {
-    let body: CreateBody = ex.json()?;
+/// Creates the sandbox of body `raw` on this node, for `caller`'s owner,
+/// within its quota.
+pub(super) fn create_here(
+    api: &Api,
+    raw: &[u8],
+    wire: Wire,
+    caller: &Caller,
+) -> Result<SandboxRecord, ApiError> {
+    let mut request = match wire {
+        Wire::Ours => create_request(api, raw)?,
+        Wire::Sdk => super::capsules::create_request(api, raw)?,
+    };
+    request.owner = caller.owner.clone();
+    super::fleet::check_quota(api, caller, &request)?;
+    Ok(api.manager.create(request)?)
+}
+
+fn create_request(api: &Api, raw: &[u8]) -> Result<CreateRequest, ApiError> {
+    let body: CreateBody = wrenn_http::parse_json(raw)?;
     Ok(CreateRequest {
         template: body.template,
         vcpus: body.vcpus,
@@ -129,10 +160,13 @@ fn create_request(api: &Api, ex: &mut Exchange) -> Result<CreateRequest, ApiErro
             TimeoutActionBody::Kill => TimeoutAction::Kill,
             TimeoutActionBody::Pause => TimeoutAction::Pause,
         },
+        owner: None,
     })
 }
 
-pub fn list(api: &Api, ex: &mut Exchange, wire: Wire) -> Result<Reply, ApiError> {
+/// `GET /v1/sandboxes` and `/v1/capsules`: the caller's sandboxes; in a
+/// fleet, those of every node ([`super::fleet::list`]), each with its node.
+pub fn list(api: &Api, ex: &mut Exchange, wire: Wire, caller: &Caller) -> Result<Reply, ApiError> {
     let status = ex.query().text("status")?.map(str::to_owned);
     let mut wanted_metadata = Vec::new();
     for key in ex.query().names() {
@@ -145,6 +179,7 @@ pub fn list(api: &Api, ex: &mut Exchange, wire: Wire) -> Result<Reply, ApiError>
         .manager
         .list()?
         .iter()
+        .filter(|r| caller.may_see(r.owner.as_deref()))
         .filter(|r| status.as_deref().is_none_or(|s| r.status.as_str() == s))
         .filter(|r| {
             wanted_metadata
@@ -157,8 +192,14 @@ pub fn list(api: &Api, ex: &mut Exchange, wire: Wire) -> Result<Reply, ApiError>
             wire == Wire::Ours
                 || !(r.status.is_terminal() || crate::sandbox::warm::is_warm_helper(r))
         })
-        .map(|r| wire.sandbox(r))
+        .map(|r| api.listed(wire.sandbox(r)))
         .collect();
+    let sandboxes = match &api.fleet {
+        Some(fleet) if !caller.is_forwarded() => {
+            super::fleet::list(fleet, ex, wire, caller, status.as_deref(), sandboxes)
+        }
+        _ => sandboxes,
+    };
     Ok(Reply::Json(
         200,
         match wire {
@@ -170,7 +211,7 @@ pub fn list(api: &Api, ex: &mut Exchange, wire: Wire) -> Result<Reply, ApiError>
 
 pub fn get(api: &Api, id: &str, wire: Wire) -> Result<Reply, ApiError> {
     let record = api.manager.get(&parse_id(id)?)?;
-    Ok(Reply::Json(200, wire.sandbox(&record)))
+    Ok(Reply::Json(200, api.listed(wire.sandbox(&record))))
 }
 
 pub fn destroy(api: &Api, id: &str) -> Result<Reply, ApiError> {

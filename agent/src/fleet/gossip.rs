@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -46,6 +46,16 @@ const ITEM_PREFIXES: [&str; 2] = ["sbx:", "tpl:"];
 /// What this node says about itself, refreshed every second.
 pub type Publish = Box<dyn Fn() -> Vec<(String, String)> + Send>;
 
+/// The manifest in force: replaced by [`Gossip::reload`] (SIGHUP).
+type Shared = Arc<RwLock<Arc<Manifest>>>;
+
+fn current(shared: &Shared) -> Arc<Manifest> {
+    match shared.read() {
+        Ok(m) => Arc::clone(&m),
+        Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+    }
+}
+
 /// Counters of the gossip layer.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -57,7 +67,7 @@ pub struct Counters {
 
 /// This node's part in the fleet's gossip.
 pub struct Gossip {
-    manifest: Manifest,
+    manifest: Shared,
     node: String,
     chitchat: Arc<tokio::sync::Mutex<Chitchat>>,
     counters: Arc<Counters>,
@@ -101,16 +111,16 @@ impl Gossip {
             .ok_or_else(|| GossipError::NotListed(node.to_owned()))?
             .clone();
         let counters = Arc::new(Counters::default());
+        let version = manifest.version;
+        let shared: Shared = Arc::new(RwLock::new(Arc::new(manifest)));
+        let manifest = current(&shared);
         let transport = SignedUdp {
-            cluster: manifest.cluster.clone(),
-            secrets: manifest.secrets.clone(),
-            allowed: manifest.nodes.iter().map(|n| n.gossip).collect(),
+            manifest: Arc::clone(&shared),
             counters: Arc::clone(&counters),
         };
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let version = manifest.version;
         let interval = Duration::from_millis(manifest.gossip.interval_ms);
         let dead_after = Duration::from_millis(manifest.gossip.dead_after_ms);
         let config = ChitchatConfig {
@@ -134,12 +144,15 @@ impl Gossip {
             marked_for_deletion_grace_period: Duration::from_secs(600),
             catchup_callback: None,
             // A peer on an older manifest is not one of us.
-            extra_liveness_predicate: Some(Box::new(move |state: &NodeState| {
-                state
-                    .get("mf")
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .is_some_and(|v| v >= version)
-            })),
+            extra_liveness_predicate: Some({
+                let shared = Arc::clone(&shared);
+                Box::new(move |state: &NodeState| {
+                    state
+                        .get("mf")
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .is_some_and(|v| v >= current(&shared).version)
+                })
+            }),
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -158,7 +171,7 @@ impl Gossip {
                 message: format!("{e:#}"),
             })?;
         let gossip = Arc::new(Gossip {
-            manifest,
+            manifest: shared,
             node: me.name.clone(),
             chitchat: handle.chitchat(),
             counters,
@@ -175,20 +188,25 @@ impl Gossip {
                 message: format!("cannot start its thread: {e}"),
             });
         }
-        tracing::info!(node = %me.name, gossip = %me.gossip, cluster = %gossip.manifest.cluster, version, "joined the fleet's gossip");
+        tracing::info!(node = %me.name, gossip = %me.gossip, cluster = %manifest.cluster, version, "joined the fleet's gossip");
         Ok(gossip)
     }
 
     /// Publishes this node's keys every second; stops when a peer runs a
     /// newer manifest.
     async fn run(self: Arc<Self>, handle: ChitchatHandle, publish: Publish) {
-        let ours = self.manifest.version;
         loop {
             tokio::time::sleep(PUBLISH_EVERY).await;
+            let manifest = self.manifest();
+            let ours = manifest.version;
             let newer = {
                 let mut chitchat = self.chitchat.lock().await;
                 let state = chitchat.self_node_state();
-                let wanted = publish();
+                let mut wanted = publish();
+                wanted.push(("mf".into(), ours.to_string()));
+                if let Some(me) = manifest.node(&self.node) {
+                    wanted.push(("api".into(), me.api.clone()));
+                }
                 // Per-item keys (a sandbox, a template) that are gone.
                 let stale: Vec<String> = state
                     .key_values()
@@ -228,6 +246,7 @@ impl Gossip {
 
     /// Every node of the manifest as this node sees it, itself first.
     pub fn members(&self) -> Vec<Member> {
+        let manifest = self.manifest();
         let chitchat = self.chitchat.blocking_lock();
         let stopped = self.stopped.load(Ordering::Acquire);
         let live: HashSet<&str> = chitchat.live_nodes().map(|id| &*id.node_id).collect();
@@ -237,8 +256,7 @@ impl Gossip {
             // The newest generation of a node wins.
             states.insert(&id.node_id, state);
         }
-        let mut members: Vec<Member> = self
-            .manifest
+        let mut members: Vec<Member> = manifest
             .nodes
             .iter()
             .map(|entry| {
@@ -247,7 +265,7 @@ impl Gossip {
                     .get(name)
                     .and_then(|s| s.get("mf"))
                     .and_then(|v| v.parse::<u64>().ok())
-                    .is_some_and(|v| v < self.manifest.version);
+                    .is_some_and(|v| v < manifest.version);
                 let state = match () {
                     _ if name == self.node => match stopped {
                         true => "refused",
@@ -286,8 +304,56 @@ impl Gossip {
         &self.counters
     }
 
-    pub fn manifest(&self) -> &Manifest {
-        &self.manifest
+    /// The manifest in force.
+    pub fn manifest(&self) -> Arc<Manifest> {
+        current(&self.manifest)
+    }
+
+    /// Puts `new` in force (the file re-read on SIGHUP): its keys, quotas,
+    /// labels, secrets and API addresses apply at once. Refused, keeping
+    /// the old one, when it is older, names another cluster, or moves or
+    /// drops this node (those need a restart).
+    pub fn reload(&self, new: Manifest) -> Result<(), String> {
+        let old = self.manifest();
+        if new.cluster != old.cluster {
+            return Err(format!(
+                "the new manifest is for cluster {:?}, this node runs in {:?}: a node changes \
+                 fleets only with a restart",
+                new.cluster, old.cluster
+            ));
+        }
+        if new.version < old.version {
+            return Err(format!(
+                "the new manifest has version {}, older than the {} in force: give it a \
+                 higher version",
+                new.version, old.version
+            ));
+        }
+        let (Some(was), Some(now)) = (old.node(&self.node), new.node(&self.node)) else {
+            return Err(format!(
+                "the new manifest does not list this node ({}): add it back, or stop the node",
+                self.node
+            ));
+        };
+        if was.gossip != now.gossip {
+            return Err(format!(
+                "the new manifest moves this node's gossip address from {} to {}: restart \
+                 the node to change it",
+                was.gossip, now.gossip
+            ));
+        }
+        tracing::info!(
+            from = old.version,
+            to = new.version,
+            nodes = new.nodes.len(),
+            keys = new.keys.len(),
+            "fleet manifest reloaded"
+        );
+        match self.manifest.write() {
+            Ok(mut m) => *m = Arc::new(new),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
+        }
+        Ok(())
     }
 
     pub fn node_name(&self) -> &str {
@@ -302,9 +368,7 @@ impl Gossip {
 
 /// chitchat's UDP, signed.
 struct SignedUdp {
-    cluster: String,
-    secrets: Vec<Vec<u8>>,
-    allowed: HashSet<SocketAddr>,
+    manifest: Shared,
     counters: Arc<Counters>,
 }
 
@@ -316,9 +380,7 @@ impl Transport for SignedUdp {
             .map_err(|e| anyhow::anyhow!("cannot bind {listen_addr}/udp for gossip: {e}"))?;
         Ok(Box::new(SignedSocket {
             socket,
-            cluster: self.cluster.clone(),
-            secrets: self.secrets.clone(),
-            allowed: self.allowed.clone(),
+            manifest: Arc::clone(&self.manifest),
             counters: Arc::clone(&self.counters),
             buf: vec![0; MAX_DATAGRAM],
         }))
@@ -327,9 +389,7 @@ impl Transport for SignedUdp {
 
 struct SignedSocket {
     socket: tokio::net::UdpSocket,
-    cluster: String,
-    secrets: Vec<Vec<u8>>,
-    allowed: HashSet<SocketAddr>,
+    manifest: Shared,
     counters: Arc<Counters>,
     buf: Vec<u8>,
 }
@@ -374,8 +434,13 @@ fn seal_frame(secret: &[u8], cluster: &str, message: &ChitchatMessage) -> Vec<u8
 #[async_trait]
 impl Socket for SignedSocket {
     async fn send(&mut self, to: SocketAddr, message: ChitchatMessage) -> anyhow::Result<()> {
-        let secret = self.secrets.first().map(Vec::as_slice).unwrap_or_default();
-        let frame = seal_frame(secret, &self.cluster, &message);
+        let manifest = current(&self.manifest);
+        let secret = manifest
+            .secrets
+            .first()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let frame = seal_frame(secret, &manifest.cluster, &message);
         if let Err(e) = self.socket.send_to(&frame, to).await {
             // A peer that is down: gossip goes on with the others.
             tracing::debug!(to = %to, error = %e, "gossip send failed");
@@ -391,9 +456,10 @@ impl Socket for SignedSocket {
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
                 Err(e) => return Err(anyhow::anyhow!("gossip socket failed: {e}")),
             };
-            let message = match self.allowed.contains(&from_addr) {
-                true => open_frame(&self.secrets, &self.cluster, &self.buf[..len]),
-                false => None,
+            let manifest = current(&self.manifest);
+            let message = match manifest.node_at(from_addr) {
+                Some(_) => open_frame(&manifest.secrets, &manifest.cluster, &self.buf[..len]),
+                None => None,
             };
             match message {
                 Some(message) => {

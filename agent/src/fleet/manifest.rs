@@ -250,6 +250,14 @@ impl Manifest {
                     key.id
                 )));
             }
+            for (field, value) in [("id", &key.id), ("owner", &key.owner)] {
+                if !is_name(value) {
+                    return Err(invalid(format!(
+                        "key {:?}: {field} {value:?} must be 1 to 63 of a-z, 0-9 and '-'",
+                        key.id
+                    )));
+                }
+            }
             if keys.iter().any(|k| k.id == key.id || k.hash == hash) {
                 return Err(invalid(format!("key {} is listed twice", key.id)));
             }

@@ -69,6 +69,9 @@ pub struct Manager {
     pub(super) metrics: super::metrics::Metrics,
     /// Where each base template's warm-up stands ([`super::warm`]).
     pub(super) warm: super::warm::WarmTable,
+    /// Held from the room check of a create or resume until its record
+    /// holds the room ([`Manager::admit`]).
+    pub(super) admission: std::sync::Mutex<()>,
 }
 
 impl Manager {
@@ -93,6 +96,7 @@ impl Manager {
             capacity: parts.capacity,
             metrics: super::metrics::Metrics::default(),
             warm: super::warm::WarmTable::default(),
+            admission: std::sync::Mutex::default(),
         }
     }
 
@@ -186,8 +190,10 @@ impl Manager {
             vm_state_version: None,
             idle_timeout_s: request.idle_timeout_s,
             last_active_ms: now,
+            owner: request.owner,
         };
         let slots = self.registry.slots();
+        let admitted = self.admit(&id, memory_mb)?;
         record.slot = Some(self.store.write_with(|txn| {
             let slot = allocate_slot(txn, slots.clone(), &id, now)?;
             let mut r = record.clone();
@@ -202,6 +208,7 @@ impl Manager {
             log_event(txn, &id, "create", &detail, now)?;
             Ok::<_, SandboxError>(slot)
         })?);
+        drop(admitted);
         tracing::info!(sandbox = %id, slot = ?record.slot, template = %record.template, "creating sandbox");
         let mut undo = Undo::new(&id);
         let brought_up = match (&snapshot, &memory) {

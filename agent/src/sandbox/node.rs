@@ -32,6 +32,11 @@ impl Node<'_> {
         self.m.capacity
     }
 
+    /// The limits sandboxes are checked against (`[sandbox]`).
+    pub fn limits(&self) -> &crate::config::SandboxConfig {
+        &self.m.config.sandbox
+    }
+
     /// The base images sandboxes boot from.
     pub fn templates(&self) -> &Templates {
         &self.m.templates

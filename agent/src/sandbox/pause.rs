@@ -147,6 +147,7 @@ impl Manager {
             })?;
         let slots = self.registry.slots();
         let now = self.now_ms();
+        let admitted = self.admit(id, record.memory_mb)?;
         record.set_status(SandboxStatus::Resuming, now);
         record.slot = Some(self.store.write_with(|txn| {
             let slot = allocate_slot(txn, slots.clone(), id, now)?;
@@ -155,6 +156,7 @@ impl Manager {
             txn.sandboxes().put(id, &resuming)?;
             Ok::<_, SandboxError>(slot)
         })?);
+        drop(admitted);
         tracing::info!(sandbox = %id, slot = ?record.slot, "resuming sandbox");
         let mut undo = Undo::new(id);
         match self.bring_back(&mut record, &mut undo) {

@@ -155,6 +155,7 @@ mod tests {
             vm_state_version: None,
             idle_timeout_s: None,
             last_active_ms: 0,
+            owner: None,
         }
     }
 

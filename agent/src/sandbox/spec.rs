@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use lmdb_schema::{SandboxRecord, TemplateName, TemplateRecord, TimeoutAction};
+use lmdb_schema::{
+    SandboxId, SandboxRecord, SandboxStatus, TemplateName, TemplateRecord, TimeoutAction,
+};
 
 use super::error::SandboxError;
 use super::manager::Manager;
@@ -26,6 +28,8 @@ pub struct CreateRequest {
     pub env: BTreeMap<String, String>,
     pub internet: bool,
     pub timeout_action: TimeoutAction,
+    /// The fleet key's owner it is created for (`SandboxRecord::owner`).
+    pub owner: Option<String>,
 }
 
 /// Host resources that requests are checked against.
@@ -115,6 +119,50 @@ impl Manager {
         Ok((name, snapshot, vcpus, memory_mb))
     }
 
+    /// Whether one more sandbox of `memory_mb` fits beside those that run
+    /// or are starting (`[sandbox] max_running`, and memory, which is never
+    /// overcommitted). The guard is held until the caller's record says
+    /// the sandbox runs, so that two creates cannot both take the last room.
+    pub(super) fn admit(
+        &self,
+        id: &SandboxId,
+        memory_mb: u32,
+    ) -> Result<std::sync::MutexGuard<'_, ()>, SandboxError> {
+        let guard = self
+            .admission
+            .lock()
+            .map_err(|_| SandboxError::Internal("the admission lock is poisoned".into()))?;
+        let running: Vec<_> = self
+            .registry
+            .list()?
+            .into_iter()
+            .filter(|r| &r.id != id && holds_room(r.status))
+            .collect();
+        let limits = &self.config.sandbox;
+        let node = self.config.node_name();
+        if limits.max_running > 0 && running.len() >= limits.max_running as usize {
+            return Err(SandboxError::Capacity(format!(
+                "node {node} runs {} sandboxes, its limit (max_running): pause or destroy one, \
+                 or create it on another node",
+                running.len()
+            )));
+        }
+        let used: u64 = running.iter().map(|r| u64::from(r.memory_mb)).sum();
+        let room = self
+            .capacity
+            .memory_mb
+            .saturating_sub(limits.host_reserved_memory_mb);
+        if used + u64::from(memory_mb) > room {
+            return Err(SandboxError::Capacity(format!(
+                "node {node} has {} MiB of its {room} MiB for sandboxes free, {memory_mb} MiB \
+                 asked: pause or destroy sandboxes, ask for less memory, or create it on \
+                 another node",
+                room.saturating_sub(used)
+            )));
+        }
+        Ok(guard)
+    }
+
     /// A snapshot restores only under the runtime that took it: the VM
     /// state formats differ, and so do the disks (qcow2 or raw).
     pub(super) fn check_snapshot_runtime(
@@ -172,4 +220,15 @@ impl Manager {
             extra_cmdline: String::new(),
         })
     }
+}
+
+/// Whether a sandbox in `status` holds memory on the node.
+fn holds_room(status: SandboxStatus) -> bool {
+    matches!(
+        status,
+        SandboxStatus::Creating
+            | SandboxStatus::Running
+            | SandboxStatus::Pausing
+            | SandboxStatus::Resuming
+    )
 }

@@ -375,6 +375,7 @@ impl Manager {
             env: BTreeMap::new(),
             internet: false,
             timeout_action: TimeoutAction::Kill,
+            owner: None,
         };
         tracing::info!(template = %base, prepare = ?plan.spec.prepare, "warming the template: booting a helper sandbox");
         let helper = self

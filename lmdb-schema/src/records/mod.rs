@@ -64,6 +64,7 @@ pub(crate) mod samples {
             vm_state_version: None,
             idle_timeout_s: Some(120),
             last_active_ms: 1_700_000_000_400,
+            owner: None,
         }
     }
 
@@ -189,13 +190,24 @@ mod golden {
     }
 
     #[test]
-    fn sandbox_v4() {
+    fn sandbox_v4_upgrades() {
+        let mut expected = samples::sandbox();
+        expected.vm_state_version = Some(crate::records::VmStateVersion { major: 1, minor: 2 });
+        upgrades(
+            "040873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc3101010300019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc3101cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd010102017890d395ffbc31",
+            expected,
+        );
+    }
+
+    #[test]
+    fn sandbox_v5() {
         let mut record = samples::sandbox();
         record.vm_state_version = Some(crate::records::VmStateVersion { major: 1, minor: 2 });
+        record.owner = Some("team-a".into());
         check(
-            4,
+            5,
             record,
-            "040873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc3101010300019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc3101cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd010102017890d395ffbc31",
+            "050873622d746573743101046261736502800401056f776e657202636901044c414e4707432e5554462d380180d095ffbc3101e0f7a7ffbc3101010300019221c0c4071c2f72756e2f7772656e6e2f73622d74657374312f716d702e736f636b010673656372657400f4d395ffbc3101cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd010102017890d395ffbc3101067465616d2d61",
         );
     }
 

@@ -116,7 +116,8 @@ pub struct VmmProcess {
     pub control_socket: String,
 }
 
-/// One sandbox (record version 4 added the inactivity timer,
+/// One sandbox (record version 5 added `owner`, the fleet key's owner;
+/// version 4 added the inactivity timer,
 /// `idle_timeout_s` and `last_active_ms`; version 3 gave the runtime, the
 /// memory header and the VM state version types of their own; version 2
 /// added `memory_header`).
@@ -173,6 +174,65 @@ pub struct SandboxRecord {
     /// The last use of the sandbox (or its creation or last resume),
     /// milliseconds since the Unix epoch.
     pub last_active_ms: u64,
+    /// Who made it: the `owner` of the fleet manifest's API key it was
+    /// created with. Only that owner's keys see it. `None`: created with a
+    /// node key (or none), seen by node keys only.
+    pub owner: Option<String>,
+}
+
+/// Version 4, frozen: decoded and upgraded, never written.
+#[derive(Deserialize)]
+struct SandboxRecordV4 {
+    id: SandboxId,
+    status: SandboxStatus,
+    template: TemplateName,
+    vcpus: u32,
+    memory_mb: u32,
+    metadata: BTreeMap<String, String>,
+    env: BTreeMap<String, String>,
+    internet: bool,
+    created_at_ms: u64,
+    expires_at_ms: Option<u64>,
+    timeout_action: TimeoutAction,
+    slot: Option<SlotId>,
+    runtime: RuntimeKind,
+    vmm: Option<VmmProcess>,
+    envd_token: Option<String>,
+    error: Option<String>,
+    updated_at_ms: u64,
+    memory_header: Option<HeaderId>,
+    vm_state_version: Option<VmStateVersion>,
+    idle_timeout_s: Option<u32>,
+    last_active_ms: u64,
+}
+
+impl From<SandboxRecordV4> for SandboxRecord {
+    fn from(v4: SandboxRecordV4) -> SandboxRecord {
+        SandboxRecord {
+            id: v4.id,
+            status: v4.status,
+            template: v4.template,
+            vcpus: v4.vcpus,
+            memory_mb: v4.memory_mb,
+            metadata: v4.metadata,
+            env: v4.env,
+            internet: v4.internet,
+            created_at_ms: v4.created_at_ms,
+            expires_at_ms: v4.expires_at_ms,
+            timeout_action: v4.timeout_action,
+            slot: v4.slot,
+            runtime: v4.runtime,
+            vmm: v4.vmm,
+            envd_token: v4.envd_token,
+            error: v4.error,
+            updated_at_ms: v4.updated_at_ms,
+            memory_header: v4.memory_header,
+            vm_state_version: v4.vm_state_version,
+            idle_timeout_s: v4.idle_timeout_s,
+            last_active_ms: v4.last_active_ms,
+            owner: None,
+        }
+    }
 }
 
 /// Version 3, frozen: decoded and upgraded, never written.
@@ -199,9 +259,9 @@ struct SandboxRecordV3 {
     vm_state_version: Option<VmStateVersion>,
 }
 
-impl From<SandboxRecordV3> for SandboxRecord {
-    fn from(v3: SandboxRecordV3) -> SandboxRecord {
-        SandboxRecord {
+impl From<SandboxRecordV3> for SandboxRecordV4 {
+    fn from(v3: SandboxRecordV3) -> SandboxRecordV4 {
+        SandboxRecordV4 {
             id: v3.id,
             status: v3.status,
             template: v3.template,
@@ -354,14 +414,18 @@ impl Upgrade for SandboxRecord {
             1 => Some(
                 decode_body::<SandboxRecordV1>(body)
                     .and_then(|v1| SandboxRecordV3::try_from(SandboxRecordV2::from(v1)))
-                    .map(SandboxRecord::from),
+                    .map(|v3| SandboxRecord::from(SandboxRecordV4::from(v3))),
             ),
             2 => Some(
                 decode_body::<SandboxRecordV2>(body)
                     .and_then(SandboxRecordV3::try_from)
-                    .map(SandboxRecord::from),
+                    .map(|v3| SandboxRecord::from(SandboxRecordV4::from(v3))),
             ),
-            3 => Some(decode_body::<SandboxRecordV3>(body).map(SandboxRecord::from)),
+            3 => Some(
+                decode_body::<SandboxRecordV3>(body)
+                    .map(|v3| SandboxRecord::from(SandboxRecordV4::from(v3))),
+            ),
+            4 => Some(decode_body::<SandboxRecordV4>(body).map(SandboxRecord::from)),
             _ => None,
         }
     }
@@ -369,7 +433,7 @@ impl Upgrade for SandboxRecord {
 
 impl Record for SandboxRecord {
     const DATABASE: &'static str = "sandboxes";
-    const CURRENT_VERSION: u8 = 4;
+    const CURRENT_VERSION: u8 = 5;
     type Key = SandboxId;
 }
 
@@ -383,7 +447,7 @@ mod tests {
     fn round_trip() {
         let record = samples::sandbox();
         let bytes = encode(&record).unwrap();
-        assert_eq!(bytes[0], 4);
+        assert_eq!(bytes[0], 5);
         assert_eq!(decode::<SandboxRecord>(&record.id, &bytes).unwrap(), record);
     }
 

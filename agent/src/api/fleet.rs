@@ -1,0 +1,484 @@
+//! The fleet at the API: any node answers for every node.
+//!
+//! - A call that names a sandbox another node holds (by gossip) is joined,
+//!   connection and all, to that node's API: the request head is rewritten
+//!   to carry the caller signed ([`caller`]) instead of the API key, and
+//!   then bytes flow both ways as they come, so bodies, event streams,
+//!   WebSockets and the port proxy pass through without being buffered.
+//!   Later requests on that connection go to the same node unchanged: it
+//!   checks their keys itself and sends on what it does not hold.
+//! - A create is placed: among the live nodes whose labels match
+//!   `node_labels`, that have the template and room, the least loaded
+//!   first, up to [`CANDIDATES`] are tried in turn; a refusal (full, over
+//!   quota, template missing) moves on to the next.
+//! - A list asks every live node for its part; a node that does not
+//!   answer shows its sandboxes (as last gossiped) as `missing`.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use lmdb_schema::SandboxId;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use wrenn_http::{ApiError, Exchange, Reply, RequestHead, Takeover, Upgraded};
+
+use super::{capsules, ports, speaks_sdk, Api, Wire};
+use crate::fleet::caller::{self, Caller};
+use crate::fleet::view::{self, OverQuota, SandboxEntry, Usage};
+use crate::fleet::{Gossip, Member};
+use crate::sandbox::{CreateRequest, SandboxError};
+
+/// Nodes a create is offered to before the client is told no.
+pub const CANDIDATES: usize = 3;
+/// How long connecting to another node may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long another node may take to answer its part of a list.
+const LIST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long another node may take to create a sandbox (a cold boot).
+const CREATE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Headers not sent on: the key is replaced by the signed caller.
+const DROPPED: [&str; 3] = ["Authorization", "X-API-Key", caller::HEADER];
+
+/// The takeover that sends a request on to the node holding the sandbox it
+/// names, when another node holds it; `None` when this node answers.
+pub(super) fn divert(api: &Api, head: &RequestHead) -> Option<Takeover> {
+    let fleet = api.fleet.as_ref()?;
+    // A forwarded request is answered here, whatever happens: no loops.
+    if head.header(caller::HEADER).is_some() {
+        return None;
+    }
+    let (id, proxied) = named_sandbox(api, head)?;
+    let sandbox = SandboxId::parse(&id).ok()?;
+    if api.manager.get(&sandbox).is_ok() {
+        return None;
+    }
+    let members = fleet.members();
+    let holder = members
+        .into_iter()
+        .find(|m| m.name != fleet.node_name() && m.sandbox(&id).is_some())?;
+    let entry = holder.sandbox(&id)?;
+    let sdk = speaks_sdk(head.path());
+    let refuse = move |err: ApiError| -> Option<Takeover> {
+        let err = if sdk { capsules::present(err) } else { err };
+        Some(Box::new(move |up: Upgraded| up.respond_error(&err)))
+    };
+    // The port proxy asks for no key (the id is the secret); the API does,
+    // and a key that may not see the sandbox does not learn where it is.
+    let mut add = Vec::new();
+    if !proxied {
+        let caller = match api.caller(head.method(), head.path(), |n| head.header(n)) {
+            Ok(caller) => caller,
+            Err(err) => return refuse(err),
+        };
+        if !caller.may_see(entry.owner.as_deref()) {
+            return refuse(SandboxError::NotFound(id).into());
+        }
+        let signed = caller::sign(
+            &fleet.manifest(),
+            fleet.node_name(),
+            &caller,
+            false,
+            head.method(),
+            head.path(),
+            crate::clock::now_ms(),
+        );
+        add.push((caller::HEADER, signed));
+    }
+    if !holder.is_live() {
+        if head.method() == "GET" && is_sandbox_path(head.path()) {
+            let wire = if sdk { Wire::Sdk } else { Wire::Ours };
+            let body = missing_json(&entry, &holder.name, wire);
+            return Some(Box::new(move |up: Upgraded| up.respond_json(200, &body)));
+        }
+        return refuse(node_down(&id, &holder));
+    }
+    // Later requests on the connection reach that node as they are: it
+    // checks their keys itself, and sends on what it does not hold.
+    let first = match proxied {
+        true => head.raw().to_vec(),
+        false => ports::rewrite(head, None, ports::Close::AsTheClientAsks, &DROPPED, &add),
+    };
+    api.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(sandbox = %id, node = %holder.name, path = head.path(), "forwarding");
+    Some(Box::new(move |up: Upgraded| {
+        let upstream = match connect(&holder.api) {
+            Ok(stream) => stream,
+            Err(why) => {
+                let err = ApiError::unavailable(format!(
+                    "sandbox {id} is on node {}, which does not answer at {} ({why}): retry \
+                     in a moment",
+                    holder.name, holder.api
+                ));
+                let err = if sdk { capsules::present(err) } else { err };
+                return up.respond_error(&err);
+            }
+        };
+        if let Err(e) = wrenn_http::tunnel(up, upstream, &first) {
+            tracing::debug!(sandbox = %id, node = %holder.name, error = %e, "forwarded connection ended");
+        }
+    }))
+}
+
+/// The sandbox id a request head names, and whether it is the port proxy.
+fn named_sandbox(api: &Api, head: &RequestHead) -> Option<(String, bool)> {
+    if let Some((_, id)) = ports::host_target(head, &api.proxy_domain) {
+        return Some((id, true));
+    }
+    if let Some((_, id, _)) = ports::path_target(head) {
+        return Some((id, true));
+    }
+    let mut segments = head.path().trim_end_matches('/').split('/').skip(1);
+    match (segments.next(), segments.next(), segments.next()) {
+        (Some("v1"), Some("sandboxes" | "capsules"), Some(id))
+            if id.starts_with(SandboxId::PREFIX) =>
+        {
+            Some((id.to_owned(), false))
+        }
+        _ => None,
+    }
+}
+
+/// `/v1/sandboxes/{id}` or `/v1/capsules/{id}`, nothing after.
+fn is_sandbox_path(path: &str) -> bool {
+    path.trim_end_matches('/').split('/').count() == 4
+}
+
+fn node_down(id: &str, holder: &Member) -> ApiError {
+    ApiError::unavailable(format!(
+        "sandbox {id} is on node {}, which is {} to this node: it is missing until that node \
+         is back; retry then, or create another sandbox",
+        holder.name, holder.state
+    ))
+    .with_detail("node_unavailable")
+}
+
+/// A sandbox of a node that does not answer, as last gossiped.
+fn missing_json(entry: &SandboxEntry, node: &str, wire: Wire) -> Value {
+    let mut body = json!({
+        "id": entry.id,
+        "status": "missing",
+        "node": node,
+        "vcpus": entry.vcpus,
+        "memory_mb": entry.memory_mb,
+        "last_status": entry.status,
+    });
+    if wire == Wire::Sdk {
+        body["metadata"] = json!({});
+    }
+    body
+}
+
+/// `host:port` of an API URL `http://host:port`.
+fn api_addr(api: &str) -> Result<SocketAddr, String> {
+    let rest = api
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{api} is not an http:// URL"))?;
+    let host = rest.split('/').next().unwrap_or(rest);
+    host.to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or_else(|| format!("{host} has no address"))
+}
+
+fn connect(api: &str) -> Result<TcpStream, String> {
+    let addr = api_addr(api)?;
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+        .map_err(|e| wrenn_http::describe_io(&e))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// What placement reads of a create body (both wires).
+#[derive(Debug, Default, Deserialize)]
+struct Shape {
+    template: Option<String>,
+    vcpus: Option<u32>,
+    memory_mb: Option<u32>,
+    #[serde(default)]
+    node_labels: BTreeMap<String, String>,
+}
+
+/// `POST /v1/sandboxes` or `/v1/capsules` in a fleet: places the create on
+/// a node and answers what that node answered, with its name.
+pub(super) fn place(
+    api: &Api,
+    fleet: &Gossip,
+    raw: &[u8],
+    wire: Wire,
+    caller: &Caller,
+    ex: &Exchange,
+) -> Result<Reply, ApiError> {
+    let shape: Shape = match raw.iter().all(u8::is_ascii_whitespace) {
+        true => Shape::default(),
+        false => wrenn_http::parse_json(raw)?,
+    };
+    let template = match wire {
+        Wire::Ours => shape.template.clone().unwrap_or_else(|| "base".into()),
+        Wire::Sdk => {
+            let config = &api.capsules;
+            let name = shape
+                .template
+                .clone()
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| config.default_template.clone());
+            config.template_aliases.get(&name).cloned().unwrap_or(name)
+        }
+    };
+    let members = fleet.members();
+    let (vcpus, memory_mb) = members
+        .iter()
+        .find_map(|m| m.snapshot_shape(&template))
+        .map_or(
+            (shape.vcpus.unwrap_or(1), shape.memory_mb.unwrap_or(512)),
+            |fixed| fixed,
+        );
+    if let Some(owner) = &caller.owner {
+        let local = api.manager.list()?;
+        let usage = Usage::of_owner(&members, owner, fleet.node_name(), &local);
+        view::check_quota(&caller.quota, &usage, vcpus, memory_mb)
+            .map_err(|over| over_quota(caller, &over))?;
+    }
+    let mut refusals: Vec<String> = Vec::new();
+    let mut candidates: Vec<&Member> = Vec::new();
+    for member in &members {
+        let why = match () {
+            _ if !member.is_live() => Some(format!("is {}", member.state)),
+            _ if !view::labels_match(&member.labels, &shape.node_labels) => {
+                Some(format!("has labels {:?}", member.labels))
+            }
+            _ if !member.has_template(&template) => Some(format!("lacks template {template}")),
+            _ => member.lacks_room(memory_mb),
+        };
+        match why {
+            Some(why) => refusals.push(format!("{} {why}", member.name)),
+            None => candidates.push(member),
+        }
+    }
+    // Least loaded first; by name when equal, so that placement is stable.
+    candidates.sort_by(|a, b| {
+        b.free_memory_mb()
+            .cmp(&a.free_memory_mb())
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    candidates.truncate(CANDIDATES);
+    let mut over: Option<(u16, Value)> = None;
+    for member in candidates {
+        let outcome = if member.name == fleet.node_name() {
+            match super::sandboxes::create_here(api, raw, wire, caller) {
+                Ok(record) => return Ok(Reply::Json(201, api.listed(wire.sandbox(&record)))),
+                Err(err) => {
+                    let err = if wire == Wire::Sdk {
+                        capsules::present(err)
+                    } else {
+                        err
+                    };
+                    Err((err.status(), err.to_json()))
+                }
+            }
+        } else {
+            forward_create(fleet, member, raw, ex, caller)
+        };
+        match outcome {
+            Ok(body) => return Ok(Reply::Json(201, body)),
+            Err((status, body)) if is_refusal(status) => {
+                let message = body["error"]["message"].as_str().unwrap_or("refused");
+                tracing::info!(node = %member.name, status, "create refused there; trying the next node: {message}");
+                refusals.push(format!("{} refused: {message}", member.name));
+                if status == 429 {
+                    over = Some((status, body));
+                }
+            }
+            // Bad input is bad on every node: the client hears it now.
+            Err((status, body)) => return Ok(Reply::Json(status, body)),
+        }
+    }
+    if let Some((status, body)) = over {
+        return Ok(Reply::Json(status, body));
+    }
+    Err(ApiError::unavailable(format!(
+        "no node of the fleet can take a sandbox of template {template} with {vcpus} vCPUs and \
+         {memory_mb} MiB{}: {}; pause or destroy sandboxes, ask for less, or add a node",
+        match shape.node_labels.is_empty() {
+            true => String::new(),
+            false => format!(" and labels {:?}", shape.node_labels),
+        },
+        refusals.join("; ")
+    ))
+    .with_detail("no_capacity"))
+}
+
+/// A create refused for want of room, quota or template: another node may
+/// take it.
+fn is_refusal(status: u16) -> bool {
+    matches!(status, 404 | 409 | 429 | 502 | 503)
+}
+
+/// Sends the create to `member` as placed there; its created sandbox, or
+/// its status and error body.
+fn forward_create(
+    fleet: &Gossip,
+    member: &Member,
+    raw: &[u8],
+    ex: &Exchange,
+    caller: &Caller,
+) -> Result<Value, (u16, Value)> {
+    let path = ex.path();
+    let signed = caller::sign(
+        &fleet.manifest(),
+        fleet.node_name(),
+        caller,
+        true,
+        "POST",
+        path,
+        crate::clock::now_ms(),
+    );
+    let unreachable = |why: String| {
+        let err = ApiError::unavailable(format!("node {} does not answer: {why}", member.name));
+        (err.status(), err.to_json())
+    };
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(CONNECT_TIMEOUT)
+        .timeout_read(CREATE_TIMEOUT)
+        .build();
+    let answer = agent
+        .post(&format!("{}{path}", member.api))
+        .set(caller::HEADER, &signed)
+        .set("Content-Type", "application/json")
+        .send_bytes(raw);
+    match answer {
+        Ok(response) => response
+            .into_json::<Value>()
+            .map_err(|e| unreachable(e.to_string())),
+        Err(ureq::Error::Status(status, response)) => {
+            Err((status, response.into_json().unwrap_or(Value::Null)))
+        }
+        Err(e) => Err(unreachable(e.to_string())),
+    }
+}
+
+/// Refuses a create over the caller's quota across the fleet, counting
+/// what gossip says the owner holds elsewhere and what this node holds.
+pub(super) fn check_quota(
+    api: &Api,
+    caller: &Caller,
+    request: &CreateRequest,
+) -> Result<(), ApiError> {
+    let (Some(owner), Some(fleet)) = (&caller.owner, &api.fleet) else {
+        return Ok(());
+    };
+    let (vcpus, memory_mb) = match api.manager.snapshots().get(&request.template) {
+        Ok(snapshot) => (
+            snapshot.record.vcpus.unwrap_or(1),
+            snapshot.record.memory_mb.unwrap_or(512),
+        ),
+        Err(_) => (request.vcpus.unwrap_or(1), request.memory_mb.unwrap_or(512)),
+    };
+    let local = api.manager.list()?;
+    let usage = Usage::of_owner(&fleet.members(), owner, fleet.node_name(), &local);
+    view::check_quota(&caller.quota, &usage, vcpus, memory_mb)
+        .map_err(|over| over_quota(caller, &over))
+}
+
+fn over_quota(caller: &Caller, over: &OverQuota) -> ApiError {
+    ApiError::too_many_requests(format!(
+        "key {} may hold {} {} across the fleet and holds {} ({} more asked): destroy or pause \
+         sandboxes, or ask the fleet's operator for a larger quota",
+        caller.key.as_deref().unwrap_or("-"),
+        over.limit,
+        over.resource,
+        over.used,
+        over.asked
+    ))
+    .with_detail("quota_exceeded")
+}
+
+/// The fleet's sandboxes: `local` (this node's, already filtered) and
+/// every other live node's answer to the same list, asked as `caller`;
+/// the sandboxes of a node that does not answer, as last gossiped, with
+/// status `missing`.
+pub(super) fn list(
+    fleet: &Gossip,
+    ex: &Exchange,
+    wire: Wire,
+    caller: &Caller,
+    status: Option<&str>,
+    mut local: Vec<Value>,
+) -> Vec<Value> {
+    let target = ex.url().unwrap_or(ex.path()).to_owned();
+    let path = ex.path();
+    let others: Vec<Member> = fleet
+        .members()
+        .into_iter()
+        .filter(|m| m.name != fleet.node_name())
+        .collect();
+    let parts: Vec<Option<Vec<Value>>> = std::thread::scope(|scope| {
+        let asks: Vec<_> = others
+            .iter()
+            .map(|member| {
+                let target = &target;
+                scope.spawn(move || {
+                    member
+                        .is_live()
+                        .then(|| ask_list(fleet, member, path, target, caller, wire))
+                        .flatten()
+                })
+            })
+            .collect();
+        asks.into_iter().map(|a| a.join().ok().flatten()).collect()
+    });
+    for (member, part) in others.iter().zip(parts) {
+        match part {
+            Some(sandboxes) => local.extend(sandboxes),
+            None => local.extend(
+                member
+                    .sandboxes()
+                    .filter(|e| caller.may_see(e.owner.as_deref()))
+                    .filter(|_| status.is_none_or(|s| s == "missing"))
+                    .map(|e| missing_json(&e, &member.name, wire)),
+            ),
+        }
+    }
+    local
+}
+
+/// `member`'s own sandboxes, or `None` when it does not answer.
+fn ask_list(
+    fleet: &Gossip,
+    member: &Member,
+    path: &str,
+    target: &str,
+    caller: &Caller,
+    wire: Wire,
+) -> Option<Vec<Value>> {
+    let signed = caller::sign(
+        &fleet.manifest(),
+        fleet.node_name(),
+        caller,
+        false,
+        "GET",
+        path,
+        crate::clock::now_ms(),
+    );
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(CONNECT_TIMEOUT)
+        .timeout(LIST_TIMEOUT)
+        .build();
+    let answer = agent
+        .get(&format!("{}{target}", member.api))
+        .set(caller::HEADER, &signed)
+        .call();
+    let body: Value = match answer {
+        Ok(response) => response.into_json().ok()?,
+        Err(e) => {
+            tracing::warn!(node = %member.name, error = %e, "a node did not answer its part of a list");
+            return None;
+        }
+    };
+    let items = match wire {
+        Wire::Ours => body.get("sandboxes")?.as_array()?.clone(),
+        Wire::Sdk => body.as_array()?.clone(),
+    };
+    Some(items)
+}

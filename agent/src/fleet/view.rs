@@ -1,0 +1,415 @@
+//! The fleet as gossip shows it: what each node publishes about itself
+//! (its capacity and load, its sandboxes, its templates), read back for
+//! placement, quotas and finding the node that holds a sandbox.
+//!
+//! Keys a node publishes, refreshed every second:
+//! - `runtime`: `qemu/tcg`, `native/kvm`, ...
+//! - `cap`: `{"vcpus", "memory_mb" (for sandboxes: total less the host's
+//!   reserve), "max_running" (0: no limit)}`
+//! - `load`: `{"running", "paused", "creating", "vcpus", "memory_mb"}` of
+//!   the sandboxes that hold room
+//! - `sbx:<id>`: `status|vcpus|memory_mb|owner` (owner `-`: none)
+//! - `tpl:<name>`: `base`, or `snapshot|bytes|vcpus|memory_mb`
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use lmdb_schema::{SandboxRecord, SandboxStatus};
+use serde::Deserialize;
+
+use super::gossip::{Member, Publish};
+use super::manifest::Quota;
+use crate::sandbox::Manager;
+
+/// One sandbox as its node publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxEntry {
+    pub id: String,
+    pub status: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub owner: Option<String>,
+}
+
+impl SandboxEntry {
+    /// Whether it holds room on its node (anything but paused or error).
+    fn runs(&self) -> bool {
+        !matches!(self.status.as_str(), "paused" | "error" | "destroyed")
+    }
+}
+
+/// The `sbx:<id>` value of a sandbox.
+pub fn sandbox_value(record: &SandboxRecord) -> String {
+    format!(
+        "{}|{}|{}|{}",
+        record.status.as_str(),
+        record.vcpus,
+        record.memory_mb,
+        record.owner.as_deref().unwrap_or("-")
+    )
+}
+
+fn parse_sandbox(id: &str, value: &str) -> Option<SandboxEntry> {
+    let mut parts = value.split('|');
+    let status = parts.next()?.to_owned();
+    let vcpus = parts.next()?.parse().ok()?;
+    let memory_mb = parts.next()?.parse().ok()?;
+    let owner = match parts.next() {
+        None | Some("-") => None,
+        Some(owner) => Some(owner.to_owned()),
+    };
+    Some(SandboxEntry {
+        id: id.to_owned(),
+        status,
+        vcpus,
+        memory_mb,
+        owner,
+    })
+}
+
+/// A node's published capacity.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(default)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub memory_mb: u64,
+    pub max_running: u32,
+}
+
+/// A node's published load: the sandboxes that hold room on it.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(default)]
+pub struct Load {
+    pub running: u32,
+    pub paused: u32,
+    pub creating: u32,
+    pub vcpus: u64,
+    pub memory_mb: u64,
+}
+
+impl Member {
+    /// The sandboxes it published.
+    pub fn sandboxes(&self) -> impl Iterator<Item = SandboxEntry> + '_ {
+        self.published
+            .iter()
+            .filter_map(|(key, value)| parse_sandbox(key.strip_prefix("sbx:")?, value))
+    }
+
+    /// Its published entry for sandbox `id`.
+    pub fn sandbox(&self, id: &str) -> Option<SandboxEntry> {
+        parse_sandbox(id, self.published.get(&format!("sbx:{id}"))?)
+    }
+
+    /// Whether it has template `name` (a base image or a snapshot).
+    pub fn has_template(&self, name: &str) -> bool {
+        self.published.contains_key(&format!("tpl:{name}"))
+    }
+
+    /// `(vcpus, memory_mb)` of snapshot template `name`, if it has it.
+    pub fn snapshot_shape(&self, name: &str) -> Option<(u32, u32)> {
+        let value = self.published.get(&format!("tpl:{name}"))?;
+        let mut parts = value.strip_prefix("snapshot|")?.split('|').skip(1);
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.json("cap")
+    }
+
+    pub fn load(&self) -> Load {
+        self.json("load")
+    }
+
+    fn json<T: Default + for<'de> Deserialize<'de>>(&self, key: &str) -> T {
+        self.published
+            .get(key)
+            .and_then(|v| serde_json::from_str(v).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.state == "live"
+    }
+
+    /// Why it cannot take one more sandbox of `memory_mb`, if it cannot.
+    pub fn lacks_room(&self, memory_mb: u32) -> Option<String> {
+        let (cap, load) = (self.capacity(), self.load());
+        if cap.max_running > 0 && load.running >= cap.max_running {
+            return Some(format!("runs {} sandboxes, its limit", load.running));
+        }
+        let free = cap.memory_mb.saturating_sub(load.memory_mb);
+        (free < u64::from(memory_mb)).then(|| format!("has {free} MiB free"))
+    }
+
+    /// How much room it has left, for "least loaded first": free memory.
+    pub fn free_memory_mb(&self) -> u64 {
+        self.capacity()
+            .memory_mb
+            .saturating_sub(self.load().memory_mb)
+    }
+}
+
+/// What one owner holds across the fleet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Sandboxes that run (or start, or pause).
+    pub sandboxes: u32,
+    pub vcpus: u64,
+    pub memory_mb: u64,
+    pub paused: u32,
+}
+
+impl Usage {
+    fn add(&mut self, entry: &SandboxEntry) {
+        if entry.runs() {
+            self.sandboxes += 1;
+            self.vcpus += u64::from(entry.vcpus);
+            self.memory_mb += u64::from(entry.memory_mb);
+        } else if entry.status == "paused" {
+            self.paused += 1;
+        }
+    }
+
+    /// What `owner` holds by the published state of `members`, leaving out
+    /// node `skip` (whose own numbers the caller knows better), plus
+    /// `local`, the records of that node.
+    pub fn of_owner(members: &[Member], owner: &str, skip: &str, local: &[SandboxRecord]) -> Usage {
+        let mut usage = Usage::default();
+        for member in members.iter().filter(|m| m.name != skip) {
+            for entry in member.sandboxes() {
+                if entry.owner.as_deref() == Some(owner) {
+                    usage.add(&entry);
+                }
+            }
+        }
+        for record in local
+            .iter()
+            .filter(|r| r.owner.as_deref() == Some(owner) && !r.status.is_terminal())
+        {
+            if let Some(entry) = parse_sandbox(record.id.as_str(), &sandbox_value(record)) {
+                usage.add(&entry);
+            }
+        }
+        usage
+    }
+}
+
+/// A quota that one more sandbox would break.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverQuota {
+    pub resource: &'static str,
+    pub limit: u64,
+    pub used: u64,
+    pub asked: u64,
+}
+
+/// Whether one more running sandbox of `vcpus` and `memory_mb` fits in
+/// `quota` beside `usage`.
+pub fn check_quota(
+    quota: &Quota,
+    usage: &Usage,
+    vcpus: u32,
+    memory_mb: u32,
+) -> Result<(), OverQuota> {
+    let checks = [
+        (
+            "sandboxes",
+            quota.sandboxes.map(u64::from),
+            u64::from(usage.sandboxes),
+            1,
+        ),
+        (
+            "vcpus",
+            quota.vcpus.map(u64::from),
+            usage.vcpus,
+            u64::from(vcpus),
+        ),
+        (
+            "memory_mb",
+            quota.memory_mb,
+            usage.memory_mb,
+            u64::from(memory_mb),
+        ),
+    ];
+    for (resource, limit, used, asked) in checks {
+        if let Some(limit) = limit {
+            if used + asked > limit {
+                return Err(OverQuota {
+                    resource,
+                    limit,
+                    used,
+                    asked,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `labels` has every key/value of `wanted`.
+pub fn labels_match(labels: &BTreeMap<String, String>, wanted: &BTreeMap<String, String>) -> bool {
+    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// What this node gossips about itself.
+pub fn publisher(manager: &Arc<Manager>, runtime: String) -> Publish {
+    let manager = Arc::clone(manager);
+    Box::new(move || publish(&manager, &runtime))
+}
+
+fn publish(manager: &Manager, runtime: &str) -> Vec<(String, String)> {
+    let capacity = manager.node().capacity();
+    let node = manager.node();
+    let limits = node.limits();
+    let all = manager.list().unwrap_or_default();
+    let holding: Vec<_> = all
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.status,
+                SandboxStatus::Creating
+                    | SandboxStatus::Running
+                    | SandboxStatus::Pausing
+                    | SandboxStatus::Resuming
+            )
+        })
+        .collect();
+    let count = |status: SandboxStatus| all.iter().filter(|r| r.status == status).count();
+    let load = serde_json::json!({
+        "running": holding.len(),
+        "paused": count(SandboxStatus::Paused),
+        "creating": count(SandboxStatus::Creating),
+        "vcpus": holding.iter().map(|r| u64::from(r.vcpus)).sum::<u64>(),
+        "memory_mb": holding.iter().map(|r| u64::from(r.memory_mb)).sum::<u64>(),
+    });
+    let cap = serde_json::json!({
+        "vcpus": capacity.vcpus,
+        "memory_mb": capacity.memory_mb.saturating_sub(limits.host_reserved_memory_mb),
+        "max_running": limits.max_running,
+    });
+    let mut keys = vec![
+        ("runtime".to_owned(), runtime.to_owned()),
+        ("cap".to_owned(), cap.to_string()),
+        ("load".to_owned(), load.to_string()),
+    ];
+    keys.extend(
+        all.iter()
+            .filter(|r| !r.status.is_terminal() && !crate::sandbox::warm::is_warm_helper(r))
+            .map(|r| (format!("sbx:{}", r.id), sandbox_value(r))),
+    );
+    keys.extend(
+        manager
+            .node()
+            .templates()
+            .list()
+            .into_iter()
+            .map(|name| (format!("tpl:{name}"), "base".to_owned())),
+    );
+    if let Ok(snapshots) = manager.snapshots().list() {
+        keys.extend(snapshots.iter().map(|s| {
+            let r = &s.record;
+            (
+                format!("tpl:{}", r.name),
+                format!(
+                    "snapshot|{}|{}|{}",
+                    r.size_bytes,
+                    r.vcpus.unwrap_or(1),
+                    r.memory_mb.unwrap_or(512)
+                ),
+            )
+        }));
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(name: &str, published: &[(&str, &str)]) -> Member {
+        Member {
+            name: name.into(),
+            api: String::new(),
+            gossip: String::new(),
+            labels: BTreeMap::new(),
+            state: "live",
+            published: published
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn usage_counts_an_owners_sandboxes_on_every_node() {
+        let members = [
+            member(
+                "n1",
+                &[
+                    ("sbx:sb-a", "running|1|512|team-a"),
+                    ("sbx:sb-b", "paused|2|1024|team-a"),
+                ],
+            ),
+            member(
+                "n2",
+                &[
+                    ("sbx:sb-c", "running|2|256|team-a"),
+                    ("sbx:sb-d", "running|1|512|-"),
+                ],
+            ),
+        ];
+        let usage = Usage::of_owner(&members, "team-a", "n9", &[]);
+        assert_eq!(
+            usage,
+            Usage {
+                sandboxes: 2,
+                vcpus: 3,
+                memory_mb: 768,
+                paused: 1
+            }
+        );
+        // The node's own figures replace what it gossiped.
+        let usage = Usage::of_owner(&members, "team-a", "n1", &[]);
+        assert_eq!(usage.sandboxes, 1);
+    }
+
+    #[test]
+    fn quotas_refuse_the_one_too_many() {
+        let quota = Quota {
+            sandboxes: Some(2),
+            memory_mb: Some(2048),
+            ..Quota::default()
+        };
+        let mut usage = Usage {
+            sandboxes: 1,
+            memory_mb: 512,
+            ..Usage::default()
+        };
+        assert!(check_quota(&quota, &usage, 1, 512).is_ok());
+        usage.sandboxes = 2;
+        let over = check_quota(&quota, &usage, 1, 512).unwrap_err();
+        assert_eq!((over.resource, over.limit, over.used), ("sandboxes", 2, 2));
+        usage.sandboxes = 0;
+        let over = check_quota(&quota, &usage, 1, 2000).unwrap_err();
+        assert_eq!(over.resource, "memory_mb");
+    }
+
+    #[test]
+    fn room_and_templates_from_what_a_node_publishes() {
+        let full = member(
+            "n1",
+            &[
+                ("cap", r#"{"vcpus":2,"memory_mb":1000,"max_running":1}"#),
+                ("load", r#"{"running":1,"memory_mb":512}"#),
+                ("tpl:base", "base"),
+                ("tpl:snap", "snapshot|4096|2|768"),
+            ],
+        );
+        assert!(full.lacks_room(128).unwrap().contains("limit"));
+        assert!(full.has_template("base") && !full.has_template("other"));
+        assert_eq!(full.snapshot_shape("snap"), Some((2, 768)));
+        let roomy = member("n2", &[("cap", r#"{"vcpus":2,"memory_mb":1000}"#)]);
+        assert_eq!(roomy.lacks_room(1000), None);
+        assert!(roomy.lacks_room(1001).is_some());
+    }
+}
