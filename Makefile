@@ -2,7 +2,8 @@
 #
 #   make run     start a node, create a sandbox, run Python in it (the main job)
 #   make test    install what is missing, build, make the image, run every test
-#   make bench   sandbox lifecycle timings, written to target/bench/*.md
+#   make bench   sandbox lifecycle, SDK and fleet gossip timings, written to
+#                target/bench/*.md
 #   make image   build the base guest image into $(IMAGE_DIR), and the
 #                templates of $(TEMPLATES) into sibling folders
 #   make lint    rustfmt and clippy, warnings are errors
@@ -45,6 +46,7 @@ test: image
 bench: image
 	WRENN_E2E=1 $(CARGO) bench -p wrenn-agent --bench lifecycle
 	WRENN_E2E=1 $(CARGO) bench -p wrenn-agent --bench sdk
+	WRENN_E2E=1 $(CARGO) bench -p wrenn-agent --bench fleet
 	$(CARGO) bench -p wrenn-vmm --bench vmm
 
 run: image

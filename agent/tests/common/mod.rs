@@ -2,12 +2,16 @@
 //! with its own state folder, port and network slot range, driven over HTTP
 //! with a real client. Dropping an [`Agent`] destroys its sandboxes through
 //! the API (restarting the agent first if a test killed it), stops the
-//! process by PID and removes its folder.
+//! process by PID and removes its folder. An agent may also run in a
+//! network namespace of a [`fleet::FleetNet`], on an address of its own
+//! ([`Agent::start_in`]).
 
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -15,8 +19,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// Agents alive in this test process; the last one out removes the host's
-/// shared nft table.
+/// Agents in the host's network namespace alive in this test process; the
+/// last one out removes the host's shared nft table. A namespaced agent's
+/// table is in its namespace, which goes with its `FleetNet`: it must not
+/// count, or its drop would remove the table of agents it knows nothing of.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static NEXT: AtomicU32 = AtomicU32::new(0);
 /// Slots per test agent; ranges start at 1000 to stay clear of a real node.
@@ -37,6 +43,10 @@ pub struct Agent {
     pub first_slot: u32,
     config: PathBuf,
     env: Vec<(String, String)>,
+    /// The network namespace (under /run/netns) it runs in; None: the host's.
+    netns: Option<String>,
+    /// The API key sent on every request (`X-API-Key`), when it needs one.
+    key: Option<String>,
     http: ureq::Agent,
 }
 
@@ -51,18 +61,54 @@ impl Agent {
 
     /// Same, with extra environment variables (`WRENN_*` settings).
     pub fn start_with_env(images_dir: &Path, env: &[(&str, &str)]) -> Agent {
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::launch(images_dir, None, listen, None, env)
+    }
+
+    /// Starts an agent inside network namespace `netns` (a
+    /// [`fleet::FleetNet`]'s) with its API on `listen`. Off loopback the
+    /// agent refuses to start without an API key: give `key`, which its
+    /// config then accepts and every request here carries.
+    ///
+    /// Only the network namespace changes (`nsenter --net`, not `ip netns
+    /// exec`, which also gives the process a mount namespace of its own with
+    /// /sys remounted): the agent must share the host's mounts, where it
+    /// makes its sandboxes' namespaces under /run/netns.
+    pub fn start_in(
+        images_dir: &Path,
+        netns: &str,
+        listen: SocketAddr,
+        key: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Agent {
+        Self::launch(images_dir, Some(netns), listen, key, env)
+    }
+
+    fn launch(
+        images_dir: &Path,
+        netns: Option<&str>,
+        listen: SocketAddr,
+        key: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Agent {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("wrenn-agent-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
-        let port = free_port();
         let first_slot = 1000 + (std::process::id() % 64) * 64 + n * SLOTS;
         let config = dir.join("agent.toml");
+        let key_hashes = match key {
+            Some(key) => format!(
+                "key_hashes = [{:?}]\n",
+                wrenn_agent::config::hash_api_key(key)
+            ),
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
                 "[node]\nstate_dir = {state:?}\nimages_dir = {images:?}\n\
-                 [api]\nlisten = \"127.0.0.1:{port}\"\n\
+                 [api]\nlisten = \"{listen}\"\n{key_hashes}\
                  [network]\nslots = {SLOTS}\nfirst_slot = {first_slot}\n\
                  [templates]\nwarm = false\n",
                 state = dir.join("state"),
@@ -70,10 +116,12 @@ impl Agent {
             ),
         )
         .expect("write config");
-        LIVE.fetch_add(1, Ordering::SeqCst);
+        if netns.is_none() {
+            LIVE.fetch_add(1, Ordering::SeqCst);
+        }
         let mut agent = Agent {
             child: None,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{listen}"),
             dir,
             first_slot,
             config,
@@ -81,6 +129,8 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            netns: netns.map(str::to_owned),
+            key: key.map(str::to_owned),
             http: ureq::AgentBuilder::new()
                 .timeout_connect(Duration::from_secs(2))
                 .timeout_read(Duration::from_secs(300))
@@ -103,7 +153,21 @@ impl Agent {
             .append(true)
             .open(self.dir.join("agent.log"))
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_wrenn-agent"))
+        let binary = env!("CARGO_BIN_EXE_wrenn-agent");
+        let mut command = match &self.netns {
+            // nsenter execs the agent without forking: the child's PID is
+            // the agent's, so kill9 and terminate reach it (checked below).
+            Some(netns) => {
+                let mut nsenter = Command::new("nsenter");
+                nsenter
+                    .arg(format!("--net=/run/netns/{netns}"))
+                    .arg("--")
+                    .arg(binary);
+                nsenter
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .env("WRENN_LOG", "info")
@@ -119,7 +183,7 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if self.get("/v1/health").0 == 200 {
-                return Ok(());
+                return self.check_pid_is_agent();
             }
             let exited = self
                 .child
@@ -138,6 +202,32 @@ impl Agent {
             "wrenn-agent did not answer within 60 s; log:\n{}",
             self.log()
         ))
+    }
+
+    /// Err unless the PID we spawned runs the agent itself (not a wrapper
+    /// that would survive a kill by PID).
+    fn check_pid_is_agent(&self) -> Result<(), String> {
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return Ok(());
+        };
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map_err(|e| format!("cannot read /proc/{pid}/exe: {e}"))?;
+        let binary = Path::new(env!("CARGO_BIN_EXE_wrenn-agent"));
+        let same = |p: &Path| std::fs::canonicalize(p).ok();
+        match same(&exe) == same(binary) {
+            true => Ok(()),
+            false => Err(format!(
+                "PID {pid} runs {}, not {}: the agent was not exec'd in place, and a kill \
+                 by PID would miss it",
+                exe.display(),
+                binary.display()
+            )),
+        }
+    }
+
+    /// The agent's PID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Kills the agent with SIGKILL, by PID.
@@ -172,42 +262,42 @@ impl Agent {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// A request to this agent, carrying its API key if it has one.
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let request = self.http.request(method, &format!("{}{path}", self.url));
+        match &self.key {
+            Some(key) => request.set("X-API-Key", key),
+            None => request,
+        }
+    }
+
     pub fn get(&self, path: &str) -> Answer {
-        answer(self.http.get(&format!("{}{path}", self.url)).call())
+        answer(self.request("GET", path).call())
     }
 
     pub fn delete(&self, path: &str) -> Answer {
-        answer(self.http.delete(&format!("{}{path}", self.url)).call())
+        answer(self.request("DELETE", path).call())
     }
 
     pub fn post(&self, path: &str, body: Value) -> Answer {
-        answer(
-            self.http
-                .post(&format!("{}{path}", self.url))
-                .send_json(body),
-        )
+        answer(self.request("POST", path).send_json(body))
     }
 
     pub fn post_raw(&self, path: &str, body: &[u8]) -> Answer {
         answer(
-            self.http
-                .post(&format!("{}{path}", self.url))
+            self.request("POST", path)
                 .set("Content-Type", "application/json")
                 .send_bytes(body),
         )
     }
 
     pub fn put_bytes(&self, path: &str, body: &[u8]) -> Answer {
-        answer(
-            self.http
-                .put(&format!("{}{path}", self.url))
-                .send_bytes(body),
-        )
+        answer(self.request("PUT", path).send_bytes(body))
     }
 
     /// GET returning the raw body.
     pub fn get_bytes(&self, path: &str) -> (u16, Vec<u8>) {
-        let response = match self.http.get(&format!("{}{path}", self.url)).call() {
+        let response = match self.request("GET", path).call() {
             Ok(r) | Err(ureq::Error::Status(_, r)) => r,
             Err(e) => panic!("GET {path}: {e}"),
         };
@@ -279,13 +369,21 @@ impl Drop for Agent {
         if self.child.is_none() && self.try_spawn().is_err() {
             // The agent cannot clean up after itself: remove what its
             // sandboxes could have left, by name (QEMU by PID below).
+            // A namespaced agent's host ends live in its namespace.
+            let link_ns: &[&str] = match &self.netns {
+                Some(netns) => &["-n", netns],
+                None => &[],
+            };
             for slot in self.slots() {
-                for args in [
-                    ["netns", "delete", &format!("wrenn-{slot}")],
-                    ["link", "delete", &format!("wrenn-h{slot}")],
-                ] {
-                    let _ = Command::new("ip").args(args).stderr(Stdio::null()).status();
-                }
+                let _ = Command::new("ip")
+                    .args(["netns", "delete", &format!("wrenn-{slot}")])
+                    .stderr(Stdio::null())
+                    .status();
+                let _ = Command::new("ip")
+                    .args(link_ns)
+                    .args(["link", "delete", &format!("wrenn-h{slot}")])
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
         let (_, list) = self.get("/v1/sandboxes");
@@ -299,7 +397,7 @@ impl Drop for Agent {
             // Only QEMU processes whose command line names our own folder.
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
-        if LIVE.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.netns.is_none() && LIVE.fetch_sub(1, Ordering::SeqCst) == 1 {
             let _ = Command::new("nft")
                 .args(["delete", "table", "inet", "wrenn-host"])
                 .stderr(Stdio::null())
