@@ -7,32 +7,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use common::Agent;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The venv's python, made (or checked) by the script.
-fn sdk_python() -> String {
-    let out = Command::new(repo().join("scripts/sdk-venv.sh"))
-        .output()
-        .expect("run scripts/sdk-venv.sh");
-    assert!(
-        out.status.success(),
-        "scripts/sdk-venv.sh failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_owned()
-}
+use common::{repo, sdk_python, Agent};
 
 /// Runs the pytest files `tests` (relative to tests/sdk) against `agent`.
 fn pytest(agent: &Agent, keyed: &Agent, tests: &[&str]) {

@@ -20,7 +20,8 @@ def _resolve_localhost(host, *args, **kwargs):
     if isinstance(host, bytes):
         host = host.decode()
     if isinstance(host, str) and host.endswith(".localhost"):
-        host = "127.0.0.1"
+        # A fleet test's nodes are on a bridge, not on loopback.
+        host = os.environ.get("WRENN_TEST_PROXY_IP", "127.0.0.1")
     return _getaddrinfo(host, *args, **kwargs)
 
 

@@ -86,14 +86,17 @@ pub(super) fn divert(api: &Api, head: &RequestHead) -> Option<Takeover> {
         );
         add.push((caller::HEADER, signed));
     }
-    if !holder.is_live() {
-        if head.method() == "GET" && is_sandbox_path(head.path()) {
-            let wire = if sdk { Wire::Sdk } else { Wire::Ours };
-            let body = missing_json(&entry, &holder.name, wire);
-            return Some(Box::new(move |up: Upgraded| up.respond_json(200, &body)));
-        }
-        return refuse(node_down(&id, &holder));
-    }
+    // A GET of a sandbox whose node is down answers what gossip last said.
+    let missing = (head.method() == "GET" && is_sandbox_path(head.path())).then(|| {
+        let wire = if sdk { Wire::Sdk } else { Wire::Ours };
+        missing_json(&entry, &holder.name, wire)
+    });
+    // Gossip's verdict lags a node's restart: a node it calls dead is
+    // tried all the same, only not for as long.
+    let patience = match holder.is_live() {
+        true => CONNECT_TIMEOUT,
+        false => Duration::from_secs(1),
+    };
     // Later requests on the connection reach that node as they are: it
     // checks their keys itself, and sends on what it does not hold.
     let first = match proxied {
@@ -103,14 +106,14 @@ pub(super) fn divert(api: &Api, head: &RequestHead) -> Option<Takeover> {
     api.counters.forwarded.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(sandbox = %id, node = %holder.name, path = head.path(), "forwarding");
     Some(Box::new(move |up: Upgraded| {
-        let upstream = match connect(&holder.api) {
+        let upstream = match connect(&holder.api, patience) {
             Ok(stream) => stream,
             Err(why) => {
-                let err = ApiError::unavailable(format!(
-                    "sandbox {id} is on node {}, which does not answer at {} ({why}): retry \
-                     in a moment",
-                    holder.name, holder.api
-                ));
+                if let Some(body) = missing {
+                    return up.respond_json(200, &body);
+                }
+                let why = format!("not answering at {} ({why})", holder.api);
+                let err = node_down(&id, &holder, &why);
                 let err = if sdk { capsules::present(err) } else { err };
                 return up.respond_error(&err);
             }
@@ -145,10 +148,10 @@ fn is_sandbox_path(path: &str) -> bool {
     path.trim_end_matches('/').split('/').count() == 4
 }
 
-fn node_down(id: &str, holder: &Member) -> ApiError {
+fn node_down(id: &str, holder: &Member, why: &str) -> ApiError {
     ApiError::unavailable(format!(
-        "sandbox {id} is on node {}, which is {} to this node: it is missing until that node \
-         is back; retry then, or create another sandbox",
+        "sandbox {id} is on node {} ({}, {why}): it is missing until that node is back; retry \
+         then, or create another sandbox",
         holder.name, holder.state
     ))
     .with_detail("node_unavailable")
@@ -182,10 +185,10 @@ fn api_addr(api: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{host} has no address"))
 }
 
-fn connect(api: &str) -> Result<TcpStream, String> {
+fn connect(api: &str, timeout: Duration) -> Result<TcpStream, String> {
     let addr = api_addr(api)?;
-    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-        .map_err(|e| wrenn_http::describe_io(&e))?;
+    let stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| wrenn_http::describe_io(&e))?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }
@@ -418,12 +421,7 @@ pub(super) fn list(
             .iter()
             .map(|member| {
                 let target = &target;
-                scope.spawn(move || {
-                    member
-                        .is_live()
-                        .then(|| ask_list(fleet, member, path, target, caller, wire))
-                        .flatten()
-                })
+                scope.spawn(move || ask_list(fleet, member, path, target, caller, wire))
             })
             .collect();
         asks.into_iter().map(|a| a.join().ok().flatten()).collect()
@@ -461,8 +459,14 @@ fn ask_list(
         path,
         crate::clock::now_ms(),
     );
+    // A node gossip calls dead is asked too (it may just have come back),
+    // but not waited for long.
+    let connect = match member.is_live() {
+        true => CONNECT_TIMEOUT,
+        false => Duration::from_secs(1),
+    };
     let agent = ureq::AgentBuilder::new()
-        .timeout_connect(CONNECT_TIMEOUT)
+        .timeout_connect(connect)
         .timeout(LIST_TIMEOUT)
         .build();
     let answer = agent

@@ -62,7 +62,7 @@ impl Agent {
     /// Same, with extra environment variables (`WRENN_*` settings).
     pub fn start_with_env(images_dir: &Path, env: &[(&str, &str)]) -> Agent {
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        Self::launch(images_dir, None, listen, None, env)
+        Self::launch(images_dir, None, listen, None, env, "")
     }
 
     /// Starts an agent inside network namespace `netns` (a
@@ -81,7 +81,20 @@ impl Agent {
         key: Option<&str>,
         env: &[(&str, &str)],
     ) -> Agent {
-        Self::launch(images_dir, Some(netns), listen, key, env)
+        Self::launch(images_dir, Some(netns), listen, key, env, "")
+    }
+
+    /// [`Agent::start_in`] with `extra` appended to the agent's config
+    /// (whole TOML tables, such as `[sandbox]\nmax_running = 1\n`).
+    pub fn start_in_with(
+        images_dir: &Path,
+        netns: &str,
+        listen: SocketAddr,
+        key: Option<&str>,
+        env: &[(&str, &str)],
+        extra: &str,
+    ) -> Agent {
+        Self::launch(images_dir, Some(netns), listen, key, env, extra)
     }
 
     fn launch(
@@ -90,6 +103,7 @@ impl Agent {
         listen: SocketAddr,
         key: Option<&str>,
         env: &[(&str, &str)],
+        extra: &str,
     ) -> Agent {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("wrenn-agent-test-{}-{n}", std::process::id()));
@@ -110,7 +124,7 @@ impl Agent {
                 "[node]\nstate_dir = {state:?}\nimages_dir = {images:?}\n\
                  [api]\nlisten = \"{listen}\"\n{key_hashes}\
                  [network]\nslots = {SLOTS}\nfirst_slot = {first_slot}\n\
-                 [templates]\nwarm = false\n",
+                 [templates]\nwarm = false\n{extra}",
                 state = dir.join("state"),
                 images = images_dir,
             ),
@@ -477,4 +491,27 @@ pub fn raw_exchange(url: &str, request: &[u8]) -> String {
         }
     }
     String::from_utf8_lossy(&response).into_owned()
+}
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The venv's python, made (or checked) by the script.
+pub fn sdk_python() -> String {
+    let out = Command::new(repo().join("scripts/sdk-venv.sh"))
+        .output()
+        .expect("run scripts/sdk-venv.sh");
+    assert!(
+        out.status.success(),
+        "scripts/sdk-venv.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("scripts/sdk-venv.sh printed no python")
+        .trim()
+        .to_owned()
 }

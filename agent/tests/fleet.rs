@@ -1,0 +1,484 @@
+//! A fleet of three real agents, each in its own network namespace with its
+//! own address on a bridge the test makes, from one fleet.toml, running
+//! real QEMU sandboxes: creates placed by load, labels and room, every call
+//! on a sandbox forwarded to the node holding it (exec, 50 MiB files both
+//! ways, the SDK's WebSockets, PTY and port proxy through a node that holds
+//! none of them), fleet-wide lists with each sandbox's node, a killed
+//! node's sandboxes listed as `missing` until it is back, and keys that see
+//! only their own sandboxes with quotas that hold across nodes.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::fleet::FleetNet;
+use common::{sdk_python, Agent};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+const SECRET: &str = "hex:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+/// Every node's own key: an operator's, seeing everything.
+const OPERATOR: &str = "fleet-operator-key";
+/// Keys of the manifest: team-a's may hold 2 sandboxes.
+const KEY_A: &str = "key-of-team-a";
+const KEY_B: &str = "key-of-team-b";
+const API_PORT: u16 = 8080;
+const GOSSIP_PORT: u16 = 7946;
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Three nodes n1 (zone a), n2 (zone a), n3 (zone b).
+struct Fleet {
+    agents: Vec<Agent>,
+    // Dropped after the agents.
+    net: FleetNet,
+    _dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// Starts the fleet; `max_running[i]` is node i's limit (0: none).
+    fn start(images: &Path, max_running: [u32; 3]) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let net = FleetNet::new(3);
+        let mut text = format!(
+            "[cluster]\nname = \"test\"\nversion = 1\nsecrets = [\"{SECRET}\"]\n\n\
+             [gossip]\ninterval_ms = 200\ndead_after_ms = 4000\n"
+        );
+        for (i, zone) in ["a", "a", "b"].iter().enumerate() {
+            text.push_str(&format!(
+                "\n[[node]]\nname = \"n{}\"\napi = \"http://{}:{API_PORT}\"\n\
+                 gossip = \"{}:{GOSSIP_PORT}\"\nlabels = {{ zone = \"{zone}\" }}\n",
+                i + 1,
+                net.addr(i),
+                net.addr(i)
+            ));
+        }
+        for (id, owner, key, quota) in [
+            ("ka", "team-a", KEY_A, "{ sandboxes = 2 }"),
+            ("kb", "team-b", KEY_B, "{}"),
+        ] {
+            text.push_str(&format!(
+                "\n[[key]]\nid = \"{id}\"\nowner = \"{owner}\"\nhash = \"sha256:{}\"\nquota = {quota}\n",
+                sha256_hex(key.as_bytes())
+            ));
+        }
+        let manifest = dir.path().join("fleet.toml");
+        std::fs::write(&manifest, text).unwrap();
+        let agents: Vec<Agent> = (0..3)
+            .map(|i| {
+                let name = format!("n{}", i + 1);
+                Agent::start_in_with(
+                    images,
+                    net.netns(i),
+                    SocketAddr::new(net.addr(i).into(), API_PORT),
+                    Some(OPERATOR),
+                    &[
+                        ("WRENN_FLEET", manifest.to_str().unwrap()),
+                        ("WRENN_NODE_NAME", &name),
+                    ],
+                    &format!("[sandbox]\nmax_running = {}\n", max_running[i]),
+                )
+            })
+            .collect();
+        let fleet = Fleet {
+            agents,
+            net,
+            _dir: dir,
+        };
+        let took = fleet.wait_for(Duration::from_secs(30), "membership", |f| {
+            f.agents.iter().all(|a| {
+                let (_, nodes) = a.get("/v1/nodes");
+                nodes["nodes"]
+                    .as_array()
+                    .is_some_and(|n| n.len() == 3 && n.iter().all(|m| m["state"] == "live"))
+            })
+        });
+        println!("3 members converged in {took:?}");
+        fleet
+    }
+
+    fn node(&self, name: &str) -> &Agent {
+        let i: usize = name[1..].parse().unwrap();
+        &self.agents[i - 1]
+    }
+
+    fn wait_for(&self, limit: Duration, what: &str, check: impl Fn(&Fleet) -> bool) -> Duration {
+        let start = Instant::now();
+        while !check(self) {
+            assert!(
+                start.elapsed() < limit,
+                "{what} did not happen within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        start.elapsed()
+    }
+
+    /// Waits until every node's gossip shows sandbox `id` (or, with `gone`,
+    /// no longer shows it).
+    fn wait_gossiped(&self, id: &str, gone: bool) {
+        self.wait_for(Duration::from_secs(15), &format!("gossip of {id}"), |f| {
+            f.agents.iter().all(|a| {
+                let (_, nodes) = a.get("/v1/nodes");
+                let seen = nodes["nodes"].as_array().unwrap().iter().any(|n| {
+                    n["published"]
+                        .as_object()
+                        .is_some_and(|p| p.contains_key(&format!("sbx:{id}")))
+                });
+                seen != gone
+            })
+        });
+    }
+}
+
+/// A call with API key `key` (not the agent's own).
+fn call(agent: &Agent, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+    let request = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .request(method, &format!("{}{path}", agent.url))
+        .set("X-API-Key", key);
+    let answer = match body {
+        Some(body) => request.send_json(body),
+        None => request.call(),
+    };
+    match answer {
+        Ok(r) => {
+            let status = r.status();
+            (status, r.into_json().unwrap_or(Value::Null))
+        }
+        Err(ureq::Error::Status(status, r)) => (status, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{method} {path} on {}: {e}", agent.url),
+    }
+}
+
+/// Creates a sandbox through `agent`; its id and the node it landed on.
+fn create(agent: &Agent, key: &str, body: Value) -> (String, String) {
+    let (status, sandbox) = call(agent, "POST", "/v1/sandboxes", key, Some(body));
+    assert_eq!(status, 201, "create through {}: {sandbox}", agent.url);
+    (
+        sandbox["id"].as_str().unwrap().to_owned(),
+        sandbox["node"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// The fleet's sandboxes as `agent` lists them for `key`: id → (status, node).
+fn listed(agent: &Agent, key: &str) -> std::collections::BTreeMap<String, (String, String)> {
+    let (status, list) = call(agent, "GET", "/v1/sandboxes", key, None);
+    assert_eq!(status, 200, "{list}");
+    list["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_owned(),
+                (
+                    s["status"].as_str().unwrap().to_owned(),
+                    s["node"].as_str().unwrap_or("?").to_owned(),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn python(agent: &Agent, id: &str, code: &str) -> (u16, Value) {
+    call(
+        agent,
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        OPERATOR,
+        Some(json!({"cmd": "python3", "args": ["-c", code]})),
+    )
+}
+
+/// Runs SDK pytest files through `agent`'s node.
+fn pytest(fleet: &Fleet, through: usize, tests: &[&str]) {
+    let agent = &fleet.agents[through];
+    let out = Command::new(sdk_python())
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "--timeout=900",
+        ])
+        .args(tests)
+        .current_dir(common::repo().join("tests/sdk"))
+        .env("WRENN_BASE_URL", &agent.url)
+        .env("WRENN_API_KEY", KEY_B)
+        .env("WRENN_PROXY_DOMAIN", format!("localhost:{API_PORT}"))
+        .env("WRENN_TEST_PROXY_IP", fleet.net.addr(through).to_string())
+        .output()
+        .expect("run pytest");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{report}");
+    assert!(
+        out.status.success(),
+        "the SDK tests through {} failed:\n{report}\nlogs:\n{}",
+        agent.url,
+        fleet
+            .agents
+            .iter()
+            .map(|a| tail(&a.log(), 30))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    );
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[test]
+fn creates_are_placed_and_every_call_reaches_the_node_that_holds_the_sandbox() {
+    let Some(images) = common::images_dir_or_skip("fleet placement and forwarding") else {
+        return;
+    };
+    // n2 and n3 take one running sandbox each.
+    let mut fleet = Fleet::start(&images, [0, 1, 1]);
+    let (n1, n2, n3) = (fleet.node("n1"), fleet.node("n2"), fleet.node("n3"));
+
+    // Equal nodes: the first by name. Then the least loaded.
+    let (s1, on) = create(n1, OPERATOR, json!({}));
+    assert_eq!(on, "n1");
+    fleet.wait_gossiped(&s1, false);
+    let (s2, on) = create(n2, OPERATOR, json!({}));
+    assert_eq!(on, "n2", "n2 and n3 are free, n1 holds one");
+    fleet.wait_gossiped(&s2, false);
+    // n2 is full: created through n1, the sandbox goes to n3 (free), not
+    // n1 (loaded) or n2 (at its limit).
+    let (s3, on) = create(n1, OPERATOR, json!({}));
+    assert_eq!(on, "n3", "placement forced by n2's limit");
+    fleet.wait_gossiped(&s3, false);
+    // Labels constrain: zone a through n3 lands on n1 (n2 is full); zone b
+    // has only n3, which is full, and the client hears why.
+    let (s4, on) = create(n3, OPERATOR, json!({"node_labels": {"zone": "a"}}));
+    assert_eq!(on, "n1");
+    let (status, err) = call(
+        n2,
+        "POST",
+        "/v1/sandboxes",
+        OPERATOR,
+        Some(json!({"node_labels": {"zone": "b"}})),
+    );
+    assert_eq!(status, 503, "{err}");
+    let why = err["error"]["message"].as_str().unwrap();
+    assert!(why.contains("n3") && why.contains("limit"), "{why}");
+
+    // s4 lives on n1; every call through n3 reaches it.
+    let (status, out) = python(n3, &s4, "import socket; print(6*7)");
+    assert_eq!(
+        (status, out["stdout"].as_str()),
+        (200, Some("42\n")),
+        "{out}"
+    );
+    let data: Vec<u8> = (0..50u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let base = format!("/v1/sandboxes/{s4}");
+    let (status, body) = n3.put_bytes(&format!("{base}/files?path=/root/big.bin"), &data);
+    assert!(status < 300, "upload through n3: {status} {body}");
+    let (status, got) = n3.get_bytes(&format!("{base}/files?path=/root/big.bin"));
+    assert_eq!(status, 200);
+    assert_eq!(
+        sha256_hex(&got),
+        sha256_hex(&data),
+        "50 MiB back through n3"
+    );
+    let (_, out) = python(
+        n1,
+        &s4,
+        "import hashlib; print(hashlib.sha256(open('/root/big.bin','rb').read()).hexdigest())",
+    );
+    assert_eq!(out["stdout"].as_str().unwrap().trim(), sha256_hex(&data));
+    // And s3 (on n3) through n2.
+    let (status, out) = python(n2, &s3, "print('on n3')");
+    assert_eq!(
+        (status, out["stdout"].as_str()),
+        (200, Some("on n3\n")),
+        "{out}"
+    );
+
+    // The SDK through n3, whose capsules all land on n1 (n2 and n3 are
+    // full): exec over WebSockets, PTY, background and reconnect, the port
+    // proxy (HTTP and WebSocket), files, pause and resume.
+    pytest(
+        &fleet,
+        2,
+        &[
+            "test_sockets.py",
+            "test_rest.py",
+            "-k",
+            "not snapshot and not wrong_key and not create_with_and_without",
+        ],
+    );
+
+    // Every node lists the fleet's sandboxes, each with its node.
+    let want = [(&s1, "n1"), (&s2, "n2"), (&s3, "n3"), (&s4, "n1")];
+    for agent in &fleet.agents {
+        let all = listed(agent, OPERATOR);
+        for (id, node) in want {
+            assert_eq!(
+                all.get(id.as_str()).map(|(s, n)| (s.as_str(), n.as_str())),
+                Some(("running", node)),
+                "{id} as {} lists it: {all:?}",
+                agent.url
+            );
+        }
+    }
+
+    // Destroy through another node than the holder's.
+    let (status, _) = call(n1, "DELETE", &format!("/v1/sandboxes/{s3}"), OPERATOR, None);
+    assert_eq!(status, 204);
+    fleet.wait_gossiped(&s3, true);
+    let (status, _) = call(n2, "GET", &format!("/v1/sandboxes/{s3}"), OPERATOR, None);
+    assert_eq!(status, 404);
+
+    // n2 killed: its sandbox is missing (with its node), not absent, and
+    // calls on it say why; restarted, it is listed running again (its VM
+    // outlived the agent).
+    fleet.agents[1].kill9();
+    let n1 = fleet.node("n1");
+    assert_eq!(
+        listed(n1, OPERATOR)
+            .get(&s2)
+            .map(|(s, n)| (s.clone(), n.clone())),
+        Some(("missing".to_owned(), "n2".to_owned()))
+    );
+    let (status, got) = call(n1, "GET", &format!("/v1/sandboxes/{s2}"), OPERATOR, None);
+    assert_eq!(
+        (status, got["status"].as_str(), got["node"].as_str()),
+        (200, Some("missing"), Some("n2"))
+    );
+    fleet.wait_for(Duration::from_secs(10), "n2 dead", |f| {
+        let (_, nodes) = f.agents[0].get("/v1/nodes");
+        nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "n2" && n["state"] == "dead")
+    });
+    let (status, err) = python(n1, &s2, "print(1)");
+    assert_eq!(status, 503, "{err}");
+    assert!(
+        err["error"]["message"].as_str().unwrap().contains("n2"),
+        "{err}"
+    );
+    fleet.agents[1].start_again();
+    fleet.wait_for(Duration::from_secs(30), "s2 listed again", |f| {
+        listed(&f.agents[0], OPERATOR)
+            .get(&s2)
+            .map(|(s, n)| (s.as_str() == "running", n.as_str() == "n2"))
+            == Some((true, true))
+    });
+    let (status, out) = python(fleet.node("n3"), &s2, "print('back')");
+    assert_eq!(
+        (status, out["stdout"].as_str()),
+        (200, Some("back\n")),
+        "{out}"
+    );
+
+    for id in [&s1, &s2, &s4] {
+        let (status, body) = call(
+            fleet.node("n3"),
+            "DELETE",
+            &format!("/v1/sandboxes/{id}"),
+            OPERATOR,
+            None,
+        );
+        assert_eq!(status, 204, "{body}");
+    }
+}
+
+#[test]
+fn keys_see_only_their_own_and_quotas_hold_on_every_node() {
+    let Some(images) = common::images_dir_or_skip("fleet keys and quotas") else {
+        return;
+    };
+    let fleet = Fleet::start(&images, [0, 0, 0]);
+    let (n1, n2, n3) = (fleet.node("n1"), fleet.node("n2"), fleet.node("n3"));
+    let (a1, on1) = create(n1, KEY_A, json!({}));
+    fleet.wait_gossiped(&a1, false);
+    let (a2, on2) = create(n2, KEY_A, json!({}));
+    assert_ne!(on1, on2, "the second goes to a less loaded node");
+    fleet.wait_gossiped(&a2, false);
+    // The third, whichever node is asked: 429 with the limit and the use.
+    for agent in &fleet.agents {
+        let (status, err) = call(agent, "POST", "/v1/sandboxes", KEY_A, Some(json!({})));
+        assert_eq!(status, 429, "{err}");
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("may hold 2 sandboxes") && message.contains("holds 2"),
+            "{message}"
+        );
+    }
+    // Team b sees none of them, through any node, and cannot touch them.
+    let (b1, _) = create(n3, KEY_B, json!({}));
+    for agent in &fleet.agents {
+        let seen = listed(agent, KEY_B);
+        assert_eq!(
+            seen.keys().collect::<Vec<_>>(),
+            [&b1],
+            "{} lists for team b",
+            agent.url
+        );
+        let seen = listed(agent, KEY_A);
+        assert!(seen.contains_key(&a1) && seen.contains_key(&a2) && !seen.contains_key(&b1));
+        for id in [&a1, &a2] {
+            for (method, path, body) in [
+                ("GET", format!("/v1/sandboxes/{id}"), None),
+                (
+                    "POST",
+                    format!("/v1/sandboxes/{id}/exec"),
+                    Some(json!({"cmd": "true"})),
+                ),
+                ("DELETE", format!("/v1/sandboxes/{id}"), None),
+            ] {
+                let (status, err) = call(agent, method, &path, KEY_B, body);
+                assert_eq!(
+                    status, 404,
+                    "{method} {path} by team b through {}: {err}",
+                    agent.url
+                );
+            }
+        }
+    }
+    // Team a's own calls work through any node.
+    let (status, out) = call(
+        n3,
+        "POST",
+        &format!("/v1/sandboxes/{a1}/exec"),
+        KEY_A,
+        Some(json!({"cmd": "echo", "args": ["mine"]})),
+    );
+    assert_eq!(
+        (status, out["stdout"].as_str()),
+        (200, Some("mine\n")),
+        "{out}"
+    );
+    for (id, key) in [(&a1, KEY_A), (&a2, KEY_A), (&b1, KEY_B)] {
+        let (status, body) = call(n2, "DELETE", &format!("/v1/sandboxes/{id}"), key, None);
+        assert_eq!(status, 204, "{body}");
+    }
+    // Room again: the quota counts what is held now.
+    fleet.wait_gossiped(&a1, true);
+    fleet.wait_gossiped(&a2, true);
+    let (a3, _) = create(n1, KEY_A, json!({}));
+    let (status, _) = call(n1, "DELETE", &format!("/v1/sandboxes/{a3}"), KEY_A, None);
+    assert_eq!(status, 204);
+}
