@@ -471,6 +471,27 @@ fn keys_see_only_their_own_and_quotas_hold_on_every_node() {
         (200, Some("mine\n")),
         "{out}"
     );
+    // A wrong key is refused and counted; /metrics tells an operator.
+    let (status, _) = call(n3, "GET", "/v1/sandboxes", "not-a-key", None);
+    assert_eq!(status, 401);
+    let (status, text) = n3.get_bytes("/metrics");
+    assert_eq!(status, 200);
+    let text = String::from_utf8(text).unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+    };
+    assert_eq!(value("wrenn_gossip_members{state=\"live\"}"), 3.0);
+    assert!(value("wrenn_auth_failures_total") >= 1.0);
+    assert!(
+        value("wrenn_forwarded_requests_total") >= 1.0,
+        "n3 forwarded team a's exec"
+    );
+    assert!(value("wrenn_gossip_messages_total{direction=\"received\"}") > 0.0);
+    assert!(text.contains("wrenn_operation_seconds_bucket{op=\"create\",le=\"+Inf\"}"));
+    assert!(text.contains("wrenn_layer_store_bytes "));
+
     for (id, key) in [(&a1, KEY_A), (&a2, KEY_A), (&b1, KEY_B)] {
         let (status, body) = call(n2, "DELETE", &format!("/v1/sandboxes/{id}"), key, None);
         assert_eq!(status, 204, "{body}");

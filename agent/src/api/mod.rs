@@ -8,6 +8,7 @@ mod activity;
 mod capsules;
 mod fleet;
 mod ports;
+mod prometheus;
 mod proxy;
 mod sandboxes;
 mod snapshots;
@@ -140,6 +141,7 @@ impl Api {
             ["openapi.json"] if method == Method::Get => openapi(),
             ["v1", "events", "stream"] if method == Method::Get => activity::stream(self, ex),
             ["v1", "nodes"] if method == Method::Get => self.nodes(),
+            ["metrics"] if method == Method::Get => prometheus::metrics(self, ex),
             ["v1", "templates"] if method == Method::Get => self.templates(),
             ["v1", "snapshots"] if method == Method::Post => snapshots::create(self, ex),
             ["v1", "snapshots"] if method == Method::Get => snapshots::list(self, ex),
@@ -148,6 +150,7 @@ impl Api {
             ["v1", "health" | "node" | "templates" | "snapshots"]
             | ["v1", "snapshots", _]
             | ["v1", "events", "stream"]
+            | ["metrics"]
             | ["v1", "nodes"] => Err(ApiError::method_not_allowed(
                 method.as_str(),
                 &path,

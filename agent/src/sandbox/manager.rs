@@ -72,6 +72,8 @@ pub struct Manager {
     /// Held from the room check of a create or resume until its record
     /// holds the room ([`Manager::admit`]).
     pub(super) admission: std::sync::Mutex<()>,
+    /// How long creates, pauses, resumes and destroys take.
+    pub(super) timings: super::timings::Timings,
 }
 
 impl Manager {
@@ -97,7 +99,13 @@ impl Manager {
             metrics: super::metrics::Metrics::default(),
             warm: super::warm::WarmTable::default(),
             admission: std::sync::Mutex::default(),
+            timings: super::timings::Timings::default(),
         }
+    }
+
+    /// How long the lifecycle's operations took so far.
+    pub fn timings(&self) -> &super::timings::Timings {
+        &self.timings
     }
 
     /// Snapshot templates: take, list, look up, delete.
@@ -132,6 +140,11 @@ impl Manager {
     /// template with a ready warm snapshot ([`super::warm`]) is created from
     /// that snapshot (the record names it as its template), else cold.
     pub fn create(&self, request: CreateRequest) -> Result<SandboxRecord, SandboxError> {
+        self.timings
+            .time(super::timings::Op::Create, || self.create_untimed(request))
+    }
+
+    fn create_untimed(&self, request: CreateRequest) -> Result<SandboxRecord, SandboxError> {
         if request
             .metadata
             .contains_key(super::warm::WARM_METADATA_KEY)
@@ -417,6 +430,11 @@ impl Manager {
 
     /// Destroys a sandbox: VM, network, files, record.
     pub fn destroy(&self, id: &SandboxId) -> Result<(), SandboxError> {
+        self.timings
+            .time(super::timings::Op::Destroy, || self.destroy_untimed(id))
+    }
+
+    fn destroy_untimed(&self, id: &SandboxId) -> Result<(), SandboxError> {
         let _busy = self.registry.claim(id)?;
         let mut record = self.get(id)?;
         record.set_status(SandboxStatus::Destroying, self.now_ms());

@@ -30,6 +30,7 @@ pub mod registry;
 pub mod snapshots;
 pub mod spec;
 pub mod templates;
+pub mod timings;
 mod undo;
 pub mod warm;
 

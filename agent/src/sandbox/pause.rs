@@ -54,6 +54,11 @@ impl Manager {
     /// process ends, its network slot is freed. Memory and disk stay in its
     /// folder until it resumes.
     pub fn pause(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
+        self.timings
+            .time(super::timings::Op::Pause, || self.pause_untimed(id))
+    }
+
+    fn pause_untimed(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
         let (_busy, record) = self
             .registry
             .claim_in(id, SandboxStatus::Running, "pause")?;
@@ -118,6 +123,11 @@ impl Manager {
 
     /// Resumes a paused sandbox with every process and file as it was.
     pub fn resume(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
+        self.timings
+            .time(super::timings::Op::Resume, || self.resume_untimed(id))
+    }
+
+    fn resume_untimed(&self, id: &SandboxId) -> Result<SandboxRecord, SandboxError> {
         let (_busy, record) = self
             .registry
             .claim_in(id, SandboxStatus::Paused, "resume")?;
