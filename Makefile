@@ -2,7 +2,7 @@
 #
 #   make run     start a node, create a sandbox, run Python in it (the main job)
 #   make test    install what is missing, build, make the image, run every test
-#   make bench   sandbox lifecycle, SDK and fleet gossip timings, written to
+#   make bench   sandbox lifecycle, SDK, fleet gossip and forwarding timings, written to
 #                target/bench/*.md
 #   make image   build the base guest image into $(IMAGE_DIR), and the
 #                templates of $(TEMPLATES) into sibling folders
@@ -47,6 +47,7 @@ bench: image
 	WRENN_E2E=1 $(CARGO) bench -p wrenn-agent --bench lifecycle
 	WRENN_E2E=1 $(CARGO) bench -p wrenn-agent --bench sdk
 	WRENN_E2E=1 $(CARGO) bench -p wrenn-agent --bench fleet
+	WRENN_E2E=1 $(CARGO) bench -p wrenn-agent --bench forwarding
 	$(CARGO) bench -p wrenn-vmm --bench vmm
 
 run: image
