@@ -324,7 +324,7 @@ fn creates_are_placed_and_every_call_reaches_the_node_that_holds_the_sandbox() {
             "test_sockets.py",
             "test_rest.py",
             "-k",
-            "not snapshot and not wrong_key and not create_with_and_without",
+            "not wrong_key and not create_with_and_without",
         ],
     );
 
@@ -492,13 +492,92 @@ fn keys_see_only_their_own_and_quotas_hold_on_every_node() {
     assert!(text.contains("wrenn_operation_seconds_bucket{op=\"create\",le=\"+Inf\"}"));
     assert!(text.contains("wrenn_layer_store_bytes "));
 
-    for (id, key) in [(&a1, KEY_A), (&a2, KEY_A), (&b1, KEY_B)] {
+    // Snapshots are the owner's too. Team a's snapshot of a1, asked of
+    // n3, is taken where a1 is.
+    let (status, _) = call(n2, "DELETE", &format!("/v1/sandboxes/{a2}"), KEY_A, None);
+    assert_eq!(status, 204);
+    fleet.wait_gossiped(&a2, true);
+    let (status, snap) = call(
+        n3,
+        "POST",
+        "/v1/snapshots",
+        KEY_A,
+        Some(json!({"sandbox_id": a1, "name": "team-a-snap"})),
+    );
+    assert_eq!(status, 201, "{snap}");
+    assert_eq!(snap["node"], on1.as_str());
+    // Every node lists it for team a, none for team b.
+    let wait_template = |agent: &Agent| {
+        fleet.wait_for(Duration::from_secs(15), "the snapshot gossiped", |_| {
+            let (_, nodes) = agent.get("/v1/nodes");
+            nodes["nodes"].as_array().unwrap().iter().any(|n| {
+                n["published"]
+                    .as_object()
+                    .is_some_and(|p| p.contains_key("tpl:team-a-snap"))
+            })
+        });
+    };
+    for agent in &fleet.agents {
+        wait_template(agent);
+        let names = |key: &str| -> Vec<String> {
+            let (status, list) = call(agent, "GET", "/v1/snapshots?type=snapshot", key, None);
+            assert_eq!(status, 200, "{list}");
+            list.as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(names(KEY_A), ["team-a-snap"], "through {}", agent.url);
+        assert!(names(KEY_B).is_empty(), "through {}", agent.url);
+        let (status, _) = call(agent, "GET", "/v1/snapshots/team-a-snap", KEY_B, None);
+        assert_eq!(status, 404);
+        let (status, got) = call(agent, "GET", "/v1/snapshots/team-a-snap", KEY_A, None);
+        assert_eq!(
+            (status, got["node"].as_str()),
+            (200, Some(on1.as_str())),
+            "{got}"
+        );
+    }
+    // Team b cannot create from it, nor take its name anywhere.
+    let (status, err) = call(
+        n2,
+        "POST",
+        "/v1/sandboxes",
+        KEY_B,
+        Some(json!({"template": "team-a-snap"})),
+    );
+    assert_eq!(status, 404, "{err}");
+    let (status, err) = call(
+        n1,
+        "POST",
+        "/v1/snapshots",
+        KEY_B,
+        Some(json!({"sandbox_id": b1, "name": "team-a-snap"})),
+    );
+    assert_eq!(status, 409, "{err}");
+    // Team a's create from it, asked of n2, lands where the snapshot is.
+    let (from_snap, on) = create(n2, KEY_A, json!({"template": "team-a-snap"}));
+    assert_eq!(on, on1);
+    let (status, err) = call(n3, "DELETE", "/v1/snapshots/team-a-snap", KEY_A, None);
+    assert_eq!(status, 409, "in use: {err}");
+    let (status, _) = call(
+        n3,
+        "DELETE",
+        &format!("/v1/sandboxes/{from_snap}"),
+        KEY_A,
+        None,
+    );
+    assert_eq!(status, 204);
+    let (status, err) = call(n3, "DELETE", "/v1/snapshots/team-a-snap", KEY_A, None);
+    assert_eq!(status, 204, "{err}");
+
+    for (id, key) in [(&a1, KEY_A), (&b1, KEY_B)] {
         let (status, body) = call(n2, "DELETE", &format!("/v1/sandboxes/{id}"), key, None);
         assert_eq!(status, 204, "{body}");
     }
     // Room again: the quota counts what is held now.
     fleet.wait_gossiped(&a1, true);
-    fleet.wait_gossiped(&a2, true);
     let (a3, _) = create(n1, KEY_A, json!({}));
     let (status, _) = call(n1, "DELETE", &format!("/v1/sandboxes/{a3}"), KEY_A, None);
     assert_eq!(status, 204);

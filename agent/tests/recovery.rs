@@ -479,6 +479,7 @@ fn sandboxes_and_snapshots_this_vmm_cannot_resume_are_named_at_start_with_why() 
         disk_base: Some("rootfs.ext4".into()),
         envd_token: None,
         vm_state_version: version(2, 0),
+        owner: None,
     };
     node.store
         .write(|txn| txn.templates().put(&snapshot.name, &snapshot))

@@ -74,6 +74,7 @@ fn template(name: &str) -> TemplateRecord {
         disk_base: None,
         envd_token: None,
         vm_state_version: None,
+        owner: None,
     }
 }
 

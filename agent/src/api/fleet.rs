@@ -36,6 +36,8 @@ pub const CANDIDATES: usize = 3;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long another node may take to answer its part of a list.
 const LIST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long another node may take to say whether it holds a sandbox.
+const LOCATE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long another node may take to create a sandbox (a cold boot).
 const CREATE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Headers not sent on: the key is replaced by the signed caller.
@@ -55,10 +57,13 @@ pub(super) fn divert(api: &Api, head: &RequestHead) -> Option<Takeover> {
         return None;
     }
     let members = fleet.members();
-    let holder = members
-        .into_iter()
-        .find(|m| m.name != fleet.node_name() && m.sandbox(&id).is_some())?;
-    let entry = holder.sandbox(&id)?;
+    let gossiped = members
+        .iter()
+        .find(|m| m.name != fleet.node_name() && m.sandbox(&id).is_some());
+    let (holder, entry) = match gossiped {
+        Some(m) => (m.clone(), m.sandbox(&id)),
+        None => (locate(fleet, &id, &members)?, None),
+    };
     let sdk = speaks_sdk(head.path());
     let refuse = move |err: ApiError| -> Option<Takeover> {
         let err = if sdk { capsules::present(err) } else { err };
@@ -72,7 +77,11 @@ pub(super) fn divert(api: &Api, head: &RequestHead) -> Option<Takeover> {
             Ok(caller) => caller,
             Err(err) => return refuse(err),
         };
-        if !caller.may_see(entry.owner.as_deref()) {
+        // (The holder checks again, and alone when gossip has not told.)
+        if entry
+            .as_ref()
+            .is_some_and(|e| !caller.may_see(e.owner.as_deref()))
+        {
             return refuse(SandboxError::NotFound(id).into());
         }
         let signed = caller::sign(
@@ -87,10 +96,13 @@ pub(super) fn divert(api: &Api, head: &RequestHead) -> Option<Takeover> {
         add.push((caller::HEADER, signed));
     }
     // A GET of a sandbox whose node is down answers what gossip last said.
-    let missing = (head.method() == "GET" && is_sandbox_path(head.path())).then(|| {
-        let wire = if sdk { Wire::Sdk } else { Wire::Ours };
-        missing_json(&entry, &holder.name, wire)
-    });
+    let missing = entry
+        .as_ref()
+        .filter(|_| head.method() == "GET" && is_sandbox_path(head.path()))
+        .map(|entry| {
+            let wire = if sdk { Wire::Sdk } else { Wire::Ours };
+            missing_json(entry, &holder.name, wire)
+        });
     // Gossip's verdict lags a node's restart: a node it calls dead is
     // tried all the same, only not for as long.
     let patience = match holder.is_live() {
@@ -122,6 +134,40 @@ pub(super) fn divert(api: &Api, head: &RequestHead) -> Option<Takeover> {
             tracing::debug!(sandbox = %id, node = %holder.name, error = %e, "forwarded connection ended");
         }
     }))
+}
+
+/// The live node that holds sandbox `id` when gossip does not say yet (it
+/// was created elsewhere less than a second ago): every other live node
+/// is asked, at once.
+fn locate(fleet: &Gossip, id: &str, members: &[Member]) -> Option<Member> {
+    let path = format!("/v1/sandboxes/{id}");
+    let call = NodeCall {
+        method: "GET",
+        path: &path,
+        target: &path,
+        placed: false,
+        body: None,
+        timeout: LOCATE_TIMEOUT,
+    };
+    let others: Vec<&Member> = members
+        .iter()
+        .filter(|m| m.name != fleet.node_name() && m.is_live())
+        .collect();
+    std::thread::scope(|scope| {
+        let asks: Vec<_> = others
+            .iter()
+            .map(|m| scope.spawn(|| call.send(fleet, m, &Caller::operator()).0 == 200))
+            .collect();
+        let found: Vec<bool> = asks
+            .into_iter()
+            .map(|a| a.join().unwrap_or(false))
+            .collect();
+        others
+            .iter()
+            .zip(found)
+            .find(|(_, has)| *has)
+            .map(|(m, _)| (*m).clone())
+    })
 }
 
 /// The sandbox id a request head names, and whether it is the port proxy.
@@ -243,6 +289,9 @@ pub(super) fn place(
         view::check_quota(&caller.quota, &usage, vcpus, memory_mb)
             .map_err(|over| over_quota(caller, &over))?;
     }
+    if !members.iter().any(|m| m.has_template(&template)) {
+        return Err(SandboxError::TemplateNotFound(template).into());
+    }
     let mut refusals: Vec<String> = Vec::new();
     let mut candidates: Vec<&Member> = Vec::new();
     for member in &members {
@@ -266,7 +315,10 @@ pub(super) fn place(
             .then_with(|| a.name.cmp(&b.name))
     });
     candidates.truncate(CANDIDATES);
-    let mut over: Option<(u16, Value)> = None;
+    // The refusal told if every node said the same: over quota, or a
+    // snapshot this caller may not see (404).
+    let mut same: Option<(u16, Value)> = None;
+    let mut differ = false;
     for member in candidates {
         let outcome = if member.name == fleet.node_name() {
             match super::sandboxes::create_here(api, raw, wire, caller) {
@@ -289,15 +341,14 @@ pub(super) fn place(
                 let message = body["error"]["message"].as_str().unwrap_or("refused");
                 tracing::info!(node = %member.name, status, "create refused there; trying the next node: {message}");
                 refusals.push(format!("{} refused: {message}", member.name));
-                if status == 429 {
-                    over = Some((status, body));
-                }
+                differ |= same.as_ref().is_some_and(|(s, _)| *s != status);
+                same = Some((status, body));
             }
             // Bad input is bad on every node: the client hears it now.
             Err((status, body)) => return Ok(Reply::Json(status, body)),
         }
     }
-    if let Some((status, body)) = over {
+    if let Some((status @ (404 | 429), body)) = same.filter(|_| !differ) {
         return Ok(Reply::Json(status, body));
     }
     Err(ApiError::unavailable(format!(
@@ -327,37 +378,91 @@ fn forward_create(
     ex: &Exchange,
     caller: &Caller,
 ) -> Result<Value, (u16, Value)> {
-    let path = ex.path();
-    let signed = caller::sign(
-        &fleet.manifest(),
-        fleet.node_name(),
-        caller,
-        true,
-        "POST",
-        path,
-        crate::clock::now_ms(),
-    );
-    let unreachable = |why: String| {
-        let err = ApiError::unavailable(format!("node {} does not answer: {why}", member.name));
-        (err.status(), err.to_json())
+    let call = NodeCall {
+        method: "POST",
+        path: ex.path(),
+        target: ex.path(),
+        placed: true,
+        body: Some(raw),
+        timeout: CREATE_TIMEOUT,
     };
-    let agent = ureq::AgentBuilder::new()
-        .timeout_connect(CONNECT_TIMEOUT)
-        .timeout_read(CREATE_TIMEOUT)
-        .build();
-    let answer = agent
-        .post(&format!("{}{path}", member.api))
-        .set(caller::HEADER, &signed)
-        .set("Content-Type", "application/json")
-        .send_bytes(raw);
-    match answer {
-        Ok(response) => response
-            .into_json::<Value>()
-            .map_err(|e| unreachable(e.to_string())),
-        Err(ureq::Error::Status(status, response)) => {
-            Err((status, response.into_json().unwrap_or(Value::Null)))
+    match call.send(fleet, member, caller) {
+        (status, body) if status < 300 => Ok(body),
+        failed => Err(failed),
+    }
+}
+
+/// One call from this node to another's API, as `caller`, signed.
+pub(super) struct NodeCall<'a> {
+    pub method: &'a str,
+    /// The path the signature covers.
+    pub path: &'a str,
+    /// Path and query string.
+    pub target: &'a str,
+    /// A create placed there: it runs there or is refused.
+    pub placed: bool,
+    /// A JSON body.
+    pub body: Option<&'a [u8]>,
+    /// For the whole answer.
+    pub timeout: Duration,
+}
+
+impl NodeCall<'_> {
+    /// The answer's status and JSON body; a node that does not answer is a
+    /// 503 naming it.
+    pub(super) fn send(&self, fleet: &Gossip, member: &Member, caller: &Caller) -> (u16, Value) {
+        let signed = caller::sign(
+            &fleet.manifest(),
+            fleet.node_name(),
+            caller,
+            self.placed,
+            self.method,
+            self.path,
+            crate::clock::now_ms(),
+        );
+        // A node gossip calls dead is tried too (it may just be back), but
+        // not waited for long.
+        let connect = match member.is_live() {
+            true => CONNECT_TIMEOUT,
+            false => Duration::from_secs(1),
+        };
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(connect)
+            .timeout(self.timeout)
+            .build();
+        let request = agent
+            .request(self.method, &format!("{}{}", member.api, self.target))
+            .set(caller::HEADER, &signed);
+        let answer = match self.body {
+            Some(body) => request
+                .set("Content-Type", "application/json")
+                .send_bytes(body),
+            None => request.call(),
+        };
+        let unreachable = |why: String| {
+            let err = ApiError::unavailable(format!(
+                "node {} does not answer at {}: {why}",
+                member.name, member.api
+            ))
+            .with_detail("node_unavailable");
+            (err.status(), err.to_json())
+        };
+        match answer {
+            Ok(response) => {
+                let status = response.status();
+                match status {
+                    204 => (status, Value::Null),
+                    _ => match response.into_json::<Value>() {
+                        Ok(body) => (status, body),
+                        Err(e) => unreachable(e.to_string()),
+                    },
+                }
+            }
+            Err(ureq::Error::Status(status, response)) => {
+                (status, response.into_json().unwrap_or(Value::Null))
+            }
+            Err(e) => unreachable(e.to_string()),
         }
-        Err(e) => Err(unreachable(e.to_string())),
     }
 }
 
@@ -450,36 +555,19 @@ fn ask_list(
     caller: &Caller,
     wire: Wire,
 ) -> Option<Vec<Value>> {
-    let signed = caller::sign(
-        &fleet.manifest(),
-        fleet.node_name(),
-        caller,
-        false,
-        "GET",
+    let call = NodeCall {
+        method: "GET",
         path,
-        crate::clock::now_ms(),
-    );
-    // A node gossip calls dead is asked too (it may just have come back),
-    // but not waited for long.
-    let connect = match member.is_live() {
-        true => CONNECT_TIMEOUT,
-        false => Duration::from_secs(1),
+        target,
+        placed: false,
+        body: None,
+        timeout: LIST_TIMEOUT,
     };
-    let agent = ureq::AgentBuilder::new()
-        .timeout_connect(connect)
-        .timeout(LIST_TIMEOUT)
-        .build();
-    let answer = agent
-        .get(&format!("{}{target}", member.api))
-        .set(caller::HEADER, &signed)
-        .call();
-    let body: Value = match answer {
-        Ok(response) => response.into_json().ok()?,
-        Err(e) => {
-            tracing::warn!(node = %member.name, error = %e, "a node did not answer its part of a list");
-            return None;
-        }
-    };
+    let (status, body) = call.send(fleet, member, caller);
+    if status != 200 {
+        tracing::warn!(node = %member.name, status, "a node did not answer its part of a list: {body}");
+        return None;
+    }
     let items = match wire {
         Wire::Ours => body.get("sandboxes")?.as_array()?.clone(),
         Wire::Sdk => body.as_array()?.clone(),

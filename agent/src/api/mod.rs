@@ -142,11 +142,15 @@ impl Api {
             ["v1", "events", "stream"] if method == Method::Get => activity::stream(self, ex),
             ["v1", "nodes"] if method == Method::Get => self.nodes(),
             ["metrics"] if method == Method::Get => prometheus::metrics(self, ex),
-            ["v1", "templates"] if method == Method::Get => self.templates(),
-            ["v1", "snapshots"] if method == Method::Post => snapshots::create(self, ex),
-            ["v1", "snapshots"] if method == Method::Get => snapshots::list(self, ex),
-            ["v1", "snapshots", name] if method == Method::Get => snapshots::get(self, name),
-            ["v1", "snapshots", name] if method == Method::Delete => snapshots::delete(self, name),
+            ["v1", "templates"] if method == Method::Get => self.templates(caller),
+            ["v1", "snapshots"] if method == Method::Post => snapshots::create(self, ex, caller),
+            ["v1", "snapshots"] if method == Method::Get => snapshots::list(self, ex, caller),
+            ["v1", "snapshots", name] if method == Method::Get => {
+                snapshots::get(self, ex, name, caller)
+            }
+            ["v1", "snapshots", name] if method == Method::Delete => {
+                snapshots::delete(self, ex, name, caller)
+            }
             ["v1", "health" | "node" | "templates" | "snapshots"]
             | ["v1", "snapshots", _]
             | ["v1", "events", "stream"]
@@ -325,7 +329,7 @@ impl Api {
     }
 
     /// Base images and snapshots, each with its `type`.
-    fn templates(&self) -> Result<Reply, ApiError> {
+    fn templates(&self, caller: &Caller) -> Result<Reply, ApiError> {
         let mut templates: Vec<Value> = self
             .manager
             .node()
@@ -350,6 +354,7 @@ impl Api {
                 .snapshots()
                 .list()?
                 .iter()
+                .filter(|s| caller.may_see(s.record.owner.as_deref()))
                 .map(snapshots::snapshot_json),
         );
         Ok(Reply::Json(200, json!({ "templates": templates })))

@@ -141,6 +141,12 @@ pub(super) fn create_here(
         Wire::Sdk => super::capsules::create_request(api, raw)?,
     };
     request.owner = caller.owner.clone();
+    // Another owner's snapshot is not there for this caller.
+    if let Ok(snapshot) = api.manager.snapshots().get(&request.template) {
+        if !caller.may_see(snapshot.record.owner.as_deref()) {
+            return Err(SandboxError::TemplateNotFound(request.template).into());
+        }
+    }
     super::fleet::check_quota(api, caller, &request)?;
     Ok(api.manager.create(request)?)
 }

@@ -1,5 +1,8 @@
 //! Handlers for `/v1/snapshots`: take, list, get and delete snapshot
-//! templates.
+//! templates. A key sees only its owner's snapshots. In a fleet a snapshot
+//! is taken on the node holding its sandbox, its name is unique across the
+//! fleet, lists show every node's (each with its `node`), and a get or
+//! delete reaches the node that holds it.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -8,8 +11,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use wrenn_http::{ApiError, Exchange, Reply};
 
+use super::fleet::NodeCall;
 use super::Api;
-use crate::sandbox::{Snapshot, SnapshotRequest};
+use crate::fleet::{Caller, Member};
+use crate::sandbox::{SandboxError, Snapshot, SnapshotRequest};
+
+/// How long another node may take to take a snapshot (pausing a VM and
+/// storing its memory) or to answer a list.
+const NODE_CALL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,21 +60,110 @@ pub fn base_json(name: &str) -> Value {
     })
 }
 
-pub fn create(api: &Api, ex: &mut Exchange) -> Result<Reply, ApiError> {
+pub fn create(api: &Api, ex: &mut Exchange, caller: &Caller) -> Result<Reply, ApiError> {
     let overwrite = ex.query().flag("overwrite", false)?;
-    let body: SnapshotBody = ex.json()?;
+    let raw = ex.json_bytes()?;
+    let body: SnapshotBody = wrenn_http::parse_json(&raw)?;
     let sandbox_id = super::sandboxes::parse_id(&body.sandbox_id)?;
+    if let Some(fleet) = &api.fleet {
+        let others: Vec<Member> = fleet
+            .members()
+            .into_iter()
+            .filter(|m| m.name != fleet.node_name())
+            .collect();
+        // Taken where the sandbox is.
+        if !caller.is_forwarded() && api.manager.get(&sandbox_id).is_err() {
+            if let Some(holder) = others
+                .iter()
+                .find(|m| m.sandbox(sandbox_id.as_str()).is_some())
+            {
+                let target = ex.url().unwrap_or(ex.path()).to_owned();
+                return Ok(send(
+                    api,
+                    holder,
+                    "POST",
+                    ex.path(),
+                    &target,
+                    Some(&raw),
+                    caller,
+                ));
+            }
+        }
+        if let Some(name) = &body.name {
+            if let Some(other) = others.iter().find(|m| m.has_template(name)) {
+                return Err(ApiError::conflict(format!(
+                    "a template named {name} exists on node {}: snapshot names are unique \
+                     across the fleet; choose another name",
+                    other.name
+                )));
+            }
+        }
+    }
+    api.check_owner(caller, sandbox_id.as_str())?;
     let snapshot = api.manager.snapshots().create(SnapshotRequest {
         sandbox_id,
         name: body.name,
         overwrite,
     })?;
-    Ok(Reply::Json(201, snapshot_json(&snapshot)))
+    Ok(Reply::Json(201, api.listed(snapshot_json(&snapshot))))
+}
+
+/// `call` sent to `member`, its answer answered.
+fn send(
+    api: &Api,
+    member: &Member,
+    method: &str,
+    path: &str,
+    target: &str,
+    body: Option<&[u8]>,
+    caller: &Caller,
+) -> Reply {
+    let Some(fleet) = &api.fleet else {
+        return Reply::NoContent;
+    };
+    let call = NodeCall {
+        method,
+        path,
+        target,
+        placed: false,
+        body,
+        timeout: NODE_CALL,
+    };
+    api.counters
+        .forwarded
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match call.send(fleet, member, caller) {
+        (204, _) => Reply::NoContent,
+        (status, body) => Reply::Json(status, body),
+    }
+}
+
+/// The snapshot `name` as this node holds it, if the caller may see it.
+fn own(api: &Api, name: &str, caller: &Caller) -> Result<Snapshot, ApiError> {
+    let snapshot = api.manager.snapshots().get(name)?;
+    match caller.may_see(snapshot.record.owner.as_deref()) {
+        true => Ok(snapshot),
+        false => Err(SandboxError::TemplateNotFound(name.to_owned()).into()),
+    }
+}
+
+/// The other node that holds snapshot `name`, when this one does not.
+fn holder(api: &Api, name: &str, caller: &Caller) -> Option<Member> {
+    let fleet = api.fleet.as_ref().filter(|_| !caller.is_forwarded())?;
+    if api.manager.snapshots().get(name).is_ok() {
+        return None;
+    }
+    fleet.members().into_iter().find(|m| {
+        m.name != fleet.node_name()
+            && m.published
+                .get(&format!("tpl:{name}"))
+                .is_some_and(|v| v.starts_with("snapshot|"))
+    })
 }
 
 /// A bare array, as the SDK reads it: base images, then snapshots;
 /// `?type=base` or `?type=snapshot` keeps one kind.
-pub fn list(api: &Api, ex: &Exchange) -> Result<Reply, ApiError> {
+pub fn list(api: &Api, ex: &Exchange, caller: &Caller) -> Result<Reply, ApiError> {
     let kind = ex.query().text("type")?;
     let (bases, snapshots) = match kind {
         None => (true, true),
@@ -83,17 +181,83 @@ pub fn list(api: &Api, ex: &Exchange) -> Result<Reply, ApiError> {
         listed.extend(names.iter().map(|name| base_json(name.as_str())));
     }
     if snapshots {
-        listed.extend(api.manager.snapshots().list()?.iter().map(snapshot_json));
+        listed.extend(
+            api.manager
+                .snapshots()
+                .list()?
+                .iter()
+                .filter(|s| caller.may_see(s.record.owner.as_deref()))
+                .map(|s| api.listed(snapshot_json(s))),
+        );
+        if let Some(fleet) = api.fleet.as_ref().filter(|_| !caller.is_forwarded()) {
+            let path = ex.path();
+            let call = NodeCall {
+                method: "GET",
+                path,
+                target: &format!("{path}?type=snapshot"),
+                placed: false,
+                body: None,
+                timeout: NODE_CALL,
+            };
+            let others: Vec<Member> = fleet
+                .members()
+                .into_iter()
+                .filter(|m| m.name != fleet.node_name())
+                .collect();
+            let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+                let asks: Vec<_> = others
+                    .iter()
+                    .map(|m| scope.spawn(|| call.send(fleet, m, caller)))
+                    .collect();
+                asks.into_iter()
+                    .map(|a| a.join().unwrap_or((500, Value::Null)))
+                    .collect()
+            });
+            for (member, (status, body)) in others.iter().zip(answers) {
+                match body.as_array().filter(|_| status == 200) {
+                    Some(theirs) => listed.extend(theirs.iter().cloned()),
+                    None => {
+                        tracing::warn!(node = %member.name, status, "a node did not list its snapshots")
+                    }
+                }
+            }
+        }
     }
     Ok(Reply::Json(200, Value::Array(listed)))
 }
 
-pub fn get(api: &Api, name: &str) -> Result<Reply, ApiError> {
-    let snapshot = api.manager.snapshots().get(name)?;
-    Ok(Reply::Json(200, snapshot_json(&snapshot)))
+pub fn get(api: &Api, ex: &Exchange, name: &str, caller: &Caller) -> Result<Reply, ApiError> {
+    if let Some(holder) = holder(api, name, caller) {
+        return Ok(send(
+            api,
+            &holder,
+            "GET",
+            ex.path(),
+            ex.path(),
+            None,
+            caller,
+        ));
+    }
+    Ok(Reply::Json(
+        200,
+        api.listed(snapshot_json(&own(api, name, caller)?)),
+    ))
 }
 
-pub fn delete(api: &Api, name: &str) -> Result<Reply, ApiError> {
+/// Deletes snapshot `name` where it is (refused while sandboxes use it).
+pub fn delete(api: &Api, ex: &Exchange, name: &str, caller: &Caller) -> Result<Reply, ApiError> {
+    if let Some(holder) = holder(api, name, caller) {
+        return Ok(send(
+            api,
+            &holder,
+            "DELETE",
+            ex.path(),
+            ex.path(),
+            None,
+            caller,
+        ));
+    }
+    own(api, name, caller)?;
     api.manager.snapshots().delete(name)?;
     Ok(Reply::NoContent)
 }

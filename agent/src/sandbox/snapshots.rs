@@ -278,6 +278,7 @@ impl Snapshots<'_> {
             disk_base: Some(path_text(&disk_base)),
             envd_token: sandbox.envd_token.clone(),
             vm_state_version: sandbox.vm_state_version,
+            owner: sandbox.owner.clone(),
         };
         let committed = self.m.store().write_with(|txn| {
             let mut released = Vec::new();

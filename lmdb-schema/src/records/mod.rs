@@ -88,6 +88,7 @@ pub(crate) mod samples {
             disk_base: Some("rootfs.ext4".into()),
             envd_token: Some("token".into()),
             vm_state_version: Some(VmStateVersion { major: 1, minor: 0 }),
+            owner: None,
         }
     }
 
@@ -237,11 +238,21 @@ mod golden {
     }
 
     #[test]
-    fn template_v3() {
-        check(
-            3,
-            samples::template(),
+    fn template_v3_upgrades() {
+        upgrades(
             "0306736e61702d310101020007766d6c696e757a11696e697472616d66732e6370696f2e677a0b726f6f7466732e657874340001018080808008014061626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162010873622d746573743180d095ffbc3101efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef0107766d7374617465010b726f6f7466732e657874340105746f6b656e010100",
+            samples::template(),
+        );
+    }
+
+    #[test]
+    fn template_v4() {
+        let mut record = samples::template();
+        record.owner = Some("team-a".into());
+        check(
+            4,
+            record,
+            "0406736e61702d310101020007766d6c696e757a11696e697472616d66732e6370696f2e677a0b726f6f7466732e657874340001018080808008014061626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162616261626162010873622d746573743180d095ffbc3101efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef0107766d7374617465010b726f6f7466732e657874340105746f6b656e01010001067465616d2d61",
         );
     }
 

@@ -41,7 +41,7 @@ impl fmt::Display for TemplateKind {
     }
 }
 
-/// One template (record version 3: says the runtime that took a snapshot,
+/// One template (record version 4 added `owner`; version 3: says the runtime that took a snapshot,
 /// the format of its disk and the version of its VM state, and names its
 /// memory header by type; version 2 added what a snapshot restores from).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +86,58 @@ pub struct TemplateRecord {
     /// The version of a native snapshot's VM state; `None` for QEMU's and
     /// for base templates.
     pub vm_state_version: Option<VmStateVersion>,
+    /// Who took a snapshot: the owner of the fleet key it was taken with;
+    /// only that owner's keys see it. `None`: a node key's, or a base image.
+    pub owner: Option<String>,
+}
+
+/// Version 3, frozen: decoded and upgraded, never written.
+#[derive(Deserialize)]
+struct TemplateRecordV3 {
+    name: TemplateName,
+    kind: TemplateKind,
+    vcpus: Option<u32>,
+    memory_mb: Option<u32>,
+    kernel: String,
+    initramfs: String,
+    rootfs: String,
+    disk_format: DiskFormat,
+    runtime: Option<RuntimeKind>,
+    size_bytes: u64,
+    sha256: Option<String>,
+    parent_sandbox: Option<SandboxId>,
+    created_at_ms: u64,
+    memory_header: Option<HeaderId>,
+    vm_state: Option<String>,
+    disk_base: Option<String>,
+    envd_token: Option<String>,
+    vm_state_version: Option<VmStateVersion>,
+}
+
+impl From<TemplateRecordV3> for TemplateRecord {
+    fn from(v3: TemplateRecordV3) -> TemplateRecord {
+        TemplateRecord {
+            name: v3.name,
+            kind: v3.kind,
+            vcpus: v3.vcpus,
+            memory_mb: v3.memory_mb,
+            kernel: v3.kernel,
+            initramfs: v3.initramfs,
+            rootfs: v3.rootfs,
+            disk_format: v3.disk_format,
+            runtime: v3.runtime,
+            size_bytes: v3.size_bytes,
+            sha256: v3.sha256,
+            parent_sandbox: v3.parent_sandbox,
+            created_at_ms: v3.created_at_ms,
+            memory_header: v3.memory_header,
+            vm_state: v3.vm_state,
+            disk_base: v3.disk_base,
+            envd_token: v3.envd_token,
+            vm_state_version: v3.vm_state_version,
+            owner: None,
+        }
+    }
 }
 
 /// Version 2, frozen: decoded and upgraded, never written.
@@ -108,12 +160,12 @@ struct TemplateRecordV2 {
     envd_token: Option<String>,
 }
 
-impl From<TemplateRecordV2> for TemplateRecord {
+impl From<TemplateRecordV2> for TemplateRecordV3 {
     /// Version 2 said the disk's format, and with it the runtime that took a
     /// snapshot, only by the file's extension: `.qcow2` was QEMU's, anything
     /// else a raw disk of the native runtime. This is the one place that
     /// still reads it from the name.
-    fn from(v2: TemplateRecordV2) -> TemplateRecord {
+    fn from(v2: TemplateRecordV2) -> TemplateRecordV3 {
         let qcow2 = v2.rootfs.ends_with(".qcow2");
         let disk_format = if qcow2 {
             DiskFormat::Qcow2
@@ -125,7 +177,7 @@ impl From<TemplateRecordV2> for TemplateRecord {
         } else {
             RuntimeKind::Native
         });
-        TemplateRecord {
+        TemplateRecordV3 {
             name: v2.name,
             kind: v2.kind,
             vcpus: v2.vcpus,
@@ -200,11 +252,14 @@ impl Upgrade for TemplateRecord {
 
     fn upgrade(version: u8, body: &[u8]) -> Option<Result<Self, String>> {
         match version {
-            1 => Some(
-                decode_body::<TemplateRecordV1>(body)
-                    .map(|v1| TemplateRecord::from(TemplateRecordV2::from(v1))),
+            1 => Some(decode_body::<TemplateRecordV1>(body).map(|v1| {
+                TemplateRecord::from(TemplateRecordV3::from(TemplateRecordV2::from(v1)))
+            })),
+            2 => Some(
+                decode_body::<TemplateRecordV2>(body)
+                    .map(|v2| TemplateRecord::from(TemplateRecordV3::from(v2))),
             ),
-            2 => Some(decode_body::<TemplateRecordV2>(body).map(TemplateRecord::from)),
+            3 => Some(decode_body::<TemplateRecordV3>(body).map(TemplateRecord::from)),
             _ => None,
         }
     }
@@ -212,7 +267,7 @@ impl Upgrade for TemplateRecord {
 
 impl Record for TemplateRecord {
     const DATABASE: &'static str = "templates";
-    const CURRENT_VERSION: u8 = 3;
+    const CURRENT_VERSION: u8 = 4;
     type Key = TemplateName;
 }
 
@@ -226,7 +281,7 @@ mod tests {
     fn round_trip() {
         let record = samples::template();
         let bytes = encode(&record).unwrap();
-        assert_eq!(bytes[0], 3);
+        assert_eq!(bytes[0], 4);
         assert_eq!(
             decode::<TemplateRecord>(&record.name, &bytes).unwrap(),
             record
