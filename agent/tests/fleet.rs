@@ -39,7 +39,38 @@ struct Fleet {
     agents: Vec<Agent>,
     // Dropped after the agents.
     net: FleetNet,
+    manifest: std::path::PathBuf,
     _dir: tempfile::TempDir,
+}
+
+/// Keys of the manifest: id, owner, key, quota.
+const KEYS: [(&str, &str, &str, &str); 2] = [
+    ("ka", "team-a", KEY_A, "{ sandboxes = 2 }"),
+    ("kb", "team-b", KEY_B, "{}"),
+];
+
+/// The fleet's manifest at `version` with `keys`.
+fn manifest_text(net: &FleetNet, version: u64, keys: &[(&str, &str, &str, &str)]) -> String {
+    let mut text = format!(
+        "[cluster]\nname = \"test\"\nversion = {version}\nsecrets = [\"{SECRET}\"]\n\n\
+         [gossip]\ninterval_ms = 200\ndead_after_ms = 4000\n"
+    );
+    for (i, zone) in ["a", "a", "b"].iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[node]]\nname = \"n{}\"\napi = \"http://{}:{API_PORT}\"\n\
+             gossip = \"{}:{GOSSIP_PORT}\"\nlabels = {{ zone = \"{zone}\" }}\n",
+            i + 1,
+            net.addr(i),
+            net.addr(i)
+        ));
+    }
+    for (id, owner, key, quota) in keys {
+        text.push_str(&format!(
+            "\n[[key]]\nid = \"{id}\"\nowner = \"{owner}\"\nhash = \"sha256:{}\"\nquota = {quota}\n",
+            sha256_hex(key.as_bytes())
+        ));
+    }
+    text
 }
 
 impl Fleet {
@@ -47,28 +78,7 @@ impl Fleet {
     fn start(images: &Path, max_running: [u32; 3]) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let net = FleetNet::new(3);
-        let mut text = format!(
-            "[cluster]\nname = \"test\"\nversion = 1\nsecrets = [\"{SECRET}\"]\n\n\
-             [gossip]\ninterval_ms = 200\ndead_after_ms = 4000\n"
-        );
-        for (i, zone) in ["a", "a", "b"].iter().enumerate() {
-            text.push_str(&format!(
-                "\n[[node]]\nname = \"n{}\"\napi = \"http://{}:{API_PORT}\"\n\
-                 gossip = \"{}:{GOSSIP_PORT}\"\nlabels = {{ zone = \"{zone}\" }}\n",
-                i + 1,
-                net.addr(i),
-                net.addr(i)
-            ));
-        }
-        for (id, owner, key, quota) in [
-            ("ka", "team-a", KEY_A, "{ sandboxes = 2 }"),
-            ("kb", "team-b", KEY_B, "{}"),
-        ] {
-            text.push_str(&format!(
-                "\n[[key]]\nid = \"{id}\"\nowner = \"{owner}\"\nhash = \"sha256:{}\"\nquota = {quota}\n",
-                sha256_hex(key.as_bytes())
-            ));
-        }
+        let text = manifest_text(&net, 1, &KEYS);
         let manifest = dir.path().join("fleet.toml");
         std::fs::write(&manifest, text).unwrap();
         let agents: Vec<Agent> = (0..3)
@@ -90,6 +100,7 @@ impl Fleet {
         let fleet = Fleet {
             agents,
             net,
+            manifest,
             _dir: dir,
         };
         let took = fleet.wait_for(Duration::from_secs(30), "membership", |f| {
@@ -581,4 +592,103 @@ fn keys_see_only_their_own_and_quotas_hold_on_every_node() {
     let (a3, _) = create(n1, KEY_A, json!({}));
     let (status, _) = call(n1, "DELETE", &format!("/v1/sandboxes/{a3}"), KEY_A, None);
     assert_eq!(status, 204);
+}
+
+#[test]
+fn the_manifest_is_read_again_on_sighup_and_every_quota_holds() {
+    let Some(images) = common::images_dir_or_skip("fleet manifest reload") else {
+        return;
+    };
+    let fleet = Fleet::start(&images, [0, 0, 0]);
+    const KEY_C: &str = "key-of-team-c";
+    let n1 = fleet.node("n1");
+    let (status, _) = call(n1, "GET", "/v1/sandboxes", KEY_C, None);
+    assert_eq!(status, 401, "not in the manifest yet");
+    let hup = |fleet: &Fleet| {
+        for agent in &fleet.agents {
+            let pid = agent.pid().unwrap().to_string();
+            assert!(Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success());
+        }
+    };
+    let version_everywhere = |fleet: &Fleet, v: u64| {
+        fleet
+            .agents
+            .iter()
+            .all(|a| a.get("/v1/nodes").1["version"] == v)
+    };
+    // Version 2 adds team c's key: every node takes it, without a restart.
+    let mut keys = KEYS.to_vec();
+    keys.push((
+        "kc",
+        "team-c",
+        KEY_C,
+        "{ sandboxes = 1, paused = 0, snapshot_bytes = 1 }",
+    ));
+    std::fs::write(&fleet.manifest, manifest_text(&fleet.net, 2, &keys)).unwrap();
+    hup(&fleet);
+    fleet.wait_for(Duration::from_secs(10), "version 2 in force", |f| {
+        version_everywhere(f, 2)
+    });
+    let (c1, _) = create(fleet.node("n2"), KEY_C, json!({}));
+    fleet.wait_gossiped(&c1, false);
+    // Each quota: one running sandbox, no paused one, snapshots up to a byte.
+    let (status, err) = call(
+        fleet.node("n3"),
+        "POST",
+        "/v1/sandboxes",
+        KEY_C,
+        Some(json!({})),
+    );
+    assert_eq!(status, 429, "{err}");
+    let (status, err) = call(
+        n1,
+        "POST",
+        &format!("/v1/sandboxes/{c1}/pause"),
+        KEY_C,
+        None,
+    );
+    assert_eq!(status, 429, "{err}");
+    assert!(
+        err["error"]["message"].as_str().unwrap().contains("paused"),
+        "{err}"
+    );
+    let snapshot = |name: &str| {
+        call(
+            n1,
+            "POST",
+            "/v1/snapshots",
+            KEY_C,
+            Some(json!({"sandbox_id": c1, "name": name})),
+        )
+    };
+    let (status, snap) = snapshot("c-snap-1");
+    assert_eq!(status, 201, "{snap}");
+    let (status, err) = snapshot("c-snap-2");
+    assert_eq!(status, 429, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bytes of snapshots"),
+        "{err}"
+    );
+    // An older manifest is refused, and the one in force stays.
+    std::fs::write(&fleet.manifest, manifest_text(&fleet.net, 1, &KEYS)).unwrap();
+    hup(&fleet);
+    fleet.wait_for(Duration::from_secs(10), "the refusal logged", |f| {
+        f.agents
+            .iter()
+            .all(|a| a.log().contains("fleet manifest not reloaded"))
+    });
+    assert!(version_everywhere(&fleet, 2));
+    let (status, _) = call(n1, "GET", "/v1/sandboxes", KEY_C, None);
+    assert_eq!(status, 200, "team c's key still works");
+    let (status, _) = call(n1, "DELETE", &format!("/v1/sandboxes/{c1}"), KEY_C, None);
+    assert_eq!(status, 204);
+    let (status, err) = call(n1, "DELETE", "/v1/snapshots/c-snap-1", KEY_C, None);
+    assert_eq!(status, 204, "{err}");
 }

@@ -26,7 +26,7 @@ use wrenn_http::{ApiError, Exchange, Reply, RequestHead, Takeover, Upgraded};
 
 use super::{capsules, ports, speaks_sdk, Api, Wire};
 use crate::fleet::caller::{self, Caller};
-use crate::fleet::view::{self, OverQuota, SandboxEntry, Usage};
+use crate::fleet::view::{self, Ask, OverQuota, SandboxEntry, Usage};
 use crate::fleet::{Gossip, Member};
 use crate::sandbox::{CreateRequest, SandboxError};
 
@@ -62,7 +62,10 @@ pub(super) fn divert(api: &Api, head: &RequestHead) -> Option<Takeover> {
         .find(|m| m.name != fleet.node_name() && m.sandbox(&id).is_some());
     let (holder, entry) = match gossiped {
         Some(m) => (m.clone(), m.sandbox(&id)),
-        None => (locate(fleet, &id, &members)?, None),
+        None => (
+            locate(fleet, &format!("/v1/sandboxes/{id}"), &members)?,
+            None,
+        ),
     };
     let sdk = speaks_sdk(head.path());
     let refuse = move |err: ApiError| -> Option<Takeover> {
@@ -103,12 +106,7 @@ pub(super) fn divert(api: &Api, head: &RequestHead) -> Option<Takeover> {
             let wire = if sdk { Wire::Sdk } else { Wire::Ours };
             missing_json(entry, &holder.name, wire)
         });
-    // Gossip's verdict lags a node's restart: a node it calls dead is
-    // tried all the same, only not for as long.
-    let patience = match holder.is_live() {
-        true => CONNECT_TIMEOUT,
-        false => Duration::from_secs(1),
-    };
+    let patience = connect_timeout(&holder);
     // Later requests on the connection reach that node as they are: it
     // checks their keys itself, and sends on what it does not hold.
     let first = match proxied {
@@ -136,15 +134,14 @@ pub(super) fn divert(api: &Api, head: &RequestHead) -> Option<Takeover> {
     }))
 }
 
-/// The live node that holds sandbox `id` when gossip does not say yet (it
-/// was created elsewhere less than a second ago): every other live node
-/// is asked, at once.
-fn locate(fleet: &Gossip, id: &str, members: &[Member]) -> Option<Member> {
-    let path = format!("/v1/sandboxes/{id}");
+/// The live node that answers 200 to `GET path` (a sandbox or a snapshot)
+/// when gossip does not say yet which holds it (it was made elsewhere less
+/// than a second ago): every other live node is asked, at once.
+pub(super) fn locate(fleet: &Gossip, path: &str, members: &[Member]) -> Option<Member> {
     let call = NodeCall {
         method: "GET",
-        path: &path,
-        target: &path,
+        path,
+        target: path,
         placed: false,
         body: None,
         timeout: LOCATE_TIMEOUT,
@@ -231,6 +228,16 @@ fn api_addr(api: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{host} has no address"))
 }
 
+/// How long to try to reach `member`. Gossip's verdict lags a node's
+/// restart, so a node it calls dead is tried all the same, only not for
+/// as long.
+fn connect_timeout(member: &Member) -> Duration {
+    match member.is_live() {
+        true => CONNECT_TIMEOUT,
+        false => Duration::from_secs(1),
+    }
+}
+
 fn connect(api: &str, timeout: Duration) -> Result<TcpStream, String> {
     let addr = api_addr(api)?;
     let stream =
@@ -283,12 +290,7 @@ pub(super) fn place(
             (shape.vcpus.unwrap_or(1), shape.memory_mb.unwrap_or(512)),
             |fixed| fixed,
         );
-    if let Some(owner) = &caller.owner {
-        let local = api.manager.list()?;
-        let usage = Usage::of_owner(&members, owner, fleet.node_name(), &local);
-        view::check_quota(&caller.quota, &usage, vcpus, memory_mb)
-            .map_err(|over| over_quota(caller, &over))?;
-    }
+    check(api, caller, Ask::Run { vcpus, memory_mb })?;
     if !members.iter().any(|m| m.has_template(&template)) {
         return Err(SandboxError::TemplateNotFound(template).into());
     }
@@ -420,14 +422,8 @@ impl NodeCall<'_> {
             self.path,
             crate::clock::now_ms(),
         );
-        // A node gossip calls dead is tried too (it may just be back), but
-        // not waited for long.
-        let connect = match member.is_live() {
-            true => CONNECT_TIMEOUT,
-            false => Duration::from_secs(1),
-        };
         let agent = ureq::AgentBuilder::new()
-            .timeout_connect(connect)
+            .timeout_connect(connect_timeout(member))
             .timeout(self.timeout)
             .build();
         let request = agent
@@ -473,9 +469,6 @@ pub(super) fn check_quota(
     caller: &Caller,
     request: &CreateRequest,
 ) -> Result<(), ApiError> {
-    let (Some(owner), Some(fleet)) = (&caller.owner, &api.fleet) else {
-        return Ok(());
-    };
     let (vcpus, memory_mb) = match api.manager.snapshots().get(&request.template) {
         Ok(snapshot) => (
             snapshot.record.vcpus.unwrap_or(1),
@@ -483,21 +476,50 @@ pub(super) fn check_quota(
         ),
         Err(_) => (request.vcpus.unwrap_or(1), request.memory_mb.unwrap_or(512)),
     };
+    check(api, caller, Ask::Run { vcpus, memory_mb })
+}
+
+/// Refuses `ask` when it would take the caller's key past its quota across
+/// the fleet (a key without a quota, or a node without a fleet: never).
+pub(super) fn check(api: &Api, caller: &Caller, ask: Ask) -> Result<(), ApiError> {
+    let (Some(owner), Some(fleet)) = (&caller.owner, &api.fleet) else {
+        return Ok(());
+    };
     let local = api.manager.list()?;
-    let usage = Usage::of_owner(&fleet.members(), owner, fleet.node_name(), &local);
-    view::check_quota(&caller.quota, &usage, vcpus, memory_mb)
-        .map_err(|over| over_quota(caller, &over))
+    let snapshots: Vec<_> = api
+        .manager
+        .snapshots()
+        .list()?
+        .into_iter()
+        .map(|s| s.record)
+        .collect();
+    let usage = Usage::of_owner(
+        &fleet.members(),
+        owner,
+        fleet.node_name(),
+        &local,
+        &snapshots,
+    );
+    view::check_quota(&caller.quota, &usage, ask).map_err(|over| over_quota(caller, &over))
 }
 
 fn over_quota(caller: &Caller, over: &OverQuota) -> ApiError {
+    let (what, free) = match over.resource {
+        "paused" => ("paused sandboxes", "resume or destroy paused sandboxes"),
+        "snapshot_bytes" => ("bytes of snapshots", "delete snapshots"),
+        _ => ("", "destroy or pause sandboxes"),
+    };
+    let asked = match over.resource {
+        "snapshot_bytes" => String::new(),
+        _ => format!(" ({} more asked)", over.asked),
+    };
     ApiError::too_many_requests(format!(
-        "key {} may hold {} {} across the fleet and holds {} ({} more asked): destroy or pause \
-         sandboxes, or ask the fleet's operator for a larger quota",
+        "key {} may hold {} {} across the fleet and holds {}{asked}: {free}, or ask the \
+         fleet's operator for a larger quota",
         caller.key.as_deref().unwrap_or("-"),
         over.limit,
-        over.resource,
+        if what.is_empty() { over.resource } else { what },
         over.used,
-        over.asked
     ))
     .with_detail("quota_exceeded")
 }

@@ -190,7 +190,7 @@ impl Api {
             (["usage"], Get, Sdk) => activity::usage(self, ex),
             ([id], Get, _) => sandboxes::get(self, id, wire),
             ([id], Delete, _) => sandboxes::destroy(self, id),
-            ([id, "pause"], Post, _) => sandboxes::pause(self, id, wire),
+            ([id, "pause"], Post, _) => sandboxes::pause(self, id, wire, caller),
             ([id, "resume"], Post, _) => sandboxes::resume(self, id, wire),
             ([id, "exec"], Post, Ours) => sandboxes::exec(self, ex, id),
             ([id, "exec"], Post, Sdk) => capsules::exec(self, ex, id),

@@ -225,7 +225,9 @@ pub fn destroy(api: &Api, id: &str) -> Result<Reply, ApiError> {
     Ok(Reply::NoContent)
 }
 
-pub fn pause(api: &Api, id: &str, wire: Wire) -> Result<Reply, ApiError> {
+/// Pauses a sandbox, within the key's `paused` quota.
+pub fn pause(api: &Api, id: &str, wire: Wire, caller: &Caller) -> Result<Reply, ApiError> {
+    super::fleet::check(api, caller, crate::fleet::view::Ask::Pause)?;
     let record = api.manager.pause(&parse_id(id)?)?;
     Ok(Reply::Json(200, wire.sandbox(&record)))
 }

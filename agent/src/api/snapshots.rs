@@ -13,7 +13,7 @@ use wrenn_http::{ApiError, Exchange, Reply};
 
 use super::fleet::NodeCall;
 use super::Api;
-use crate::fleet::{Caller, Member};
+use crate::fleet::{Caller, Gossip, Member};
 use crate::sandbox::{SandboxError, Snapshot, SnapshotRequest};
 
 /// How long another node may take to take a snapshot (pausing a VM and
@@ -73,20 +73,17 @@ pub fn create(api: &Api, ex: &mut Exchange, caller: &Caller) -> Result<Reply, Ap
             .collect();
         // Taken where the sandbox is.
         if !caller.is_forwarded() && api.manager.get(&sandbox_id).is_err() {
-            if let Some(holder) = others
+            let holder = others
                 .iter()
                 .find(|m| m.sandbox(sandbox_id.as_str()).is_some())
-            {
-                let target = ex.url().unwrap_or(ex.path()).to_owned();
-                return Ok(send(
-                    api,
-                    holder,
-                    "POST",
-                    ex.path(),
-                    &target,
-                    Some(&raw),
-                    caller,
-                ));
+                .cloned()
+                .or_else(|| {
+                    let path = format!("/v1/sandboxes/{sandbox_id}");
+                    super::fleet::locate(fleet, &path, &others)
+                });
+            if let Some(holder) = holder {
+                let call = call("POST", ex, Some(&raw));
+                return Ok(send(api, fleet, &holder, &call, caller));
             }
         }
         if let Some(name) = &body.name {
@@ -100,6 +97,7 @@ pub fn create(api: &Api, ex: &mut Exchange, caller: &Caller) -> Result<Reply, Ap
         }
     }
     api.check_owner(caller, sandbox_id.as_str())?;
+    super::fleet::check(api, caller, crate::fleet::view::Ask::Snapshot)?;
     let snapshot = api.manager.snapshots().create(SnapshotRequest {
         sandbox_id,
         name: body.name,
@@ -108,33 +106,26 @@ pub fn create(api: &Api, ex: &mut Exchange, caller: &Caller) -> Result<Reply, Ap
     Ok(Reply::Json(201, api.listed(snapshot_json(&snapshot))))
 }
 
-/// `call` sent to `member`, its answer answered.
-fn send(
-    api: &Api,
-    member: &Member,
-    method: &str,
-    path: &str,
-    target: &str,
-    body: Option<&[u8]>,
-    caller: &Caller,
-) -> Reply {
-    let Some(fleet) = &api.fleet else {
-        return Reply::NoContent;
-    };
-    let call = NodeCall {
-        method,
-        path,
-        target,
-        placed: false,
-        body,
-        timeout: NODE_CALL,
-    };
+/// `call` sent on to `member`, its answer answered.
+fn send(api: &Api, fleet: &Gossip, member: &Member, call: &NodeCall, caller: &Caller) -> Reply {
     api.counters
         .forwarded
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match call.send(fleet, member, caller) {
         (204, _) => Reply::NoContent,
         (status, body) => Reply::Json(status, body),
+    }
+}
+
+/// A call sent on to the node that holds what it is about.
+fn call<'a>(method: &'a str, ex: &'a Exchange, body: Option<&'a [u8]>) -> NodeCall<'a> {
+    NodeCall {
+        method,
+        path: ex.path(),
+        target: ex.url().unwrap_or(ex.path()),
+        placed: false,
+        body,
+        timeout: NODE_CALL,
     }
 }
 
@@ -147,18 +138,25 @@ fn own(api: &Api, name: &str, caller: &Caller) -> Result<Snapshot, ApiError> {
     }
 }
 
-/// The other node that holds snapshot `name`, when this one does not.
-fn holder(api: &Api, name: &str, caller: &Caller) -> Option<Member> {
+/// The fleet, and the other node that holds snapshot `name` when this
+/// one does not.
+fn holder<'a>(api: &'a Api, name: &str, caller: &Caller) -> Option<(&'a Gossip, Member)> {
     let fleet = api.fleet.as_ref().filter(|_| !caller.is_forwarded())?;
     if api.manager.snapshots().get(name).is_ok() {
         return None;
     }
-    fleet.members().into_iter().find(|m| {
+    let members = fleet.members();
+    let gossiped = members.iter().find(|m| {
         m.name != fleet.node_name()
             && m.published
                 .get(&format!("tpl:{name}"))
                 .is_some_and(|v| v.starts_with("snapshot|"))
-    })
+    });
+    let member = match gossiped {
+        Some(m) => m.clone(),
+        None => super::fleet::locate(fleet, &format!("/v1/snapshots/{name}"), &members)?,
+    };
+    Some((fleet, member))
 }
 
 /// A bare array, as the SDK reads it: base images, then snapshots;
@@ -227,16 +225,8 @@ pub fn list(api: &Api, ex: &Exchange, caller: &Caller) -> Result<Reply, ApiError
 }
 
 pub fn get(api: &Api, ex: &Exchange, name: &str, caller: &Caller) -> Result<Reply, ApiError> {
-    if let Some(holder) = holder(api, name, caller) {
-        return Ok(send(
-            api,
-            &holder,
-            "GET",
-            ex.path(),
-            ex.path(),
-            None,
-            caller,
-        ));
+    if let Some((fleet, holder)) = holder(api, name, caller) {
+        return Ok(send(api, fleet, &holder, &call("GET", ex, None), caller));
     }
     Ok(Reply::Json(
         200,
@@ -246,16 +236,8 @@ pub fn get(api: &Api, ex: &Exchange, name: &str, caller: &Caller) -> Result<Repl
 
 /// Deletes snapshot `name` where it is (refused while sandboxes use it).
 pub fn delete(api: &Api, ex: &Exchange, name: &str, caller: &Caller) -> Result<Reply, ApiError> {
-    if let Some(holder) = holder(api, name, caller) {
-        return Ok(send(
-            api,
-            &holder,
-            "DELETE",
-            ex.path(),
-            ex.path(),
-            None,
-            caller,
-        ));
+    if let Some((fleet, holder)) = holder(api, name, caller) {
+        return Ok(send(api, fleet, &holder, &call("DELETE", ex, None), caller));
     }
     own(api, name, caller)?;
     api.manager.snapshots().delete(name)?;

@@ -9,12 +9,12 @@
 //! - `load`: `{"running", "paused", "creating", "vcpus", "memory_mb"}` of
 //!   the sandboxes that hold room
 //! - `sbx:<id>`: `status|vcpus|memory_mb|owner` (owner `-`: none)
-//! - `tpl:<name>`: `base`, or `snapshot|bytes|vcpus|memory_mb`
+//! - `tpl:<name>`: `base`, or `snapshot|bytes|vcpus|memory_mb|owner`
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use lmdb_schema::{SandboxRecord, SandboxStatus};
+use lmdb_schema::{SandboxRecord, SandboxStatus, TemplateRecord};
 use serde::Deserialize;
 
 use super::gossip::{Member, Publish};
@@ -157,6 +157,8 @@ pub struct Usage {
     pub vcpus: u64,
     pub memory_mb: u64,
     pub paused: u32,
+    /// Bytes of the owner's snapshots.
+    pub snapshot_bytes: u64,
 }
 
 impl Usage {
@@ -173,7 +175,13 @@ impl Usage {
     /// What `owner` holds by the published state of `members`, leaving out
     /// node `skip` (whose own numbers the caller knows better), plus
     /// `local`, the records of that node.
-    pub fn of_owner(members: &[Member], owner: &str, skip: &str, local: &[SandboxRecord]) -> Usage {
+    pub fn of_owner(
+        members: &[Member],
+        owner: &str,
+        skip: &str,
+        local: &[SandboxRecord],
+        local_snapshots: &[TemplateRecord],
+    ) -> Usage {
         let mut usage = Usage::default();
         for member in members.iter().filter(|m| m.name != skip) {
             for entry in member.sandboxes() {
@@ -181,7 +189,21 @@ impl Usage {
                     usage.add(&entry);
                 }
             }
+            usage.snapshot_bytes += member
+                .published
+                .values()
+                .filter_map(|v| {
+                    let mut parts = v.strip_prefix("snapshot|")?.split('|');
+                    let bytes: u64 = parts.next()?.parse().ok()?;
+                    (parts.nth(2) == Some(owner)).then_some(bytes)
+                })
+                .sum::<u64>();
         }
+        usage.snapshot_bytes += local_snapshots
+            .iter()
+            .filter(|t| t.owner.as_deref() == Some(owner))
+            .map(|t| t.size_bytes)
+            .sum::<u64>();
         for record in local
             .iter()
             .filter(|r| r.owner.as_deref() == Some(owner) && !r.status.is_terminal())
@@ -203,34 +225,54 @@ pub struct OverQuota {
     pub asked: u64,
 }
 
-/// Whether one more running sandbox of `vcpus` and `memory_mb` fits in
-/// `quota` beside `usage`.
-pub fn check_quota(
-    quota: &Quota,
-    usage: &Usage,
-    vcpus: u32,
-    memory_mb: u32,
-) -> Result<(), OverQuota> {
-    let checks = [
-        (
-            "sandboxes",
-            quota.sandboxes.map(u64::from),
-            u64::from(usage.sandboxes),
+/// What a caller asks for that a quota may refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// One more running sandbox of this size.
+    Run { vcpus: u32, memory_mb: u32 },
+    /// One more paused sandbox.
+    Pause,
+    /// One more snapshot (its size is known only once taken: refused when
+    /// the owner's snapshots already fill the quota).
+    Snapshot,
+}
+
+/// Whether `ask` fits in `quota` beside `usage`.
+pub fn check_quota(quota: &Quota, usage: &Usage, ask: Ask) -> Result<(), OverQuota> {
+    let checks = match ask {
+        Ask::Run { vcpus, memory_mb } => vec![
+            (
+                "sandboxes",
+                quota.sandboxes.map(u64::from),
+                u64::from(usage.sandboxes),
+                1,
+            ),
+            (
+                "vcpus",
+                quota.vcpus.map(u64::from),
+                usage.vcpus,
+                u64::from(vcpus),
+            ),
+            (
+                "memory_mb",
+                quota.memory_mb,
+                usage.memory_mb,
+                u64::from(memory_mb),
+            ),
+        ],
+        Ask::Pause => vec![(
+            "paused",
+            quota.paused.map(u64::from),
+            u64::from(usage.paused),
             1,
-        ),
-        (
-            "vcpus",
-            quota.vcpus.map(u64::from),
-            usage.vcpus,
-            u64::from(vcpus),
-        ),
-        (
-            "memory_mb",
-            quota.memory_mb,
-            usage.memory_mb,
-            u64::from(memory_mb),
-        ),
-    ];
+        )],
+        Ask::Snapshot => vec![(
+            "snapshot_bytes",
+            quota.snapshot_bytes,
+            usage.snapshot_bytes,
+            1,
+        )],
+    };
     for (resource, limit, used, asked) in checks {
         if let Some(limit) = limit {
             if used + asked > limit {
@@ -311,10 +353,11 @@ fn publish(manager: &Manager, runtime: &str) -> Vec<(String, String)> {
             (
                 format!("tpl:{}", r.name),
                 format!(
-                    "snapshot|{}|{}|{}",
+                    "snapshot|{}|{}|{}|{}",
                     r.size_bytes,
                     r.vcpus.unwrap_or(1),
-                    r.memory_mb.unwrap_or(512)
+                    r.memory_mb.unwrap_or(512),
+                    r.owner.as_deref().unwrap_or("-")
                 ),
             )
         }));
@@ -348,6 +391,8 @@ mod tests {
                 &[
                     ("sbx:sb-a", "running|1|512|team-a"),
                     ("sbx:sb-b", "paused|2|1024|team-a"),
+                    ("tpl:snap", "snapshot|4096|1|512|team-a"),
+                    ("tpl:other", "snapshot|9999|1|512|team-b"),
                 ],
             ),
             member(
@@ -358,18 +403,19 @@ mod tests {
                 ],
             ),
         ];
-        let usage = Usage::of_owner(&members, "team-a", "n9", &[]);
+        let usage = Usage::of_owner(&members, "team-a", "n9", &[], &[]);
         assert_eq!(
             usage,
             Usage {
                 sandboxes: 2,
                 vcpus: 3,
                 memory_mb: 768,
-                paused: 1
+                paused: 1,
+                snapshot_bytes: 4096,
             }
         );
         // The node's own figures replace what it gossiped.
-        let usage = Usage::of_owner(&members, "team-a", "n1", &[]);
+        let usage = Usage::of_owner(&members, "team-a", "n1", &[], &[]);
         assert_eq!(usage.sandboxes, 1);
     }
 
@@ -385,13 +431,33 @@ mod tests {
             memory_mb: 512,
             ..Usage::default()
         };
-        assert!(check_quota(&quota, &usage, 1, 512).is_ok());
+        let run = |memory_mb| Ask::Run {
+            vcpus: 1,
+            memory_mb,
+        };
+        assert!(check_quota(&quota, &usage, run(512)).is_ok());
         usage.sandboxes = 2;
-        let over = check_quota(&quota, &usage, 1, 512).unwrap_err();
+        let over = check_quota(&quota, &usage, run(512)).unwrap_err();
         assert_eq!((over.resource, over.limit, over.used), ("sandboxes", 2, 2));
         usage.sandboxes = 0;
-        let over = check_quota(&quota, &usage, 1, 2000).unwrap_err();
+        let over = check_quota(&quota, &usage, run(2000)).unwrap_err();
         assert_eq!(over.resource, "memory_mb");
+        let quota = Quota {
+            paused: Some(1),
+            snapshot_bytes: Some(100),
+            ..Quota::default()
+        };
+        usage.paused = 1;
+        assert_eq!(
+            check_quota(&quota, &usage, Ask::Pause)
+                .unwrap_err()
+                .resource,
+            "paused"
+        );
+        usage.snapshot_bytes = 99;
+        assert!(check_quota(&quota, &usage, Ask::Snapshot).is_ok());
+        usage.snapshot_bytes = 100;
+        assert!(check_quota(&quota, &usage, Ask::Snapshot).is_err());
     }
 
     #[test]
@@ -402,7 +468,7 @@ mod tests {
                 ("cap", r#"{"vcpus":2,"memory_mb":1000,"max_running":1}"#),
                 ("load", r#"{"running":1,"memory_mb":512}"#),
                 ("tpl:base", "base"),
-                ("tpl:snap", "snapshot|4096|2|768"),
+                ("tpl:snap", "snapshot|4096|2|768|-"),
             ],
         );
         assert!(full.lacks_room(128).unwrap().contains("limit"));
