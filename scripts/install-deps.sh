@@ -30,6 +30,7 @@ COMMANDS=(
     "lz4 lz4"
     "ip iproute2"
     "nft nftables"
+    "nsenter util-linux"
     "curl curl"
     "pkill procps"
     "useradd passwd"
