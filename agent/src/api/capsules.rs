@@ -111,16 +111,7 @@ pub fn create_request(api: &Api, raw: &[u8]) -> Result<CreateRequest, ApiError> 
         true => CreateBody::default(),
         false => wrenn_http::parse_json(raw)?,
     };
-    let config = &api.capsules;
-    let template = body
-        .template
-        .filter(|t| !t.is_empty())
-        .unwrap_or_else(|| config.default_template.clone());
-    let template = config
-        .template_aliases
-        .get(&template)
-        .cloned()
-        .unwrap_or(template);
+    let template = template_name(&api.capsules, body.template);
     let idle = match body.timeout_sec {
         None | Some(0) => None,
         Some(t) => Some(u32::try_from(t.max(MIN_IDLE_S)).map_err(|_| {
@@ -142,6 +133,15 @@ pub fn create_request(api: &Api, raw: &[u8]) -> Result<CreateRequest, ApiError> 
         timeout_action: TimeoutAction::Pause,
         owner: None,
     })
+}
+
+/// The template an SDK create names: the node's default when it names
+/// none, aliases resolved.
+pub fn template_name(config: &crate::config::CapsulesConfig, asked: Option<String>) -> String {
+    let name = asked
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| config.default_template.clone());
+    config.template_aliases.get(&name).cloned().unwrap_or(name)
 }
 
 /// `POST /v1/capsules/{id}/ping`: the capsule's inactivity timer starts

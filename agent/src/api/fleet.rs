@@ -146,24 +146,34 @@ pub(super) fn locate(fleet: &Gossip, path: &str, members: &[Member]) -> Option<M
         body: None,
         timeout: LOCATE_TIMEOUT,
     };
+    let live: Vec<Member> = members.iter().filter(|m| m.is_live()).cloned().collect();
+    ask_others(fleet, &live, &call, &Caller::operator())
+        .into_iter()
+        .find(|(_, (status, _))| *status == 200)
+        .map(|(m, _)| m.clone())
+}
+
+/// `call` sent to each of `members` but this node, all at once; each with
+/// its answer.
+pub(super) fn ask_others<'m>(
+    fleet: &Gossip,
+    members: &'m [Member],
+    call: &NodeCall,
+    caller: &Caller,
+) -> Vec<(&'m Member, (u16, Value))> {
     let others: Vec<&Member> = members
         .iter()
-        .filter(|m| m.name != fleet.node_name() && m.is_live())
+        .filter(|m| m.name != fleet.node_name())
         .collect();
     std::thread::scope(|scope| {
         let asks: Vec<_> = others
             .iter()
-            .map(|m| scope.spawn(|| call.send(fleet, m, &Caller::operator()).0 == 200))
+            .map(|m| scope.spawn(|| call.send(fleet, m, caller)))
             .collect();
-        let found: Vec<bool> = asks
+        let answers = asks
             .into_iter()
-            .map(|a| a.join().unwrap_or(false))
-            .collect();
-        others
-            .iter()
-            .zip(found)
-            .find(|(_, has)| *has)
-            .map(|(m, _)| (*m).clone())
+            .map(|a| a.join().unwrap_or((500, Value::Null)));
+        others.into_iter().zip(answers).collect()
     })
 }
 
@@ -272,15 +282,7 @@ pub(super) fn place(
     };
     let template = match wire {
         Wire::Ours => shape.template.clone().unwrap_or_else(|| "base".into()),
-        Wire::Sdk => {
-            let config = &api.capsules;
-            let name = shape
-                .template
-                .clone()
-                .filter(|t| !t.is_empty())
-                .unwrap_or_else(|| config.default_template.clone());
-            config.template_aliases.get(&name).cloned().unwrap_or(name)
-        }
+        Wire::Sdk => capsules::template_name(&api.capsules, shape.template.clone()),
     };
     let members = fleet.members();
     let (vcpus, memory_mb) = members
@@ -294,29 +296,7 @@ pub(super) fn place(
     if !members.iter().any(|m| m.has_template(&template)) {
         return Err(SandboxError::TemplateNotFound(template).into());
     }
-    let mut refusals: Vec<String> = Vec::new();
-    let mut candidates: Vec<&Member> = Vec::new();
-    for member in &members {
-        let why = match () {
-            _ if !member.is_live() => Some(format!("is {}", member.state)),
-            _ if !view::labels_match(&member.labels, &shape.node_labels) => {
-                Some(format!("has labels {:?}", member.labels))
-            }
-            _ if !member.has_template(&template) => Some(format!("lacks template {template}")),
-            _ => member.lacks_room(memory_mb),
-        };
-        match why {
-            Some(why) => refusals.push(format!("{} {why}", member.name)),
-            None => candidates.push(member),
-        }
-    }
-    // Least loaded first; by name when equal, so that placement is stable.
-    candidates.sort_by(|a, b| {
-        b.free_memory_mb()
-            .cmp(&a.free_memory_mb())
-            .then_with(|| a.name.cmp(&b.name))
-    });
-    candidates.truncate(CANDIDATES);
+    let (candidates, mut refusals) = candidates(&members, &template, memory_mb, &shape.node_labels);
     // The refusal told if every node said the same: over quota, or a
     // snapshot this caller may not see (404).
     let mut same: Option<(u16, Value)> = None;
@@ -363,6 +343,40 @@ pub(super) fn place(
         refusals.join("; ")
     ))
     .with_detail("no_capacity"))
+}
+
+/// The nodes a create may go to, least loaded first (by name when equal,
+/// so that placement is stable), at most [`CANDIDATES`]; and why each
+/// other node may not.
+fn candidates<'m>(
+    members: &'m [Member],
+    template: &str,
+    memory_mb: u32,
+    labels: &BTreeMap<String, String>,
+) -> (Vec<&'m Member>, Vec<String>) {
+    let mut refusals = Vec::new();
+    let mut fit: Vec<&Member> = Vec::new();
+    for member in members {
+        let why = match () {
+            _ if !member.is_live() => Some(format!("is {}", member.state)),
+            _ if !view::labels_match(&member.labels, labels) => {
+                Some(format!("has labels {:?}", member.labels))
+            }
+            _ if !member.has_template(template) => Some(format!("lacks template {template}")),
+            _ => member.lacks_room(memory_mb),
+        };
+        match why {
+            Some(why) => refusals.push(format!("{} {why}", member.name)),
+            None => fit.push(member),
+        }
+    }
+    fit.sort_by(|a, b| {
+        b.free_memory_mb()
+            .cmp(&a.free_memory_mb())
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    fit.truncate(CANDIDATES);
+    (fit, refusals)
 }
 
 /// A create refused for want of room, quota or template: another node may
@@ -536,24 +550,26 @@ pub(super) fn list(
     status: Option<&str>,
     mut local: Vec<Value>,
 ) -> Vec<Value> {
-    let target = ex.url().unwrap_or(ex.path()).to_owned();
-    let path = ex.path();
-    let others: Vec<Member> = fleet
-        .members()
-        .into_iter()
-        .filter(|m| m.name != fleet.node_name())
-        .collect();
-    let parts: Vec<Option<Vec<Value>>> = std::thread::scope(|scope| {
-        let asks: Vec<_> = others
-            .iter()
-            .map(|member| {
-                let target = &target;
-                scope.spawn(move || ask_list(fleet, member, path, target, caller, wire))
-            })
-            .collect();
-        asks.into_iter().map(|a| a.join().ok().flatten()).collect()
-    });
-    for (member, part) in others.iter().zip(parts) {
+    let call = NodeCall {
+        method: "GET",
+        path: ex.path(),
+        target: ex.url().unwrap_or(ex.path()),
+        placed: false,
+        body: None,
+        timeout: LIST_TIMEOUT,
+    };
+    let members = fleet.members();
+    for (member, (code, body)) in ask_others(fleet, &members, &call, caller) {
+        let part = match code {
+            200 => match wire {
+                Wire::Ours => body.get("sandboxes").and_then(Value::as_array).cloned(),
+                Wire::Sdk => body.as_array().cloned(),
+            },
+            _ => {
+                tracing::warn!(node = %member.name, status = code, "a node did not answer its part of a list: {body}");
+                None
+            }
+        };
         match part {
             Some(sandboxes) => local.extend(sandboxes),
             None => local.extend(
@@ -566,33 +582,4 @@ pub(super) fn list(
         }
     }
     local
-}
-
-/// `member`'s own sandboxes, or `None` when it does not answer.
-fn ask_list(
-    fleet: &Gossip,
-    member: &Member,
-    path: &str,
-    target: &str,
-    caller: &Caller,
-    wire: Wire,
-) -> Option<Vec<Value>> {
-    let call = NodeCall {
-        method: "GET",
-        path,
-        target,
-        placed: false,
-        body: None,
-        timeout: LIST_TIMEOUT,
-    };
-    let (status, body) = call.send(fleet, member, caller);
-    if status != 200 {
-        tracing::warn!(node = %member.name, status, "a node did not answer its part of a list: {body}");
-        return None;
-    }
-    let items = match wire {
-        Wire::Ours => body.get("sandboxes")?.as_array()?.clone(),
-        Wire::Sdk => body.as_array()?.clone(),
-    };
-    Some(items)
 }

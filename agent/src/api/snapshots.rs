@@ -197,21 +197,9 @@ pub fn list(api: &Api, ex: &Exchange, caller: &Caller) -> Result<Reply, ApiError
                 body: None,
                 timeout: NODE_CALL,
             };
-            let others: Vec<Member> = fleet
-                .members()
-                .into_iter()
-                .filter(|m| m.name != fleet.node_name())
-                .collect();
-            let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
-                let asks: Vec<_> = others
-                    .iter()
-                    .map(|m| scope.spawn(|| call.send(fleet, m, caller)))
-                    .collect();
-                asks.into_iter()
-                    .map(|a| a.join().unwrap_or((500, Value::Null)))
-                    .collect()
-            });
-            for (member, (status, body)) in others.iter().zip(answers) {
+            let members = fleet.members();
+            let answers = super::fleet::ask_others(fleet, &members, &call, caller);
+            for (member, (status, body)) in answers {
                 match body.as_array().filter(|_| status == 200) {
                     Some(theirs) => listed.extend(theirs.iter().cloned()),
                     None => {
