@@ -153,7 +153,12 @@ fn members_converge_detect_a_dead_node_and_take_it_back() {
     let cap: Value = serde_json::from_str(n2["published"]["cap"].as_str().unwrap()).unwrap();
     assert!(cap["vcpus"].as_u64().unwrap() >= 1);
     // Its templates, for placement: the base image every node has.
-    assert_eq!(n2["published"]["tpl:base"], "base");
+    // With its size and checksum from the image's manifest.
+    let base = n2["published"]["tpl:base"].as_str().unwrap();
+    let parts: Vec<&str> = base.split('|').collect();
+    assert_eq!(parts[0], "base", "{base}");
+    assert!(parts[1].parse::<u64>().unwrap() > 0, "{base}");
+    assert_eq!(parts[2].len(), 64, "{base}");
 
     agents[2].kill9();
     let took = wait_for(

@@ -9,7 +9,9 @@
 //! - `load`: `{"running", "paused", "creating", "vcpus", "memory_mb"}` of
 //!   the sandboxes that hold room
 //! - `sbx:<id>`: `status|vcpus|memory_mb|owner` (owner `-`: none)
-//! - `tpl:<name>`: `base`, or `snapshot|bytes|vcpus|memory_mb|owner`
+//! - `tpl:<name>`: `base|bytes|sha256` (the files' total size and the root
+//!   file system's SHA-256, from the image's manifest.json), or
+//!   `snapshot|bytes|vcpus|memory_mb|owner`
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -339,14 +341,11 @@ fn publish(manager: &Manager, runtime: &str) -> Vec<(String, String)> {
             .filter(|r| !r.status.is_terminal() && !crate::sandbox::warm::is_warm_helper(r))
             .map(|r| (format!("sbx:{}", r.id), sandbox_value(r))),
     );
-    keys.extend(
-        manager
-            .node()
-            .templates()
-            .list()
-            .into_iter()
-            .map(|name| (format!("tpl:{name}"), "base".to_owned())),
-    );
+    let templates = node.templates();
+    keys.extend(templates.list().into_iter().map(|name| {
+        let value = base_value(&templates.manifest_path(&name));
+        (format!("tpl:{name}"), value)
+    }));
     if let Ok(snapshots) = manager.snapshots().list() {
         keys.extend(snapshots.iter().map(|s| {
             let r = &s.record;
@@ -363,6 +362,25 @@ fn publish(manager: &Manager, runtime: &str) -> Vec<(String, String)> {
         }));
     }
     keys
+}
+
+/// The `tpl:` value of a base image: `base|bytes|sha256` from its
+/// manifest.json (`files`: sizes and checksums, written by `make image`);
+/// `base||` when the manifest says nothing.
+fn base_value(manifest: &std::path::Path) -> String {
+    let manifest: serde_json::Value = std::fs::read(manifest)
+        .ok()
+        .and_then(|raw| serde_json::from_slice(&raw).ok())
+        .unwrap_or_default();
+    let files = manifest["files"].as_object();
+    let bytes: u64 = files
+        .map(|f| f.values().filter_map(|v| v["size"].as_u64()).sum())
+        .unwrap_or(0);
+    let rootfs = files
+        .and_then(|f| f.iter().find(|(name, _)| name.starts_with("rootfs")))
+        .and_then(|(_, v)| v["sha256"].as_str())
+        .unwrap_or_default();
+    format!("base|{bytes}|{rootfs}")
 }
 
 #[cfg(test)]
@@ -467,7 +485,7 @@ mod tests {
             &[
                 ("cap", r#"{"vcpus":2,"memory_mb":1000,"max_running":1}"#),
                 ("load", r#"{"running":1,"memory_mb":512}"#),
-                ("tpl:base", "base"),
+                ("tpl:base", "base|100|ab"),
                 ("tpl:snap", "snapshot|4096|2|768|-"),
             ],
         );
