@@ -184,6 +184,14 @@ impl NativeRuntime {
             let _ = std::fs::remove_file(dir.join(stale));
         }
         let socket = dir.join(API_SOCKET);
+        // A missing binary is the likelier mistake; say so before anything
+        // else is prepared.
+        if !self.binary.is_file() {
+            return Err(RuntimeError::VmmSpawn {
+                binary: self.binary.clone(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
         let netns = process::open_netns(&spec.netns)?;
         let log_path = dir.join(VMM_LOG);
         let log = OpenOptions::new()
@@ -690,12 +698,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let spec = spec(dir.path());
         std::fs::create_dir_all(&spec.dir).expect("mkdir");
-        // The namespace is missing too; the binary is checked by spawning,
-        // so point at this process's own namespace.
-        let spec = VmSpec {
-            netns: "../../proc/self/ns/net".into(),
-            ..spec
-        };
+        // The namespace is missing too: the binary is checked first.
         let runtime = NativeRuntime::new(dir.path().join("no-such-wrenn-vmm"));
         let err = runtime.launch(&spec).expect_err("no binary").to_string();
         assert!(err.contains("cargo build -p wrenn-vmm"), "{err}");
