@@ -5,6 +5,11 @@
 //! directly and calling n1, which places or forwards to n2: a create, an
 //! exec of `true`, and a GET of the sandbox. Prints a Markdown table and
 //! writes it to `target/bench/forwarding.md`.
+//!
+//! Then template transfer: snapshots taken on n2, each created from on n1
+//! (zone a), which fetches it first, unpaced; the bytes and time of each
+//! transfer (from n1's log) and the create's time, beside a create from the
+//! same snapshot on n2, in `target/bench/transfer.md`.
 
 #![allow(clippy::unwrap_used)] // tests and benchmarks may unwrap (workspace lints)
 
@@ -24,6 +29,7 @@ const API_KEY: &str = "forwarding-bench-key";
 const CREATES: usize = 5;
 const EXECS: usize = 30;
 const GETS: usize = 200;
+const TRANSFERS: usize = 3;
 
 fn main() {
     let Some(images) = common::images_dir_or_skip("forwarding bench") else {
@@ -125,6 +131,7 @@ fn main() {
         let mut forwarded = time(n1, n, call);
         rows.push(row(what, &mut direct, &mut forwarded));
     }
+    let transfers = transfer_rows(n1, n2, &id);
     assert_eq!(n1.delete(&get).0, 204);
     let table = [
         format!(
@@ -146,6 +153,8 @@ fn main() {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&out);
     let _ = std::fs::write(out.join("forwarding.md"), format!("{table}\n"));
+    println!("{transfers}");
+    let _ = std::fs::write(out.join("transfer.md"), format!("{transfers}\n"));
     drop(agents);
     drop(net);
 }
@@ -163,5 +172,70 @@ fn row(what: &str, direct: &mut [Duration], through: &mut [Duration]) -> String 
         t50 - d50,
         pct(direct, 90),
         pct(through, 90)
+    )
+}
+
+/// Snapshots of sandbox `id` (on n2), each fetched by n1 for a create: the
+/// table of their transfers.
+fn transfer_rows(n1: &Agent, n2: &Agent, id: &str) -> String {
+    // 64 MiB of random bytes in the sandbox's memory, so that the snapshot
+    // is not mostly zero pages.
+    let (status, out) = n2.post(
+        &format!("/v1/sandboxes/{id}/processes"),
+        json!({"cmd": "python3", "background": true, "args": ["-c",
+            "import os, time\nblob = os.urandom(64 << 20)\nopen('/tmp/ready', 'w').close()\ntime.sleep(1e9)"]}),
+    );
+    assert_eq!(status, 201, "{out}");
+    let (status, out) = n2.post(
+        &format!("/v1/sandboxes/{id}/exec"),
+        json!({"cmd": "sh", "args": ["-c", "while [ ! -e /tmp/ready ]; do sleep 0.2; done"]}),
+    );
+    assert_eq!(status, 200, "{out}");
+    let mut rows = vec![
+        "| snapshot | bundle MiB | transfer s | MiB/s | create on n1 (fetch + restore) s | create on n2 (holder) s |"
+            .to_owned(),
+        "|---|---|---|---|---|---|".to_owned(),
+    ];
+    for n in 0..TRANSFERS {
+        let name = format!("bench-transfer-{n}");
+        let (status, snap) = n2.post("/v1/snapshots", json!({"sandbox_id": id, "name": name}));
+        assert_eq!(status, 201, "{snap}");
+        let timed_create = |agent: &Agent, zone: &str| -> f64 {
+            let started = Instant::now();
+            let (status, sandbox) = agent.post(
+                "/v1/sandboxes",
+                json!({"template": name, "node_labels": {"zone": zone}}),
+            );
+            let took = started.elapsed().as_secs_f64();
+            assert_eq!(status, 201, "{sandbox}");
+            let path = format!("/v1/sandboxes/{}", sandbox["id"].as_str().unwrap());
+            assert_eq!(agent.delete(&path).0, 204);
+            took
+        };
+        let on_n2 = timed_create(n2, "b");
+        let on_n1 = timed_create(n1, "a");
+        let log = n1.log();
+        let line = log
+            .lines()
+            .rfind(|l| l.contains("snapshot fetched") && l.contains(&name))
+            .unwrap_or_else(|| panic!("n1 did not log fetching {name}"));
+        let (bytes, ms) = (
+            common::log_number(line, "bytes"),
+            common::log_number(line, "ms"),
+        );
+        let mib = bytes as f64 / f64::from(1 << 20);
+        rows.push(format!(
+            "| {name} | {mib:.0} | {:.2} | {:.0} | {on_n1:.2} | {on_n2:.2} |",
+            ms as f64 / 1000.0,
+            mib / (ms.max(1) as f64 / 1000.0),
+        ));
+        assert_eq!(n1.delete(&format!("/v1/snapshots/{name}")).0, 204);
+    }
+    format!(
+        "Snapshot templates between nodes: each snapshot taken on n2 (a sandbox holding \
+         64 MiB of random bytes), then created from on n1, which fetches it from n2 over \
+         HTTP (unpaced; SHA-256 checked) and restores it. Host: {} CPUs.\n\n{}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        rows.join("\n")
     )
 }

@@ -32,6 +32,17 @@ pub struct Config {
     pub capsules: CapsulesConfig,
     pub proxy: ProxyConfig,
     pub templates: TemplatesConfig,
+    pub fleet: FleetConfig,
+}
+
+/// This node's part in a fleet (the fleet itself is `fleet.toml`,
+/// docs/fleet.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Most MiB/s one snapshot transfer to another node is sent at; 0: no
+    /// limit.
+    pub transfer_mib_per_s: u64,
 }
 
 /// Base templates (docs/image.md).

@@ -144,6 +144,8 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
     if let Err(e) = manager.snapshots().clean_files() {
         tracing::error!(error = %e, "cannot clean up snapshot files");
     }
+    // Transfers cut short are kept to be resumed, for a day.
+    wrenn_agent::api::transfer::clean_incoming(&manager.incoming_dir());
     if config.sandbox.pause_on_shutdown {
         manager.node().resume_marked();
     }
@@ -180,6 +182,7 @@ fn run(flags: Flags) -> Result<std::convert::Infallible, String> {
         default_timeout_s: config.sandbox.default_timeout_s,
         capsules: config.capsules.clone(),
         proxy_domain: config.proxy.domain.clone(),
+        fetcher: wrenn_agent::api::transfer::Fetcher::new(config.fleet.transfer_mib_per_s),
     };
     let server_config = ServerConfig {
         workers: config.api.workers,

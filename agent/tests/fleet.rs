@@ -76,6 +76,11 @@ fn manifest_text(net: &FleetNet, version: u64, keys: &[(&str, &str, &str, &str)]
 impl Fleet {
     /// Starts the fleet; `max_running[i]` is node i's limit (0: none).
     fn start(images: &Path, max_running: [u32; 3]) -> Fleet {
+        Self::start_with(images, max_running, "")
+    }
+
+    /// [`Fleet::start`] with `extra` TOML tables in every node's config.
+    fn start_with(images: &Path, max_running: [u32; 3], extra: &str) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let net = FleetNet::new(3);
         let text = manifest_text(&net, 1, &KEYS);
@@ -93,7 +98,7 @@ impl Fleet {
                         ("WRENN_FLEET", manifest.to_str().unwrap()),
                         ("WRENN_NODE_NAME", &name),
                     ],
-                    &format!("[sandbox]\nmax_running = {}\n", max_running[i]),
+                    &format!("[sandbox]\nmax_running = {}\n{extra}", max_running[i]),
                 )
             })
             .collect();
@@ -691,4 +696,290 @@ fn the_manifest_is_read_again_on_sighup_and_every_quota_holds() {
     assert_eq!(status, 204);
     let (status, err) = call(n1, "DELETE", "/v1/snapshots/c-snap-1", KEY_C, None);
     assert_eq!(status, 204, "{err}");
+}
+
+/// A Python process holding 24 MiB of random bytes in memory, answering
+/// their SHA-256 on 127.0.0.1:7000.
+const HOLDER: &str = r#"
+import hashlib, os, socket
+blob = bytearray(os.urandom(24 * 1024 * 1024))
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", 7000))
+server.listen()
+while True:
+    conn, _ = server.accept()
+    conn.sendall(hashlib.sha256(blob).hexdigest().encode())
+    conn.close()
+"#;
+
+/// What the holder in sandbox `id` answers, asked through `agent`.
+fn held(agent: &Agent, id: &str) -> String {
+    let code = r#"
+import socket, time
+for _ in range(150):
+    try:
+        s = socket.create_connection(("127.0.0.1", 7000)); print(s.recv(100).decode()); break
+    except OSError:
+        time.sleep(0.2)
+"#;
+    let (status, out) = python(agent, id, code);
+    assert_eq!(status, 200, "{out}");
+    let answer = out["stdout"].as_str().unwrap().trim().to_owned();
+    assert_eq!(answer.len(), 64, "the holder in {id} answered {out}");
+    answer
+}
+
+/// The value of series `series` in `agent`'s `/metrics`.
+fn metric(agent: &Agent, series: &str) -> f64 {
+    let (status, text) = agent.get_bytes("/metrics");
+    assert_eq!(status, 200);
+    let text = String::from_utf8(text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+}
+
+/// What gossip says of template `name` on `node`, as `agent` sees it.
+fn gossiped_template(agent: &Agent, node: &str, name: &str) -> Option<String> {
+    let (_, nodes) = agent.get("/v1/nodes");
+    nodes["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == node)?["published"][format!("tpl:{name}")]
+    .as_str()
+    .map(str::to_owned)
+}
+
+/// Files (name, bytes) in the transfer folders of `agent`.
+fn incoming(agent: &Agent) -> Vec<(String, u64)> {
+    let mut files = Vec::new();
+    let Ok(folders) = std::fs::read_dir(agent.dir.join("state/incoming")) else {
+        return files;
+    };
+    for folder in folders.flatten() {
+        for file in std::fs::read_dir(folder.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let size = file.metadata().map(|m| m.len()).unwrap_or_default();
+            files.push((file.file_name().to_string_lossy().into_owned(), size));
+        }
+    }
+    files
+}
+
+#[test]
+fn a_snapshot_travels_to_the_node_that_needs_it_once_and_a_cut_transfer_resumes() {
+    let Some(images) = common::images_dir_or_skip("fleet snapshot transfer") else {
+        return;
+    };
+    // Transfers slow enough to be cut halfway.
+    let mut fleet = Fleet::start_with(&images, [0, 0, 0], "[fleet]\ntransfer_mib_per_s = 12\n");
+    let n1 = fleet.node("n1");
+    let (source, on) = create(n1, OPERATOR, json!({}));
+    assert_eq!(on, "n1");
+    let (status, started) = call(
+        n1,
+        "POST",
+        &format!("/v1/sandboxes/{source}/processes"),
+        OPERATOR,
+        Some(json!({"cmd": "python3", "args": ["-c", HOLDER], "background": true})),
+    );
+    assert_eq!(status, 201, "{started}");
+    let in_memory = held(n1, &source);
+    let (status, body) = n1.put_bytes(
+        &format!("/v1/sandboxes/{source}/files?path=/root/marker.txt"),
+        b"written on n1",
+    );
+    assert!(status < 300, "{status} {body}");
+    let (status, snap) = call(
+        n1,
+        "POST",
+        "/v1/snapshots",
+        OPERATOR,
+        Some(json!({"sandbox_id": source, "name": "travels"})),
+    );
+    assert_eq!(status, 201, "{snap}");
+    fleet.wait_for(Duration::from_secs(15), "the snapshot gossiped", |f| {
+        gossiped_template(&f.agents[2], "n1", "travels").is_some()
+    });
+    let on_n1 = gossiped_template(fleet.node("n3"), "n1", "travels").unwrap();
+    let digest = on_n1.rsplit('|').next().unwrap().to_owned();
+    assert_eq!(digest.len(), 64, "gossiped as {on_n1}");
+
+    // A create of it on n3 (the only node of zone b) fetches it there; n3
+    // is killed a third of the way through.
+    let url = format!("{}/v1/sandboxes", fleet.node("n3").url);
+    let cut = std::thread::spawn(move || {
+        ureq::post(&url)
+            .set("X-API-Key", OPERATOR)
+            .timeout(Duration::from_secs(600))
+            .send_json(json!({"template": "travels", "node_labels": {"zone": "b"}}))
+            .map(|r| r.status())
+            .map_err(|e| e.to_string())
+    });
+    let size = snap["size_bytes"].as_u64().unwrap();
+    fleet.wait_for(Duration::from_secs(120), "a third transferred", |f| {
+        let files = incoming(&f.agents[2]);
+        files.iter().map(|(_, n)| n).sum::<u64>() > size / 3
+            && files
+                .iter()
+                .any(|(name, n)| name.ends_with(".part") && *n > 0)
+    });
+    fleet.agents[2].kill9();
+    let answer = cut.join().unwrap();
+    assert!(answer.is_err(), "the create outlived its node: {answer:?}");
+    let had: u64 = incoming(&fleet.agents[2]).iter().map(|(_, n)| n).sum();
+    println!("transfer cut at {had} of about {size} bytes");
+    assert!(had < size, "cut before the end");
+
+    // Back, n3 takes ten creates at once: one transfer, from where it
+    // stopped, and ten sandboxes of the snapshot.
+    fleet.agents[2].start_again();
+    fleet.wait_for(Duration::from_secs(30), "n3 live again", |f| {
+        f.agents.iter().all(|a| {
+            let (_, nodes) = a.get("/v1/nodes");
+            nodes["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().all(|m| m["state"] == "live"))
+        })
+    });
+    let n3_url = fleet.node("n3").url.clone();
+    let creates: Vec<_> = (0..10)
+        .map(|_| {
+            let url = format!("{n3_url}/v1/sandboxes");
+            std::thread::spawn(move || {
+                match ureq::post(&url)
+                    .set("X-API-Key", OPERATOR)
+                    .timeout(Duration::from_secs(900))
+                    .send_json(json!({"template": "travels", "node_labels": {"zone": "b"}}))
+                {
+                    Ok(r) => (r.status(), r.into_json::<Value>().unwrap()),
+                    Err(ureq::Error::Status(s, r)) => (s, r.into_json().unwrap_or(Value::Null)),
+                    Err(e) => panic!("create on n3: {e}"),
+                }
+            })
+        })
+        .collect();
+    let mut clones = Vec::new();
+    for create in creates {
+        let (status, sandbox) = create.join().unwrap();
+        assert_eq!(
+            status,
+            201,
+            "{sandbox}\n{}",
+            tail(&fleet.agents[2].log(), 40)
+        );
+        assert_eq!(sandbox["node"], "n3", "{sandbox}");
+        clones.push(sandbox["id"].as_str().unwrap().to_owned());
+    }
+    let n3 = fleet.node("n3");
+    let log = n3.log();
+    let fetched: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("snapshot fetched"))
+        .collect();
+    assert_eq!(fetched.len(), 1, "fetched once:\n{}", fetched.join("\n"));
+    let (bytes, received) = (
+        common::log_number(fetched[0], "bytes"),
+        common::log_number(fetched[0], "received"),
+    );
+    println!(
+        "bundle of {bytes} bytes; {received} received after the restart, {had} kept from before"
+    );
+    assert_eq!(
+        received,
+        bytes - had,
+        "the transfer went on from where it was cut"
+    );
+    assert_eq!(metric(n3, "wrenn_snapshot_fetches_total"), 1.0);
+    assert!(metric(n3, "wrenn_snapshot_fetch_resumed_total") >= 1.0);
+    assert_eq!(
+        metric(n3, "wrenn_snapshot_fetched_bytes_total"),
+        received as f64
+    );
+    assert!(
+        metric(fleet.node("n1"), "wrenn_snapshot_served_bytes_total") < (bytes + had / 2) as f64,
+        "n1 sent the cut part once, not again"
+    );
+    assert!(incoming(n3).is_empty(), "the transfer folder is gone");
+    // n3 gossips the same snapshot: the same digest.
+    fleet.wait_for(Duration::from_secs(15), "n3's copy gossiped", |f| {
+        gossiped_template(&f.agents[0], "n3", "travels")
+            .is_some_and(|v| v.rsplit('|').next() == Some(digest.as_str()))
+    });
+    // Each clone has the source's disk and memory.
+    for id in &clones {
+        let (status, got) = fleet
+            .node("n2")
+            .get_bytes(&format!("/v1/sandboxes/{id}/files?path=/root/marker.txt"));
+        assert_eq!((status, got.as_slice()), (200, &b"written on n1"[..]));
+        assert_eq!(held(fleet.node("n2"), id), in_memory, "{id}'s memory");
+    }
+    // One name in the fleet: listed once, and not taken again elsewhere.
+    let (status, list) = call(
+        fleet.node("n2"),
+        "GET",
+        "/v1/snapshots?type=snapshot",
+        OPERATOR,
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["name"] == "travels")
+            .count(),
+        1,
+        "{list}"
+    );
+    let (status, err) = call(
+        n3,
+        "POST",
+        "/v1/snapshots",
+        OPERATOR,
+        Some(json!({"sandbox_id": clones[0], "name": "travels"})),
+    );
+    assert_eq!(status, 409, "{err}");
+
+    // Deleted through n2: refused while n3's clones use it, then gone from
+    // every node that had it.
+    let (status, err) = call(
+        fleet.node("n2"),
+        "DELETE",
+        "/v1/snapshots/travels",
+        OPERATOR,
+        None,
+    );
+    assert_eq!(status, 409, "in use on n3: {err}");
+    for id in clones.iter().chain([&source]) {
+        let (status, body) = call(
+            fleet.node("n1"),
+            "DELETE",
+            &format!("/v1/sandboxes/{id}"),
+            OPERATOR,
+            None,
+        );
+        assert_eq!(status, 204, "{body}");
+    }
+    let (status, err) = call(
+        fleet.node("n2"),
+        "DELETE",
+        "/v1/snapshots/travels",
+        OPERATOR,
+        None,
+    );
+    assert_eq!(status, 204, "{err}");
+    for node in ["n1", "n3"] {
+        let (status, _) = fleet.node(node).get("/v1/snapshots/travels");
+        assert_eq!(status, 404, "{node} still has it");
+    }
+    fleet.wait_for(Duration::from_secs(15), "the deletion gossiped", |f| {
+        ["n1", "n3"]
+            .iter()
+            .all(|n| gossiped_template(&f.agents[1], n, "travels").is_none())
+    });
 }

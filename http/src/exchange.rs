@@ -21,6 +21,14 @@ pub enum Reply {
     NoContent,
     /// A file streamed from disk with a Content-Length.
     File { file: File, len: u64 },
+    /// A body read as it is sent, `len` bytes, with extra headers (such as
+    /// a 206 with its `Content-Range`).
+    Stream {
+        status: u16,
+        len: u64,
+        headers: Vec<(&'static str, String)>,
+        body: Box<dyn Read + Send>,
+    },
     /// The handler took the request and wrote the response itself.
     Streamed,
 }
@@ -146,6 +154,15 @@ impl Exchange {
             }
             Ok(Reply::NoContent) => (204, request.respond(Response::empty(204))),
             Ok(Reply::File { file, len }) => (200, request.respond(file_response(file, len))),
+            Ok(Reply::Stream {
+                status,
+                len,
+                headers,
+                body,
+            }) => (
+                status,
+                request.respond(stream_response(status, len, &headers, body)),
+            ),
             Ok(Reply::Streamed) => (200, Ok(())),
             Err(err) => {
                 log_error(&err);
@@ -227,6 +244,22 @@ fn file_response(file: File, len: u64) -> Response<io::Take<File>> {
     // Always send Content-Length instead of switching to chunked for big files.
     .with_chunked_threshold(usize::MAX);
     with_header(response, "Content-Type", "application/octet-stream")
+}
+
+fn stream_response(
+    status: u16,
+    len: u64,
+    headers: &[(&'static str, String)],
+    body: Box<dyn Read + Send>,
+) -> Response<Box<dyn Read + Send>> {
+    let size = usize::try_from(len).unwrap_or(usize::MAX);
+    let mut response = Response::new(StatusCode(status), Vec::new(), body, Some(size), None)
+        .with_chunked_threshold(usize::MAX);
+    response = with_header(response, "Content-Type", "application/octet-stream");
+    for (name, value) in headers {
+        response = with_header(response, name, value);
+    }
+    response
 }
 
 /// Adds a header; values are ASCII, so a failure is only logged.

@@ -138,6 +138,11 @@ pub(super) fn divert(api: &Api, head: &RequestHead) -> Option<Takeover> {
 /// when gossip does not say yet which holds it (it was made elsewhere less
 /// than a second ago): every other live node is asked, at once.
 pub(super) fn locate(fleet: &Gossip, path: &str, members: &[Member]) -> Option<Member> {
+    locate_with(fleet, path, members).map(|(m, _)| m)
+}
+
+/// [`locate`], with what that node answered.
+fn locate_with(fleet: &Gossip, path: &str, members: &[Member]) -> Option<(Member, Value)> {
     let call = NodeCall {
         method: "GET",
         path,
@@ -150,7 +155,46 @@ pub(super) fn locate(fleet: &Gossip, path: &str, members: &[Member]) -> Option<M
     ask_others(fleet, &live, &call, &Caller::operator())
         .into_iter()
         .find(|(_, (status, _))| *status == 200)
-        .map(|(m, _)| m.clone())
+        .map(|(m, (_, body))| (m.clone(), body))
+}
+
+/// When no node gossips template `name` yet (a snapshot taken a second
+/// ago), the node that has it is shown in `members` as gossip soon will:
+/// this node, from its own records, or the node that answers for it.
+fn learn_template(api: &Api, fleet: &Gossip, members: &mut [Member], name: &str) {
+    if members.iter().any(|m| m.has_template(name)) {
+        return;
+    }
+    if let Ok(snapshot) = api.manager.snapshots().get(name) {
+        if let Some(me) = members.iter_mut().find(|m| m.name == fleet.node_name()) {
+            me.published.insert(
+                format!("tpl:{name}"),
+                view::snapshot_value(&snapshot.record),
+            );
+        }
+        return;
+    }
+    // Its bundle says what gossip will (a node call: any node may ask).
+    let path = format!("/v1/fleet/snapshots/{name}");
+    let Some((holder, bundle)) = locate_with(fleet, &path, members) else {
+        return;
+    };
+    if let Some(member) = members.iter_mut().find(|m| m.name == holder.name) {
+        let number = |key: &str| bundle[key].as_u64().unwrap_or_default();
+        let text = |key: &str| bundle[key].as_str().unwrap_or_default().to_owned();
+        member.published.insert(
+            format!("tpl:{name}"),
+            format!(
+                "snapshot|{}|{}|{}|{}|{}|{}",
+                number("size_bytes"),
+                number("vcpus").max(1),
+                number("memory_mb").max(1),
+                bundle["owner"].as_str().unwrap_or("-"),
+                text("base"),
+                text("digest"),
+            ),
+        );
+    }
 }
 
 /// `call` sent to each of `members` but this node, all at once; each with
@@ -284,7 +328,8 @@ pub(super) fn place(
         Wire::Ours => shape.template.clone().unwrap_or_else(|| "base".into()),
         Wire::Sdk => capsules::template_name(&api.capsules, shape.template.clone()),
     };
-    let members = fleet.members();
+    let mut members = fleet.members();
+    learn_template(api, fleet, &mut members, &template);
     let (vcpus, memory_mb) = members
         .iter()
         .find_map(|m| m.snapshot_shape(&template))
@@ -345,9 +390,10 @@ pub(super) fn place(
     .with_detail("no_capacity"))
 }
 
-/// The nodes a create may go to, least loaded first (by name when equal,
-/// so that placement is stable), at most [`CANDIDATES`]; and why each
-/// other node may not.
+/// The nodes a create may go to, at most [`CANDIDATES`]: those that have
+/// the template before those that would fetch it (a snapshot, from a node
+/// that has it: seconds), each least loaded first (by name when equal, so
+/// that placement is stable); and why each other node may not.
 fn candidates<'m>(
     members: &'m [Member],
     template: &str,
@@ -355,28 +401,55 @@ fn candidates<'m>(
     labels: &BTreeMap<String, String>,
 ) -> (Vec<&'m Member>, Vec<String>) {
     let mut refusals = Vec::new();
-    let mut fit: Vec<&Member> = Vec::new();
+    let mut fit: Vec<(bool, &Member)> = Vec::new();
     for member in members {
+        let holds = member.has_template(template);
         let why = match () {
             _ if !member.is_live() => Some(format!("is {}", member.state)),
             _ if !view::labels_match(&member.labels, labels) => {
                 Some(format!("has labels {:?}", member.labels))
             }
-            _ if !member.has_template(template) => Some(format!("lacks template {template}")),
+            _ if !holds && !can_fetch(members, member, template) => {
+                Some(format!("lacks template {template}"))
+            }
             _ => member.lacks_room(memory_mb),
         };
         match why {
             Some(why) => refusals.push(format!("{} {why}", member.name)),
-            None => fit.push(member),
+            None => fit.push((holds, member)),
         }
     }
-    fit.sort_by(|a, b| {
-        b.free_memory_mb()
-            .cmp(&a.free_memory_mb())
+    fit.sort_by(|(a_holds, a), (b_holds, b)| {
+        b_holds
+            .cmp(a_holds)
+            .then_with(|| b.free_memory_mb().cmp(&a.free_memory_mb()))
             .then_with(|| a.name.cmp(&b.name))
     });
-    fit.truncate(CANDIDATES);
+    let fit = fit.into_iter().map(|(_, m)| m).take(CANDIDATES).collect();
     (fit, refusals)
+}
+
+/// Whether `member` can fetch snapshot `template` from another live node
+/// that has it: it runs the same runtime and has the same base image
+/// (by its root file system's checksum, where both say). A warm snapshot
+/// is each node's own and never travels.
+fn can_fetch(members: &[Member], member: &Member, template: &str) -> bool {
+    if crate::sandbox::is_warm_name(template) {
+        return false;
+    }
+    members.iter().any(|source| {
+        source.name != member.name
+            && source.is_live()
+            && source.snapshot_digest(template).is_some()
+            && source.runtime_kind() == member.runtime_kind()
+            && source.snapshot_base(template).is_some_and(|base| {
+                member.has_template(&base)
+                    && match (source.base_sha256(&base), member.base_sha256(&base)) {
+                        (Some(theirs), Some(ours)) => theirs == ours,
+                        _ => true,
+                    }
+            })
+    })
 }
 
 /// A create refused for want of room, quota or template: another node may

@@ -13,6 +13,7 @@ mod proxy;
 mod sandboxes;
 mod snapshots;
 mod sockets;
+pub mod transfer;
 
 use std::sync::Arc;
 
@@ -44,6 +45,8 @@ pub struct Api {
     pub capsules: crate::config::CapsulesConfig,
     /// The port proxy's domain: `{port}-{id}.{domain}`.
     pub proxy_domain: String,
+    /// Fetches snapshots from other nodes, and paces sending them.
+    pub fetcher: transfer::Fetcher,
 }
 
 /// What the API counts, for `/metrics`.
@@ -144,12 +147,18 @@ impl Api {
             ["metrics"] if method == Method::Get => prometheus::metrics(self, ex),
             ["v1", "templates"] if method == Method::Get => self.templates(caller),
             ["v1", "snapshots"] if method == Method::Post => snapshots::create(self, ex, caller),
+            ["v1", "fleet", "snapshots", name] if method == Method::Get => {
+                transfer::bundle(self, name, caller)
+            }
+            ["v1", "fleet", "snapshots", name, "files", sha] if method == Method::Get => {
+                transfer::file(self, ex, name, sha, caller)
+            }
             ["v1", "snapshots"] if method == Method::Get => snapshots::list(self, ex, caller),
             ["v1", "snapshots", name] if method == Method::Get => {
                 snapshots::get(self, ex, name, caller)
             }
             ["v1", "snapshots", name] if method == Method::Delete => {
-                snapshots::delete(self, ex, name, caller)
+                snapshots::delete(self, name, caller)
             }
             ["v1", "health" | "node" | "templates" | "snapshots"]
             | ["v1", "snapshots", _]

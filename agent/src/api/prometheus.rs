@@ -155,6 +155,36 @@ fn render(api: &Api) -> Result<String, ApiError> {
         "Requests refused for a missing or wrong API key or caller signature.",
     )
     .sample("", &[], counters.auth_failures.load(Ordering::Relaxed));
+    let transfers = &api.fetcher.counters;
+    for (name, help, value) in [
+        (
+            "wrenn_snapshot_fetches_total",
+            "Snapshot templates fetched from another node of the fleet and imported.",
+            &transfers.fetches,
+        ),
+        (
+            "wrenn_snapshot_fetch_failures_total",
+            "Fetches of a snapshot template from another node that failed (retried at the next create).",
+            &transfers.failures,
+        ),
+        (
+            "wrenn_snapshot_fetched_bytes_total",
+            "Bytes of snapshot files received from other nodes.",
+            &transfers.fetched_bytes,
+        ),
+        (
+            "wrenn_snapshot_fetch_resumed_total",
+            "Snapshot files whose transfer went on from where an earlier one stopped.",
+            &transfers.resumed,
+        ),
+        (
+            "wrenn_snapshot_served_bytes_total",
+            "Bytes of snapshot files sent to other nodes.",
+            &transfers.served_bytes,
+        ),
+    ] {
+        Family::new(&mut out, name, "counter", help).sample("", &[], value.load(Ordering::Relaxed));
+    }
 
     if let Some(fleet) = &api.fleet {
         let mut states: BTreeMap<&str, u64> = ["live", "dead", "refused", "unknown"]

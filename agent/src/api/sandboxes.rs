@@ -141,6 +141,11 @@ pub(super) fn create_here(
         Wire::Sdk => super::capsules::create_request(api, raw)?,
     };
     request.owner = caller.owner.clone();
+    // A snapshot another node has is fetched first (once, however many
+    // creates ask).
+    if let Some(fleet) = &api.fleet {
+        api.fetcher.ensure(api, fleet, &request.template, caller)?;
+    }
     // Another owner's snapshot is not there for this caller.
     if let Ok(snapshot) = api.manager.snapshots().get(&request.template) {
         if !caller.may_see(snapshot.record.owner.as_deref()) {

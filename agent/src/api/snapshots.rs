@@ -87,6 +87,19 @@ pub fn create(api: &Api, ex: &mut Exchange, caller: &Caller) -> Result<Reply, Ap
             }
         }
         if let Some(name) = &body.name {
+            // Replacing a snapshot replaces its copies: they go first,
+            // once no sandbox of any node uses it.
+            let here = api.manager.snapshots().get(name).is_ok();
+            if overwrite && here {
+                api.check_owner(caller, sandbox_id.as_str())?;
+                let users = own(api, name, caller)?.users;
+                let copies = copies_elsewhere(fleet, name, here);
+                delete_copies(fleet, name, caller, &copies, &users)?;
+            }
+            let others: Vec<&Member> = match overwrite && here {
+                true => Vec::new(),
+                false => others.iter().collect(),
+            };
             if let Some(other) = others.iter().find(|m| m.has_template(name)) {
                 return Err(ApiError::conflict(format!(
                     "a template named {name} exists on node {}: snapshot names are unique \
@@ -201,7 +214,14 @@ pub fn list(api: &Api, ex: &Exchange, caller: &Caller) -> Result<Reply, ApiError
             let answers = super::fleet::ask_others(fleet, &members, &call, caller);
             for (member, (status, body)) in answers {
                 match body.as_array().filter(|_| status == 200) {
-                    Some(theirs) => listed.extend(theirs.iter().cloned()),
+                    // A snapshot copied to other nodes is listed once.
+                    Some(theirs) => {
+                        for snapshot in theirs {
+                            if !listed.iter().any(|s| s["name"] == snapshot["name"]) {
+                                listed.push(snapshot.clone());
+                            }
+                        }
+                    }
                     None => {
                         tracing::warn!(node = %member.name, status, "a node did not list its snapshots")
                     }
@@ -222,12 +242,122 @@ pub fn get(api: &Api, ex: &Exchange, name: &str, caller: &Caller) -> Result<Repl
     ))
 }
 
-/// Deletes snapshot `name` where it is (refused while sandboxes use it).
-pub fn delete(api: &Api, ex: &Exchange, name: &str, caller: &Caller) -> Result<Reply, ApiError> {
-    if let Some((fleet, holder)) = holder(api, name, caller) {
-        return Ok(send(api, fleet, &holder, &call("DELETE", ex, None), caller));
+/// Deletes snapshot `name` (refused while sandboxes use it); in a fleet,
+/// on every node it was copied to, once no sandbox on any of them uses it.
+pub fn delete(api: &Api, name: &str, caller: &Caller) -> Result<Reply, ApiError> {
+    let here = api.manager.snapshots().get(name).is_ok();
+    if let Some(fleet) = api.fleet.as_ref().filter(|_| !caller.is_forwarded()) {
+        let copies = copies_elsewhere(fleet, name, here);
+        if !here && copies.is_empty() {
+            return Err(SandboxError::SnapshotNotFound(name.to_owned()).into());
+        }
+        let users = match here {
+            true => own(api, name, caller)?.users,
+            false => Vec::new(),
+        };
+        let deleted = delete_copies(fleet, name, caller, &copies, &users)?;
+        if !here {
+            // Gossip a second behind may name holders that deleted it.
+            return match deleted {
+                0 => Err(SandboxError::SnapshotNotFound(name.to_owned()).into()),
+                _ => Ok(Reply::NoContent),
+            };
+        }
     }
     own(api, name, caller)?;
     api.manager.snapshots().delete(name)?;
     Ok(Reply::NoContent)
+}
+
+/// The other live nodes that hold snapshot `name` (by gossip; asked of
+/// every node when gossip knows none and this node lacks it).
+fn copies_elsewhere(fleet: &Gossip, name: &str, here: bool) -> Vec<Member> {
+    let members = fleet.members();
+    let copies: Vec<Member> = members
+        .iter()
+        .filter(|m| m.name != fleet.node_name() && m.snapshot_digest(name).is_some())
+        .cloned()
+        .collect();
+    if !copies.is_empty() || here {
+        return copies;
+    }
+    super::fleet::locate(fleet, &format!("/v1/snapshots/{name}"), &members)
+        .into_iter()
+        .collect()
+}
+
+/// Deletes snapshot `name` on `copies`, after checking that no sandbox
+/// uses it, neither on any of them nor here (`users_here`): a 409 naming
+/// them, and nothing deleted, when one does. This node's own copy is the
+/// caller's to delete. The copies deleted.
+fn delete_copies(
+    fleet: &Gossip,
+    name: &str,
+    caller: &Caller,
+    copies: &[Member],
+    users_here: &[SandboxId],
+) -> Result<usize, ApiError> {
+    let path = format!("/v1/snapshots/{name}");
+    let on = |method| NodeCall {
+        method,
+        path: &path,
+        target: &path,
+        placed: false,
+        body: None,
+        timeout: NODE_CALL,
+    };
+    let answers = super::fleet::ask_others(fleet, copies, &on("GET"), caller);
+    let mut users = Vec::new();
+    if !users_here.is_empty() {
+        let ids: Vec<&str> = users_here.iter().map(SandboxId::as_str).collect();
+        users.push(format!("{} on node {}", ids.join(", "), fleet.node_name()));
+    }
+    for (member, (status, body)) in &answers {
+        match status {
+            200 => {
+                let used: Vec<&str> = body["used_by"]
+                    .as_array()
+                    .map(|u| u.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                if !used.is_empty() {
+                    users.push(format!("{} on node {}", used.join(", "), member.name));
+                }
+            }
+            404 => {}
+            _ => return Err(answer_error(*status, body)),
+        }
+    }
+    if !users.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "cannot delete snapshot {name}: sandboxes made from it still exist ({}); destroy \
+             them first",
+            users.join("; ")
+        )));
+    }
+    let delete = on("DELETE");
+    let mut deleted = 0;
+    for (member, (status, _)) in answers {
+        if status != 200 {
+            continue;
+        }
+        match delete.send(fleet, member, caller) {
+            (204, _) => deleted += 1,
+            (404, _) => {}
+            (status, body) => return Err(answer_error(status, &body)),
+        }
+    }
+    Ok(deleted)
+}
+
+/// Another node's error answer, passed on.
+fn answer_error(status: u16, body: &Value) -> ApiError {
+    let message = body["error"]["message"]
+        .as_str()
+        .map_or_else(|| format!("another node answered {status}"), str::to_owned);
+    match status {
+        404 => ApiError::not_found(message),
+        409 => ApiError::conflict(message),
+        400..=499 => ApiError::invalid_argument(message),
+        _ => ApiError::unavailable(message),
+    }
 }

@@ -11,7 +11,8 @@
 //! - `sbx:<id>`: `status|vcpus|memory_mb|owner` (owner `-`: none)
 //! - `tpl:<name>`: `base|bytes|sha256` (the files' total size and the root
 //!   file system's SHA-256, from the image's manifest.json), or
-//!   `snapshot|bytes|vcpus|memory_mb|owner`
+//!   `snapshot|bytes|vcpus|memory_mb|owner|base|digest` (the base image its
+//!   disk rests on, and the digest of its bundle, `sandbox::bundle`)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -112,6 +113,62 @@ impl Member {
         let value = self.published.get(&format!("tpl:{name}"))?;
         let mut parts = value.strip_prefix("snapshot|")?.split('|').skip(1);
         Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    }
+
+    /// Fields of its `tpl:<name>` entry after `snapshot|`, when it has
+    /// snapshot `name`.
+    fn snapshot_fields(&self, name: &str) -> Option<Vec<&str>> {
+        let value = self.published.get(&format!("tpl:{name}"))?;
+        Some(value.strip_prefix("snapshot|")?.split('|').collect())
+    }
+
+    /// The digest it gossips for snapshot `name` (`Some(None)`: it has the
+    /// snapshot and says none), `None` when it does not have it.
+    pub fn snapshot_digest(&self, name: &str) -> Option<Option<String>> {
+        let fields = self.snapshot_fields(name)?;
+        Some(
+            fields
+                .get(5)
+                .filter(|d| !d.is_empty())
+                .map(|d| (*d).to_owned()),
+        )
+    }
+
+    /// The owner of its snapshot `name` (`Some(None)`: a node key's).
+    pub fn snapshot_owner(&self, name: &str) -> Option<Option<String>> {
+        let fields = self.snapshot_fields(name)?;
+        Some(
+            fields
+                .get(3)
+                .filter(|o| **o != "-")
+                .map(|o| (*o).to_owned()),
+        )
+    }
+
+    /// The base image its snapshot `name` rests on, when it says.
+    pub fn snapshot_base(&self, name: &str) -> Option<String> {
+        let fields = self.snapshot_fields(name)?;
+        fields
+            .get(4)
+            .filter(|b| !b.is_empty())
+            .map(|b| (*b).to_owned())
+    }
+
+    /// The root file system SHA-256 of its base image `name`, when it has
+    /// that image and its manifest says.
+    pub fn base_sha256(&self, name: &str) -> Option<&str> {
+        let value = self.published.get(&format!("tpl:{name}"))?;
+        value
+            .strip_prefix("base|")?
+            .split('|')
+            .nth(1)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Its runtime's kind (`qemu`, `native`), from `runtime`.
+    pub fn runtime_kind(&self) -> Option<&str> {
+        let runtime = self.published.get("runtime")?;
+        runtime.split('/').next()
     }
 
     pub fn capacity(&self) -> Capacity {
@@ -347,21 +404,27 @@ fn publish(manager: &Manager, runtime: &str) -> Vec<(String, String)> {
         (format!("tpl:{name}"), value)
     }));
     if let Ok(snapshots) = manager.snapshots().list() {
-        keys.extend(snapshots.iter().map(|s| {
-            let r = &s.record;
-            (
-                format!("tpl:{}", r.name),
-                format!(
-                    "snapshot|{}|{}|{}|{}",
-                    r.size_bytes,
-                    r.vcpus.unwrap_or(1),
-                    r.memory_mb.unwrap_or(512),
-                    r.owner.as_deref().unwrap_or("-")
-                ),
-            )
-        }));
+        keys.extend(
+            snapshots
+                .iter()
+                .map(|s| (format!("tpl:{}", s.record.name), snapshot_value(&s.record))),
+        );
     }
     keys
+}
+
+/// The `tpl:` value of snapshot `r`:
+/// `snapshot|bytes|vcpus|memory_mb|owner|base|digest`.
+pub fn snapshot_value(r: &lmdb_schema::TemplateRecord) -> String {
+    format!(
+        "snapshot|{}|{}|{}|{}|{}|{}",
+        r.size_bytes,
+        r.vcpus.unwrap_or(1),
+        r.memory_mb.unwrap_or(512),
+        r.owner.as_deref().unwrap_or("-"),
+        crate::sandbox::bundle::base_of(r).unwrap_or_default(),
+        r.sha256.as_deref().unwrap_or_default(),
+    )
 }
 
 /// The `tpl:` value of a base image: `base|bytes|sha256` from its

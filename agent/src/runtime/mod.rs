@@ -192,6 +192,15 @@ pub trait Runtime: Send + Sync {
         base_raw: &Path,
         dest: &Path,
     ) -> Result<(), RuntimeError>;
+
+    /// Makes a snapshot disk fetched from another node, `disk`, rest on
+    /// this node's copy of its base image, `base_raw` (the same image,
+    /// maybe at another path). A disk that rests on nothing is left as it
+    /// is.
+    fn adopt_disk(&self, disk: &Path, base_raw: &Path) -> Result<(), RuntimeError> {
+        let _ = (disk, base_raw);
+        Ok(())
+    }
 }
 
 /// Puts a saved VM state in place: `written` is fsynced, renamed to

@@ -108,6 +108,17 @@ impl Manager {
         &self.timings
     }
 
+    /// Where snapshots fetched from other nodes are put together
+    /// (`api::transfer`).
+    pub fn incoming_dir(&self) -> PathBuf {
+        self.config.node.state_dir.join("incoming")
+    }
+
+    /// The layer store that holds memory snapshots.
+    pub fn layer_store(&self) -> &LayerStore {
+        &self.layers
+    }
+
     /// Snapshot templates: take, list, look up, delete.
     pub fn snapshots(&self) -> Snapshots<'_> {
         Snapshots { m: self }

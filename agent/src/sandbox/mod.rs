@@ -14,11 +14,13 @@
 //! - [`envd`]: the client for the guest agent inside each sandbox.
 //! - [`templates`]: the base images a sandbox can boot from.
 //! - [`snapshots`]: snapshot templates a sandbox can restore from.
+//! - [`bundle`]: a snapshot as it travels to another node, and its import.
 //! - [`warm`]: warm templates, snapshots of a base template made ready in
 //!   the background, that its sandboxes are created from.
 //! - [`error`]: failures and the HTTP answers they get.
 
 pub mod boot;
+pub mod bundle;
 pub mod envd;
 pub mod error;
 pub mod manager;
@@ -34,6 +36,7 @@ pub mod timings;
 mod undo;
 pub mod warm;
 
+pub use bundle::Bundle;
 pub use error::SandboxError;
 pub use manager::{Manager, Parts};
 pub use snapshots::{LayerUsage, Snapshot, SnapshotRequest};

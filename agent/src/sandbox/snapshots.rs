@@ -31,7 +31,7 @@ use super::error::SandboxError;
 use super::manager::Manager;
 use crate::store::{Header, HeaderId};
 
-const VM_STATE: &str = "vmstate";
+pub(super) const VM_STATE: &str = "vmstate";
 const TEMP_PREFIX: &str = ".tmp-";
 
 /// What a caller asks for when taking a snapshot.
@@ -235,30 +235,25 @@ impl Snapshots<'_> {
             }
         };
         let (kernel, initramfs, disk_base) = self.boot_files_of(&sandbox.template)?;
-        fs::create_dir_all(&self.m.snapshots_dir).map_err(SandboxError::io(
-            "create the snapshots folder",
-            &self.m.snapshots_dir,
-        ))?;
-        let suffix = hex::encode(random_bytes::<4>()?);
-        let final_dir = self.m.snapshots_dir.join(format!("{name}-{suffix}"));
-        let temp_dir = self
-            .m
-            .snapshots_dir
-            .join(format!("{TEMP_PREFIX}{name}-{suffix}"));
-        let written = self.write_snapshot_files(sandbox, &temp_dir, &disk_base);
-        if let Err(e) = written {
-            let _ = fs::remove_dir_all(&temp_dir);
-            return Err(e);
-        }
-        fs::rename(&temp_dir, &final_dir).map_err(SandboxError::io(
-            "move the finished snapshot to",
-            &final_dir,
-        ))?;
-        sync_dir(&self.m.snapshots_dir)?;
-
+        let (disk_file, disk_format) = self.m.runtime.snapshot_disk_file();
+        let (final_dir, folder) = self.new_folder(name, |dir| {
+            self.write_snapshot_files(sandbox, dir, &disk_base)?;
+            // What another node fetches: checksums, and the digest.
+            let folder = super::bundle::hash_folder(dir, disk_file)?;
+            super::bundle::write_folder_files(dir, &folder)?;
+            Ok(folder)
+        })?;
+        let digest = {
+            let header = self.m.layers.header_path(&memory_id);
+            let size = fs::metadata(&header)
+                .map_err(SandboxError::io("inspect", &header))?
+                .len();
+            super::bundle::digest(&super::bundle::bundle_files(
+                &memory_id, &memory, size, folder,
+            ))
+        };
         let files_size = dir_size(&final_dir);
         let memory_size = memory.stored_blocks() * u64::from(memory.block_size());
-        let (disk_file, disk_format) = self.m.runtime.snapshot_disk_file();
         let record = TemplateRecord {
             name: name.clone(),
             kind: TemplateKind::Snapshot,
@@ -270,7 +265,7 @@ impl Snapshots<'_> {
             disk_format,
             runtime: Some(self.m.runtime.kind()),
             size_bytes: files_size + memory_size,
-            sha256: None,
+            sha256: Some(digest),
             parent_sandbox: Some(sandbox.id.clone()),
             created_at_ms: self.m.now_ms(),
             memory_header: Some(memory_id),
@@ -333,7 +328,6 @@ impl Snapshots<'_> {
         dir: &Path,
         disk_base: &Path,
     ) -> Result<(), SandboxError> {
-        fs::create_dir(dir).map_err(SandboxError::io("create the snapshot folder", dir))?;
         let state = dir.join(VM_STATE);
         fs::copy(self.m.state_file(&sandbox.id), &state)
             .map_err(SandboxError::io("copy the VM state to", &state))?;
@@ -347,6 +341,41 @@ impl Snapshots<'_> {
                 .map_err(SandboxError::io("sync", file))?;
         }
         sync_dir(dir)
+    }
+
+    /// A new folder for snapshot `name`, filled by `fill` under a
+    /// temporary name and renamed into place once `fill` succeeded (a
+    /// folder without a record is removed at start).
+    pub(super) fn new_folder<T>(
+        &self,
+        name: &TemplateName,
+        fill: impl FnOnce(&Path) -> Result<T, SandboxError>,
+    ) -> Result<(PathBuf, T), SandboxError> {
+        fs::create_dir_all(&self.m.snapshots_dir).map_err(SandboxError::io(
+            "create the snapshots folder",
+            &self.m.snapshots_dir,
+        ))?;
+        let suffix = hex::encode(random_bytes::<4>()?);
+        let final_dir = self.m.snapshots_dir.join(format!("{name}-{suffix}"));
+        let temp_dir = self
+            .m
+            .snapshots_dir
+            .join(format!("{TEMP_PREFIX}{name}-{suffix}"));
+        fs::create_dir(&temp_dir)
+            .map_err(SandboxError::io("create the snapshot folder", &temp_dir))?;
+        let filled = match fill(&temp_dir) {
+            Ok(filled) => filled,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&temp_dir);
+                return Err(e);
+            }
+        };
+        fs::rename(&temp_dir, &final_dir).map_err(SandboxError::io(
+            "move the finished snapshot to",
+            &final_dir,
+        ))?;
+        sync_dir(&self.m.snapshots_dir)?;
+        Ok((final_dir, filled))
     }
 
     /// Kernel, initramfs and base raw image of template `name`.
@@ -562,7 +591,7 @@ pub fn dir_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SandboxError> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), SandboxError> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(SandboxError::io("sync the folder", dir))

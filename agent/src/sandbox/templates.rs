@@ -49,6 +49,17 @@ impl Templates {
         self.images_dir.join(name.as_str()).join("manifest.json")
     }
 
+    /// The SHA-256 of `name`'s root file system, as its manifest.json says
+    /// (`None` for a hand-made image without one).
+    pub fn rootfs_sha256(&self, name: &TemplateName) -> Option<String> {
+        let raw = std::fs::read(self.manifest_path(name)).ok()?;
+        let manifest: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+        manifest["files"]["rootfs.ext4"]["sha256"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    }
+
     /// Whether every file of `name` is there.
     pub fn exists(&self, name: &TemplateName) -> bool {
         let files = self.files_of(name);

@@ -140,6 +140,28 @@ impl LayerStore {
         }
     }
 
+    /// Puts a layer fetched from another node in place: `staged`, a file
+    /// on this file system whose SHA-256 the caller checked to be `id`,
+    /// becomes `layers/<id>` (or is dropped when that file exists). The
+    /// layer is spared by garbage collection until
+    /// [`settle`](LayerStore::settle) or [`super::FRESH_FOR`].
+    pub fn adopt_layer(&self, staged: &Path, id: &LayerId) -> Result<()> {
+        self.mark_fresh_layer(*id);
+        File::open(staged)
+            .and_then(|f| f.sync_all())
+            .map_err(Error::io("fsync", staged))?;
+        install(&self.layers_dir, staged, &id.to_string())
+    }
+
+    /// [`adopt_layer`](LayerStore::adopt_layer) for a header file.
+    pub fn adopt_header(&self, staged: &Path, id: &wrenn_layers::HeaderId) -> Result<()> {
+        self.mark_fresh_header(*id);
+        File::open(staged)
+            .and_then(|f| f.sync_all())
+            .map_err(Error::io("fsync", staged))?;
+        install(&self.headers_dir, staged, &id.to_string())
+    }
+
     /// Starts a new layer in `layers/`.
     pub(crate) fn layer_writer(&self, block_size: u32) -> LayerWriter<'_> {
         LayerWriter {

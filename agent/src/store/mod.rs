@@ -161,7 +161,7 @@ impl LayerStore {
     pub fn save_header(&self, header: &Header) -> Result<HeaderId> {
         let bytes = header.encode()?;
         let id = HeaderId::of(&bytes);
-        self.pending().headers.insert(id, Instant::now());
+        self.mark_fresh_header(id);
         self.write_content(&self.headers_dir, &id.to_string(), &bytes)?;
         Ok(id)
     }
@@ -191,6 +191,11 @@ impl LayerStore {
             pending.layers.remove(&layer.id);
         }
         Ok(())
+    }
+
+    /// Marks a header as saved but not settled.
+    fn mark_fresh_header(&self, id: HeaderId) {
+        self.pending().headers.insert(id, Instant::now());
     }
 
     /// Marks a layer as in use by an unsettled snapshot.

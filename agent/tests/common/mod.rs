@@ -25,8 +25,12 @@ use serde_json::{json, Value};
 /// count, or its drop would remove the table of agents it knows nothing of.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static NEXT: AtomicU32 = AtomicU32::new(0);
-/// Slots per test agent; ranges start at 1000 to stay clear of a real node.
-const SLOTS: u32 = 8;
+/// Slots per test agent (room for ten sandboxes at once); ranges start at
+/// 1000 to stay clear of a real node.
+const SLOTS: u32 = 12;
+/// Test agents one process may start before its slot ranges come round
+/// again; 16 processes' ranges of this many agents fit below slot 16384.
+const AGENTS_PER_PROCESS: u32 = 80;
 
 /// The folder of base images (the parent of the `base` image), or None when
 /// the test is skipped (see `wrenn_tests::guest::image_or_skip`).
@@ -109,7 +113,9 @@ impl Agent {
         let dir = std::env::temp_dir().join(format!("wrenn-agent-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
-        let first_slot = 1000 + (std::process::id() % 64) * 64 + n * SLOTS;
+        let first_slot = 1000
+            + (std::process::id() % 16) * AGENTS_PER_PROCESS * SLOTS
+            + (n % AGENTS_PER_PROCESS) * SLOTS;
         let config = dir.join("agent.toml");
         let key_hashes = match key {
             Some(key) => format!(
@@ -514,4 +520,32 @@ pub fn sdk_python() -> String {
         .expect("scripts/sdk-venv.sh printed no python")
         .trim()
         .to_owned()
+}
+
+/// The number after ` key=` in an agent's log line `line` (its colours
+/// removed): `log_number(line, "bytes")` of `... bytes=42 ...` is 42.
+pub fn log_number(line: &str, key: &str) -> u64 {
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An escape sequence: up to its final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let at = plain
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key} in {plain}"));
+    plain[at + key.len() + 2..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} is not a number in {plain}"))
 }

@@ -67,7 +67,10 @@ pub struct TemplateRecord {
     pub runtime: Option<RuntimeKind>,
     /// Bytes on disk of all its files.
     pub size_bytes: u64,
-    /// SHA-256 of the root file system, lowercase hex, when known.
+    /// Lowercase hex SHA-256, when known: of a base's root file system; of
+    /// a snapshot, the digest of its bundle (every file it restores from,
+    /// with their checksums and sizes), which the fleet gossips and a node
+    /// that copies it checks.
     pub sha256: Option<String>,
     /// The sandbox a snapshot template was taken from.
     pub parent_sandbox: Option<SandboxId>,
