@@ -58,10 +58,11 @@ fn manifest_text(net: &FleetNet, version: u64, keys: &[(&str, &str, &str, &str)]
     for (i, zone) in ["a", "a", "b"].iter().enumerate() {
         text.push_str(&format!(
             "\n[[node]]\nname = \"n{}\"\napi = \"http://{}:{API_PORT}\"\n\
-             gossip = \"{}:{GOSSIP_PORT}\"\nlabels = {{ zone = \"{zone}\" }}\n",
+             gossip = \"{}:{GOSSIP_PORT}\"\nlabels = {{ zone = \"{zone}\", host = \"n{}\" }}\n",
             i + 1,
             net.addr(i),
-            net.addr(i)
+            net.addr(i),
+            i + 1
         ));
     }
     for (id, owner, key, quota) in keys {
@@ -982,4 +983,178 @@ fn a_snapshot_travels_to_the_node_that_needs_it_once_and_a_cut_transfer_resumes(
             .iter()
             .all(|n| gossiped_template(&f.agents[1], n, "travels").is_none())
     });
+}
+
+/// The drain state node `name` publishes, as `agent` sees it.
+fn gossiped_drain(agent: &Agent, name: &str) -> Option<String> {
+    let (_, nodes) = agent.get("/v1/nodes");
+    nodes["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == name)?["published"]["drain"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[test]
+fn a_drained_node_s_sandboxes_run_on_the_others_with_memory_and_files_intact() {
+    let Some(images) = common::images_dir_or_skip("fleet drain") else {
+        return;
+    };
+    let fleet = Fleet::start(&images, [0, 0, 0]);
+    let n1 = fleet.node("n1");
+    // Two sandboxes on n1, each with a process holding random bytes in
+    // memory and a file on its disk.
+    let mut sandboxes = Vec::new();
+    for i in 0..2 {
+        let (id, on) = create(n1, OPERATOR, json!({"node_labels": {"host": "n1"}}));
+        assert_eq!(on, "n1");
+        let (status, started) = call(
+            n1,
+            "POST",
+            &format!("/v1/sandboxes/{id}/processes"),
+            OPERATOR,
+            Some(json!({"cmd": "python3", "args": ["-c", HOLDER], "background": true})),
+        );
+        assert_eq!(status, 201, "{started}");
+        let memory = held(n1, &id);
+        let text = format!("sandbox {i} was on n1");
+        let (status, body) = n1.put_bytes(
+            &format!("/v1/sandboxes/{id}/files?path=/root/marker.txt"),
+            text.as_bytes(),
+        );
+        assert!(status < 300, "{status} {body}");
+        fleet.wait_gossiped(&id, false);
+        sandboxes.push((id, memory, text));
+    }
+
+    // A fleet key may not drain; an unknown node is 404 with the names.
+    let (status, err) = call(fleet.node("n2"), "POST", "/v1/nodes/n1/drain", KEY_A, None);
+    assert_eq!(status, 403, "{err}");
+    let (status, err) = call(
+        fleet.node("n2"),
+        "POST",
+        "/v1/nodes/n9/drain",
+        OPERATOR,
+        None,
+    );
+    assert_eq!(status, 404, "{err}");
+    assert!(
+        err["error"]["message"].as_str().unwrap().contains("n1"),
+        "{err}"
+    );
+
+    // Drained through n2.
+    let (status, drained) = call(
+        fleet.node("n2"),
+        "POST",
+        "/v1/nodes/n1/drain",
+        OPERATOR,
+        None,
+    );
+    assert_eq!(
+        status,
+        200,
+        "{drained}\n{}",
+        fleet
+            .agents
+            .iter()
+            .map(|a| tail(&a.log(), 30))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    );
+    assert_eq!(drained["state"], "drained", "{drained}");
+    let moved = drained["moved"].as_array().unwrap();
+    assert_eq!(moved.len(), 2, "{drained}");
+    for m in moved {
+        assert_ne!(m["to"], "n1", "{drained}");
+    }
+    let (_, node) = n1.get("/v1/node");
+    assert_eq!(node["drain"], "drained", "{node}");
+    fleet.wait_for(Duration::from_secs(15), "the moves gossiped", |f| {
+        let list = listed(&f.agents[2], OPERATOR);
+        sandboxes.iter().all(|(id, _, _)| {
+            list.get(id)
+                .is_some_and(|(status, node)| status == "running" && node != "n1")
+        }) && gossiped_drain(&f.agents[2], "n1").as_deref() == Some("drained")
+    });
+    // Through every node, each runs where it went, with its memory and
+    // its files.
+    for agent in &fleet.agents {
+        for (id, memory, text) in &sandboxes {
+            assert_eq!(
+                &held(agent, id),
+                memory,
+                "{id}'s memory through {}",
+                agent.url
+            );
+            let (status, got) =
+                agent.get_bytes(&format!("/v1/sandboxes/{id}/files?path=/root/marker.txt"));
+            assert_eq!(
+                (status, got.as_slice()),
+                (200, text.as_bytes()),
+                "{id} through {}",
+                agent.url
+            );
+        }
+    }
+    // Listed once each: n1 forgot them.
+    let (_, list) = n1.get("/v1/sandboxes");
+    for (id, _, _) in &sandboxes {
+        let times = list["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["id"] == id.as_str())
+            .count();
+        assert_eq!(times, 1, "{id} in {list}");
+    }
+
+    // A drained node takes no sandboxes: not through placement, not itself.
+    let (status, err) = call(
+        fleet.node("n3"),
+        "POST",
+        "/v1/sandboxes",
+        OPERATOR,
+        Some(json!({"node_labels": {"host": "n1"}})),
+    );
+    assert_eq!(status, 503, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("drained"),
+        "{err}"
+    );
+
+    // Undrained through n3: n1 takes sandboxes again.
+    let (status, body) = call(
+        fleet.node("n3"),
+        "POST",
+        "/v1/nodes/n1/undrain",
+        OPERATOR,
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    fleet.wait_for(Duration::from_secs(15), "the undrain gossiped", |f| {
+        f.agents
+            .iter()
+            .all(|a| gossiped_drain(a, "n1").as_deref() == Some(""))
+    });
+    let (back, on) = create(
+        fleet.node("n3"),
+        OPERATOR,
+        json!({"node_labels": {"host": "n1"}}),
+    );
+    assert_eq!(on, "n1");
+    for id in sandboxes.iter().map(|(id, _, _)| id).chain([&back]) {
+        let (status, body) = call(
+            fleet.node("n2"),
+            "DELETE",
+            &format!("/v1/sandboxes/{id}"),
+            OPERATOR,
+            None,
+        );
+        assert_eq!(status, 204, "{body}");
+    }
 }

@@ -394,7 +394,7 @@ pub(super) fn place(
 /// the template before those that would fetch it (a snapshot, from a node
 /// that has it: seconds), each least loaded first (by name when equal, so
 /// that placement is stable); and why each other node may not.
-fn candidates<'m>(
+pub(super) fn candidates<'m>(
     members: &'m [Member],
     template: &str,
     memory_mb: u32,
@@ -406,6 +406,11 @@ fn candidates<'m>(
         let holds = member.has_template(template);
         let why = match () {
             _ if !member.is_live() => Some(format!("is {}", member.state)),
+            _ if member.drain_state().is_some() => Some(format!(
+                "is {} (POST /v1/nodes/{}/undrain takes it back)",
+                member.drain_state().unwrap_or_default(),
+                member.name
+            )),
             _ if !view::labels_match(&member.labels, labels) => {
                 Some(format!("has labels {:?}", member.labels))
             }

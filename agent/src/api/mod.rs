@@ -6,6 +6,7 @@
 
 mod activity;
 mod capsules;
+mod drain;
 mod fleet;
 mod ports;
 mod prometheus;
@@ -153,6 +154,21 @@ impl Api {
             ["v1", "fleet", "snapshots", name, "files", sha] if method == Method::Get => {
                 transfer::file(self, ex, name, sha, caller)
             }
+            ["v1", "nodes", name, "drain"] if method == Method::Post => {
+                drain::drain(self, name, caller)
+            }
+            ["v1", "nodes", name, "undrain"] if method == Method::Post => {
+                drain::undrain(self, name, caller)
+            }
+            ["v1", "fleet", "sandboxes", id] if method == Method::Get => {
+                drain::bundle(self, id, caller)
+            }
+            ["v1", "fleet", "sandboxes", id, "files", sha] if method == Method::Get => {
+                drain::file(self, ex, id, sha, caller)
+            }
+            ["v1", "fleet", "sandboxes", id, "adopt"] if method == Method::Post => {
+                drain::adopt(self, ex, id, caller)
+            }
             ["v1", "snapshots"] if method == Method::Get => snapshots::list(self, ex, caller),
             ["v1", "snapshots", name] if method == Method::Get => {
                 snapshots::get(self, ex, name, caller)
@@ -164,7 +180,13 @@ impl Api {
             | ["v1", "snapshots", _]
             | ["v1", "events", "stream"]
             | ["metrics"]
-            | ["v1", "nodes"] => Err(ApiError::method_not_allowed(
+            | ["v1", "nodes"]
+            | ["v1", "nodes", _, "drain" | "undrain"]
+            | ["v1", "fleet", "snapshots", _]
+            | ["v1", "fleet", "snapshots", _, "files", _]
+            | ["v1", "fleet", "sandboxes", _]
+            | ["v1", "fleet", "sandboxes", _, "files", _]
+            | ["v1", "fleet", "sandboxes", _, "adopt"] => Err(ApiError::method_not_allowed(
                 method.as_str(),
                 &path,
                 allowed(&segments),
@@ -302,6 +324,7 @@ impl Api {
                     "headers": layers.headers,
                 },
                 "unresumable": unresumable,
+                "drain": drain::state_json(self),
                 "usage": {
                     "sandboxes": live.len(),
                     "vcpus": live.iter().map(|s| u64::from(s.vcpus)).sum::<u64>(),
@@ -374,6 +397,7 @@ fn allowed(segments: &[&str]) -> &'static str {
     match segments {
         ["v1", "snapshots"] => "GET, POST",
         ["v1", "snapshots", _] => "GET, DELETE",
+        ["v1", "nodes", _, _] | ["v1", "fleet", "sandboxes", _, "adopt"] => "POST",
         _ => "GET",
     }
 }

@@ -141,6 +141,14 @@ pub(super) fn create_here(
         Wire::Sdk => super::capsules::create_request(api, raw)?,
     };
     request.owner = caller.owner.clone();
+    if let (Some(fleet), Some(state)) = (&api.fleet, api.manager.node().drain_state()) {
+        return Err(ApiError::unavailable(format!(
+            "node {} is {state}: it takes no new sandboxes; create through another node, or \
+             POST /v1/nodes/{}/undrain to take it back",
+            fleet.node_name(),
+            fleet.node_name()
+        )));
+    }
     // A snapshot another node has is fetched first (once, however many
     // creates ask).
     if let Some(fleet) = &api.fleet {

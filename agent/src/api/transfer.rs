@@ -173,7 +173,7 @@ impl Fetcher {
         fs::create_dir_all(&staging).map_err(|e| format!("{}: {e}", staging.display()))?;
         let mut received = 0u64;
         for file in &bundle.files {
-            received += self.fetch_file(api, fleet, source, name, &staging, file)?;
+            received += self.fetch_file(api, fleet, source, &path, &staging, file)?;
         }
         api.manager
             .snapshots()
@@ -195,14 +195,15 @@ impl Fetcher {
         Ok(())
     }
 
-    /// One file into `staging/<sha256>`, going on from `<sha256>.part`;
-    /// the bytes received.
-    fn fetch_file(
+    /// One file of the bundle at `from` (a path on `source`, such as
+    /// `/v1/fleet/snapshots/{name}`) into `staging/<sha256>`, going on from
+    /// `<sha256>.part`; the bytes received.
+    pub(super) fn fetch_file(
         &self,
         api: &Api,
         fleet: &Gossip,
         source: &Member,
-        name: &str,
+        from: &str,
         staging: &Path,
         wanted: &BundleFile,
     ) -> Result<u64, String> {
@@ -235,15 +236,9 @@ impl Fetcher {
         if offset < size {
             if offset > 0 {
                 self.counters.resumed.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    snapshot = name,
-                    file = sha256,
-                    offset,
-                    size,
-                    "resuming a transfer"
-                );
+                tracing::info!(from, file = sha256, offset, size, "resuming a transfer");
             }
-            received = self.download(fleet, source, name, sha256, offset, &mut file)?;
+            received = self.download(fleet, source, from, sha256, offset, &mut file)?;
         }
         file.sync_all().map_err(|e| e.to_string())?;
         drop(file);
@@ -267,12 +262,12 @@ impl Fetcher {
         &self,
         fleet: &Gossip,
         source: &Member,
-        name: &str,
+        from: &str,
         sha256: &str,
         offset: u64,
         out: &mut File,
     ) -> Result<u64, String> {
-        let path = format!("/v1/fleet/snapshots/{name}/files/{sha256}");
+        let path = format!("{from}/files/{sha256}");
         let signed = caller::sign(
             &fleet.manifest(),
             fleet.node_name(),
@@ -388,13 +383,14 @@ pub fn clean_incoming(dir: &Path) {
     }
 }
 
-/// Only another node of the fleet fetches snapshot files.
-fn node_only(api: &Api, caller: &Caller) -> Result<(), ApiError> {
+/// Only another node of the fleet fetches snapshot or sandbox files.
+pub(super) fn node_only(api: &Api, caller: &Caller) -> Result<(), ApiError> {
     match (&api.fleet, caller.is_forwarded() && caller.key.is_none()) {
         (Some(_), true) => Ok(()),
         _ => Err(ApiError::permission_denied(
-            "snapshot transfers are between the nodes of a fleet: to use a snapshot, create a \
-             sandbox from it on any node",
+            "snapshot and sandbox transfers are between the nodes of a fleet: to use a \
+             snapshot, create a sandbox from it on any node; to move a node's sandboxes, \
+             drain it (POST /v1/nodes/{name}/drain)",
         )),
     }
 }
@@ -419,11 +415,18 @@ pub(super) fn file(
 ) -> Result<Reply, ApiError> {
     node_only(api, caller)?;
     let (path, size) = api.manager.snapshots().bundle_file(name, sha256)?;
+    serve(api, ex, &path, size)
+}
+
+/// File `path` of `size` bytes, paced and counted, from the first byte
+/// the request's `Range` asks for: 206 with its `Content-Range`, or 200
+/// without one.
+pub(super) fn serve(api: &Api, ex: &Exchange, path: &Path, size: u64) -> Result<Reply, ApiError> {
     let start = match ex.header("Range") {
         None => 0,
         Some(range) => parse_range(range, size)?,
     };
-    let mut file = File::open(&path)
+    let mut file = File::open(path)
         .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?;
     file.seek(SeekFrom::Start(start))
         .map_err(|e| ApiError::internal(format!("cannot seek in {}: {e}", path.display())))?;

@@ -13,6 +13,8 @@
 //!   file system's SHA-256, from the image's manifest.json), or
 //!   `snapshot|bytes|vcpus|memory_mb|owner|base|digest` (the base image its
 //!   disk rests on, and the digest of its bundle, `sandbox::bundle`)
+//! - `drain`: `draining` or `drained` when the node takes no sandboxes
+//!   (`api/drain.rs`), else empty
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -188,6 +190,14 @@ impl Member {
 
     pub fn is_live(&self) -> bool {
         self.state == "live"
+    }
+
+    /// Its drain state (`draining`, `drained`) when it takes no sandboxes.
+    pub fn drain_state(&self) -> Option<&str> {
+        self.published
+            .get("drain")
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
     }
 
     /// Why it cannot take one more sandbox of `memory_mb`, if it cannot.
@@ -392,6 +402,9 @@ fn publish(manager: &Manager, runtime: &str) -> Vec<(String, String)> {
         ("runtime".to_owned(), runtime.to_owned()),
         ("cap".to_owned(), cap.to_string()),
         ("load".to_owned(), load.to_string()),
+        // Always there ("" when it takes sandboxes), so that an undrain
+        // overwrites it.
+        ("drain".to_owned(), node.drain_state().unwrap_or_default()),
     ];
     keys.extend(
         all.iter()

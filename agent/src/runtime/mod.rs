@@ -163,6 +163,12 @@ pub trait Runtime: Send + Sync {
     /// The control socket a VM of the sandbox folder `dir` serves.
     fn control_socket(&self, dir: &Path) -> PathBuf;
 
+    /// The name of a sandbox's own disk in its folder (`rootfs.qcow2`,
+    /// `rootfs.raw`).
+    fn sandbox_disk_file(&self) -> &'static str {
+        "rootfs.qcow2"
+    }
+
     /// The name a snapshot gives its copy of the disk (`disk.qcow2`,
     /// `disk.raw`), and the disk's format, which the snapshot's record
     /// stores.

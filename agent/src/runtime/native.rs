@@ -528,6 +528,10 @@ impl Runtime for NativeRuntime {
         dir.join(API_SOCKET)
     }
 
+    fn sandbox_disk_file(&self) -> &'static str {
+        DISK
+    }
+
     fn snapshot_disk_file(&self) -> (&'static str, DiskFormat) {
         (SNAPSHOT_DISK, DiskFormat::Raw)
     }

@@ -311,6 +311,10 @@ impl Runtime for QemuRuntime {
         dir.join(QMP_SOCKET)
     }
 
+    fn sandbox_disk_file(&self) -> &'static str {
+        OVERLAY
+    }
+
     fn snapshot_disk_file(&self) -> (&'static str, DiskFormat) {
         (SNAPSHOT_DISK, DiskFormat::Qcow2)
     }

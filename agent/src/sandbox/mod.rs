@@ -15,6 +15,7 @@
 //! - [`templates`]: the base images a sandbox can boot from.
 //! - [`snapshots`]: snapshot templates a sandbox can restore from.
 //! - [`bundle`]: a snapshot as it travels to another node, and its import.
+//! - [`moving`]: a paused sandbox moved to another node (a drain).
 //! - [`warm`]: warm templates, snapshots of a base template made ready in
 //!   the background, that its sandboxes are created from.
 //! - [`error`]: failures and the HTTP answers they get.
@@ -25,6 +26,7 @@ pub mod envd;
 pub mod error;
 pub mod manager;
 pub mod metrics;
+pub mod moving;
 pub mod node;
 pub mod pause;
 pub mod recovery;

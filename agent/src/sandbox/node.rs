@@ -21,7 +21,29 @@ pub struct Node<'a> {
     pub(super) m: &'a Manager,
 }
 
+/// The `meta` setting that holds this node's drain state.
+const DRAIN_SETTING: &str = "fleet.drain";
+
 impl Node<'_> {
+    /// This node's drain state (`draining`, `drained`), kept across
+    /// restarts; `None`: it takes sandboxes.
+    pub fn drain_state(&self) -> Option<String> {
+        self.m
+            .store
+            .read(|txn| txn.meta().setting(DRAIN_SETTING))
+            .ok()
+            .flatten()
+    }
+
+    /// Sets (or, with `None`, clears) this node's drain state.
+    pub fn set_drain_state(&self, state: Option<&str>) -> Result<(), SandboxError> {
+        self.m.store.write(|txn| match state {
+            Some(state) => txn.meta().set_setting(DRAIN_SETTING, state),
+            None => txn.meta().remove_setting(DRAIN_SETTING).map(|_| ()),
+        })?;
+        Ok(())
+    }
+
     /// The runtime that runs this node's VMs.
     pub fn runtime(&self) -> &dyn Runtime {
         self.m.runtime.as_ref()
